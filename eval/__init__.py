@@ -1,0 +1,1 @@
+"""Evaluation: batch sampling, metrics, scaling-curve fits, reports (installed as ``ttscale.eval``)."""

@@ -1,0 +1,5 @@
+"""The HTTP server (installed as ``ttscale.server``)."""
+
+from ttscale.server.app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,42 @@
+"""Prometheus metrics of one server (own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+SAMPLE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, pool) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("ttscale_requests", "Requests answered", ["endpoint", "strategy", "status"],
+                                registry=r)
+        self.in_flight = Gauge("ttscale_requests_in_flight", "Requests being served", registry=r)
+        self.latency = Histogram("ttscale_request_seconds", "Request latency", ["strategy"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.samples = Histogram("ttscale_samples_per_request", "Samples drawn per request", ["strategy"],
+                                 buckets=SAMPLE_BUCKETS, registry=r)
+        self.tokens = Counter("ttscale_tokens", "Tokens processed", ["model", "kind"], registry=r)
+        self.stops = Counter("ttscale_stop_reasons", "Why sampling ended", ["strategy", "reason"],
+                             registry=r)
+        self.disconnects = Counter("ttscale_client_disconnects", "Clients that left before the answer",
+                                   registry=r)
+        self.engine_running = Gauge("ttscale_engine_requests_running",
+                                    "Requests the engine holds, per model", ["model"], registry=r)
+        self._pool = pool
+
+    def observe(self, strategy: str, result_info: dict, usage, seconds: float) -> None:
+        self.latency.labels(strategy).observe(seconds)
+        self.samples.labels(strategy).observe(result_info.get("samples_used", 0))
+        self.stops.labels(strategy, str(result_info.get("stop_reason", "complete"))).inc()
+        for name, m in usage.models.items():
+            self.tokens.labels(name, "prompt").inc(m.prompt_tokens)
+            self.tokens.labels(name, "completion").inc(m.completion_tokens)
+            self.tokens.labels(name, "aborted").inc(m.aborted_tokens)
+
+    def render(self) -> bytes:
+        for eng in self._pool:
+            self.engine_running.labels(eng.name).set(eng.num_running)
+        return generate_latest(self.registry)

@@ -1,0 +1,136 @@
+"""Engine layer: one async interface over vLLM in-process, OpenAI-compatible upstreams and a fake.
+
+Importing this package imports neither vLLM nor torch; an adapter loads them when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from ttscale.engine.base import (
+    Candidate,
+    CandidateEvent,
+    Engine,
+    Fanout,
+    PromptInput,
+    SamplingSettings,
+    new_request_id,
+    perplexity,
+)
+from ttscale.errors import ModelNotFoundError, ModelRoleError
+
+__all__ = [
+    "Candidate", "CandidateEvent", "Engine", "Fanout", "ModelPool", "ModelSpec", "PromptInput",
+    "SamplingSettings", "build_engine", "new_request_id", "parse_model_arg", "perplexity",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to serve under ``name``: a local/embedded model or an upstream's model."""
+
+    name: str
+    source: str  # embedded name, local directory, or upstream base URL
+    upstream_model: str | None = None  # for an upstream source: its model id
+    role: Literal["generate", "score"] | None = None  # None: detect from the checkpoint
+
+    @property
+    def is_upstream(self) -> bool:
+        return self.source.startswith(("http://", "https://"))
+
+
+def parse_model_arg(arg: str) -> ModelSpec:
+    """``NAME|PATH``, ``SERVED=NAME|PATH``, or ``SERVED=http://host:port[@upstream-id]``."""
+    served, sep, source = arg.partition("=")
+    if not sep:
+        served, source = "", arg
+    if source.startswith(("http://", "https://")):
+        url, _, up = source.partition("@")
+        return ModelSpec(name=served or up or url, source=url, upstream_model=up or served or None)
+    if not served:
+        from pathlib import Path
+
+        served = source if "/" not in source else Path(source.rstrip("/")).name
+    return ModelSpec(name=served, source=source)
+
+
+def build_engine(spec: ModelSpec, **vllm_options) -> Engine:
+    if spec.is_upstream:
+        from ttscale.engine.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(spec.name, spec.source, upstream_model=spec.upstream_model,
+                            role=spec.role or "generate")
+    from ttscale.engine.vllm_engine import VLLMEngine, VLLMOptions
+    from ttscale.models import resolve_model
+
+    path = resolve_model(spec.source)
+    return VLLMEngine(spec.name, path, role=spec.role, options=VLLMOptions(**vllm_options))
+
+
+class ModelPool:
+    """The models a server (or eval run) has loaded, addressed by name."""
+
+    def __init__(self, engines: Iterable[Engine] = ()):
+        self._engines: dict[str, Engine] = {}
+        for e in engines:
+            self.add(e)
+
+    def add(self, engine: Engine) -> None:
+        if engine.name in self._engines:
+            raise ValueError(f"two models named {engine.name!r}")
+        self._engines[engine.name] = engine
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._engines)
+
+    def __iter__(self):
+        return iter(self._engines.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._engines
+
+    @property
+    def default(self) -> Engine:
+        for e in self._engines.values():
+            if e.role == "generate":
+                return e
+        raise ModelNotFoundError("no generating model is loaded", param="model")
+
+    def get(self, name: str | None, *, role: str | None = None, param: str = "model") -> Engine:
+        if name is None:
+            eng = self.default if role in (None, "generate") else self.first(role)
+        else:
+            eng = self._engines.get(name)
+            if eng is None:
+                raise ModelNotFoundError(
+                    f"model {name!r} is not served here (served: {', '.join(self._engines) or 'none'})",
+                    param=param)
+        if role is not None and eng.role != role:
+            what = "a scoring (verifier / reward) model" if role == "score" else "a generating model"
+            raise ModelRoleError(f"model {eng.name!r} is not {what}", param=param)
+        return eng
+
+    def first(self, role: str) -> Engine:
+        for e in self._engines.values():
+            if e.role == role:
+                return e
+        raise ModelNotFoundError(f"no model with role {role!r} is loaded", param="model")
+
+    async def start(self) -> None:
+        # One at a time: engine start-up is CPU-heavy and parallel starts only contend.
+        for e in self._engines.values():
+            await e.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(e.close() for e in self._engines.values()), return_exceptions=True)
+
+    @property
+    def num_running(self) -> int:
+        return sum(e.num_running for e in self._engines.values())

@@ -1,0 +1,233 @@
+"""The narrow async interface every strategy uses to reach a model.
+
+One call, :meth:`Engine.fanout`, starts K candidates of one prompt together (prefix shared
+in the engine) and returns a :class:`Fanout`: an async stream of per-candidate events with
+per-candidate abort. Scoring models answer :meth:`Engine.score`; a target model scores a
+span of a prompt with :meth:`Engine.prompt_logprobs`. Each adapter counts tokens exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import math
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+Messages = list[dict[str, Any]]
+# A prompt is raw text (sent as is), chat messages (rendered with the model's chat template),
+# or token ids.
+PromptInput = str | Messages | list[int]
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Sampling for one candidate. ``seed`` makes a candidate reproducible."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled
+    max_tokens: int = 256
+    min_tokens: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; 0: sampled token only; k: also top-k
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+
+    def replicate(self, n: int, *, first_index: int = 0) -> list[SamplingSettings]:
+        """Settings for ``n`` candidates: candidate i gets ``seed + i`` (as vLLM's ``n`` does)."""
+        if self.seed is None:
+            return [self] * n
+        return [replace(self, seed=self.seed + first_index + i) for i in range(n)]
+
+
+@dataclass(eq=False)
+class Candidate:
+    """One sampled completion, updated in place while it runs."""
+
+    index: int
+    settings: SamplingSettings
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None  # log-prob of each sampled token
+    # top-k (token, log-prob) pairs at each position, best first; token is an id, or a string
+    # where an upstream reports strings
+    top_logprobs: list[list[tuple[int | str, float]]] | None = None
+    token_count: int = 0  # tokens generated so far (adapters without token ids count here too)
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def aborted(self) -> bool:
+        return self.finish_reason == "abort"
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_count
+
+    @property
+    def sum_logprob(self) -> float | None:
+        return None if self.logprobs is None else float(sum(self.logprobs))
+
+    @property
+    def mean_logprob(self) -> float | None:
+        if not self.logprobs:
+            return None
+        return float(sum(self.logprobs) / len(self.logprobs))
+
+
+@dataclass(frozen=True)
+class CandidateEvent:
+    """A candidate produced tokens (``delta_tokens`` of them) or finished."""
+
+    candidate: Candidate
+    delta_text: str
+    delta_tokens: int
+    finished: bool
+
+
+class Fanout(abc.ABC):
+    """K candidates of one prompt running together.
+
+    Iterate it for events; ``abort(i)`` stops candidate i in the engine (its tokens so far
+    stay counted); ``aclose()`` aborts whatever still runs. Use it as an async context
+    manager so nothing outlives its owner.
+    """
+
+    def __init__(self, candidates: list[Candidate], prompt_tokens: int, request_id: str):
+        self.candidates = candidates
+        self.prompt_tokens = prompt_tokens
+        self.request_id = request_id
+        self._events: asyncio.Queue[CandidateEvent | BaseException | None] = asyncio.Queue()
+        self._open = len(candidates)
+
+    # -- producer side (adapters) ------------------------------------------------------
+    def _emit(self, event: CandidateEvent) -> None:
+        self._events.put_nowait(event)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._events.put_nowait(exc)
+
+    # -- consumer side --------------------------------------------------------------------
+    @property
+    def running(self) -> list[Candidate]:
+        return [c for c in self.candidates if not c.finished]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.candidates)
+
+    def __aiter__(self) -> AsyncIterator[CandidateEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[CandidateEvent]:
+        while self._open > 0:
+            item = await self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                continue
+            if item.finished:
+                self._open -= 1
+            yield item
+
+    async def wait(self) -> list[Candidate]:
+        """Run every candidate to the end (or its abort) and return them."""
+        async for _ in self:
+            pass
+        return self.candidates
+
+    @abc.abstractmethod
+    async def abort(self, index: int) -> None:
+        """Stop candidate ``index`` in the engine; it finishes with ``finish_reason='abort'``."""
+
+    async def abort_all(self) -> None:
+        for c in self.running:
+            await self.abort(c.index)
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Abort what still runs and release the adapter's tasks."""
+
+    async def __aenter__(self) -> Fanout:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Engine(abc.ABC):
+    """One served model. ``role`` is ``generate`` (policy, draft, judge) or ``score``."""
+
+    name: str
+    role: Literal["generate", "score"] = "generate"
+    max_model_len: int | None = None
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load the model; called once before use."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model."""
+
+    @abc.abstractmethod
+    def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
+               request_id: str | None = None) -> Fanout:
+        """Start ``len(settings)`` candidates of ``prompt`` together, candidate i with settings[i]."""
+
+    async def generate(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
+                       request_id: str | None = None) -> tuple[list[Candidate], int]:
+        """Run a fan-out to completion; returns (candidates, prompt_tokens)."""
+        async with self.fanout(prompt, settings, request_id=request_id) as fo:
+            await fo.wait()
+        return fo.candidates, fo.prompt_tokens
+
+    async def score(self, prompts: Sequence[PromptInput], *,
+                    request_id: str | None = None) -> list[float]:
+        """Scores from a classification / reward model (one float per prompt)."""
+        from ttscale.errors import ModelRoleError
+
+        raise ModelRoleError(f"model {self.name!r} cannot score", param="model")
+
+    async def prompt_logprobs(self, prompt: PromptInput, *, start: int = 0,
+                              request_id: str | None = None) -> list[float]:
+        """Log-probability of each prompt token from position ``start`` on (prefill only)."""
+        from ttscale.errors import ModelRoleError
+
+        raise ModelRoleError(f"model {self.name!r} cannot score prompt log-probabilities",
+                             param="model")
+
+    @abc.abstractmethod
+    def render(self, prompt: PromptInput, *, add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> list[int]:
+        """Token ids the engine would see for ``prompt``."""
+
+    def count_tokens(self, prompt: PromptInput) -> int:
+        return len(self.render(prompt))
+
+    @property
+    def num_running(self) -> int:
+        """Requests the engine itself still holds (0 once everything finished or aborted)."""
+        return 0
+
+
+def new_request_id(prefix: str = "ttscale") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def perplexity(logprobs: Sequence[float]) -> float:
+    """exp(−mean log p); inf for an empty span."""
+    if not logprobs:
+        return math.inf
+    return math.exp(-sum(logprobs) / len(logprobs))

@@ -1,0 +1,162 @@
+"""A deterministic in-memory engine for fast unit tests of selection logic.
+
+Characters are tokens. ``respond(prompt_text, settings)`` decides each candidate's text;
+log-probs come from ``logprob(prompt_text, text, position)``. Candidates advance one token
+per tick, so aborts, deadlines and token budgets behave as with a real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from ttscale.engine.base import (
+    Candidate,
+    CandidateEvent,
+    Engine,
+    Fanout,
+    PromptInput,
+    SamplingSettings,
+    new_request_id,
+)
+from ttscale.errors import ModelRoleError
+
+
+def _text_of(prompt: PromptInput) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and isinstance(prompt[0], int):
+        return "".join(chr(t) for t in prompt)  # type: ignore[arg-type]
+    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt)  # type: ignore[index]
+
+
+def _default_respond(prompt: str, s: SamplingSettings) -> str:
+    h = hashlib.sha256(f"{prompt}|{s.seed}|{s.temperature}".encode()).digest()
+    return f"The answer is \\boxed{{{h[0] % 4}}}."
+
+
+def _default_logprob(prompt: str, text: str, pos: int) -> float:
+    h = hashlib.sha256(f"{text}|{pos}".encode()).digest()
+    return -(h[0] / 255.0) * 2.0
+
+
+class FakeEngine(Engine):
+    def __init__(self, name: str = "fake", *, role: Literal["generate", "score"] = "generate",
+                 respond: Callable[[str, SamplingSettings], str] = _default_respond,
+                 logprob: Callable[[str, str, int], float] = _default_logprob,
+                 scorer: Callable[[str], float] | None = None,
+                 tick_s: float = 0.0, max_model_len: int = 4096):
+        self.name = name
+        self.role = role
+        self.respond = respond
+        self.logprob = logprob
+        self.scorer = scorer or (lambda text: (hashlib.sha256(text.encode()).digest()[0]) / 255.0)
+        self.tick_s = tick_s
+        self.max_model_len = max_model_len
+        self.requests_started = 0
+        self._live: set[str] = set()
+
+    def render(self, prompt: PromptInput, *, add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> list[int]:
+        return [ord(ch) for ch in _text_of(prompt)]
+
+    @property
+    def num_running(self) -> int:
+        return len(self._live)
+
+    def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
+               request_id: str | None = None) -> Fanout:
+        if self.role != "generate":
+            raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
+        self.requests_started += len(settings)
+        return _FakeFanout(self, _text_of(prompt), list(settings), request_id or new_request_id())
+
+    async def score(self, prompts: Sequence[PromptInput], *,
+                    request_id: str | None = None) -> list[float]:
+        if self.role != "score":
+            raise ModelRoleError(f"model {self.name!r} is not a scoring model", param="model")
+        return [float(self.scorer(_text_of(p))) for p in prompts]
+
+    async def prompt_logprobs(self, prompt: PromptInput, *, start: int = 0,
+                              request_id: str | None = None) -> list[float]:
+        text = _text_of(prompt)
+        return [self.logprob("", text, i) for i in range(max(start, 1), len(text))]
+
+
+class _FakeFanout(Fanout):
+    def __init__(self, engine: FakeEngine, prompt: str, settings: list[SamplingSettings],
+                 request_id: str):
+        super().__init__([Candidate(i, s) for i, s in enumerate(settings)], len(prompt), request_id)
+        self._engine = engine
+        self._prompt = prompt
+        self._aborted: set[int] = set()
+        self._rids = [f"{request_id}-{i}" for i in range(len(settings))]
+        engine._live.update(self._rids)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        texts = [self._engine.respond(self._prompt, c.settings) for c in self.candidates]
+        for c in self.candidates:
+            c.started_at = time.perf_counter()
+            if c.settings.logprobs is not None:
+                c.logprobs = []
+                if c.settings.logprobs:
+                    c.top_logprobs = []
+        step = 0
+        while any(not c.finished for c in self.candidates):
+            for c, full in zip(self.candidates, texts):
+                if c.finished:
+                    continue
+                if c.index in self._aborted:
+                    self._finish(c, "abort")
+                    continue
+                limit = min(len(full), c.settings.max_tokens)
+                for stop in c.settings.stop:
+                    at = full.find(stop)
+                    if at >= 0:
+                        limit = min(limit, at)
+                if step >= limit:
+                    self._finish(c, "length" if step >= c.settings.max_tokens else "stop")
+                    continue
+                ch = full[step]
+                c.text += ch
+                c.token_ids.append(ord(ch))
+                c.token_count += 1
+                if c.logprobs is not None:
+                    lp = self._engine.logprob(self._prompt, full, step)
+                    c.logprobs.append(lp)
+                    if c.top_logprobs is not None:
+                        k = c.settings.logprobs or 0
+                        c.top_logprobs.append([(ord(ch), lp)] + [(j, lp - 1.0 - j) for j in range(k - 1)])
+                self._emit(CandidateEvent(c, ch, 1, False))
+            step += 1
+            await asyncio.sleep(self._engine.tick_s)
+
+    def _finish(self, c: Candidate, reason: str) -> None:
+        c.finish_reason = reason  # type: ignore[assignment]
+        c.finished_at = time.perf_counter()
+        self._engine._live.discard(self._rids[c.index])
+        self._emit(CandidateEvent(c, "", 0, True))
+
+    async def abort(self, index: int) -> None:
+        if not self.candidates[index].finished:
+            self._aborted.add(index)
+
+    async def aclose(self) -> None:
+        for c in self.candidates:
+            if not c.finished:
+                self._aborted.add(c.index)
+        if not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for c in self.candidates:
+            if not c.finished:
+                c.finish_reason = "abort"
+                c.finished_at = time.perf_counter()
+                self._engine._live.discard(self._rids[c.index])

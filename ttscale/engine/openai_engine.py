@@ -1,0 +1,289 @@
+"""Adapter for any OpenAI-compatible HTTP upstream (e.g. a separate ``vllm serve``).
+
+Each candidate is its own streaming request (``n=1``, seed ``seed + i``), so aborting a
+candidate closes its stream and the upstream stops generating it. Token counts come from
+the upstream's ``usage`` (``stream_options.include_usage``). Scoring uses vLLM's
+``/classify`` endpoint, prompt log-probabilities vLLM's ``prompt_logprobs`` extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import httpx
+
+from ttscale.engine.base import (
+    Candidate,
+    CandidateEvent,
+    Engine,
+    Fanout,
+    PromptInput,
+    SamplingSettings,
+    new_request_id,
+)
+from ttscale.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    ModelRoleError,
+    UpstreamError,
+)
+
+
+class OpenAIEngine(Engine):
+    def __init__(self, name: str, base_url: str, *, upstream_model: str | None = None,
+                 api_key: str | None = None, role: Literal["generate", "score"] = "generate",
+                 timeout_s: float = 600.0, tokenizer_path: str | None = None):
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        if not self.base_url.endswith("/v1"):
+            self.base_url += "/v1"
+        self.upstream_model = upstream_model or name
+        self.role = role
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = timeout_s
+        self._client: httpx.AsyncClient | None = None
+        self._tokenizer_path = tokenizer_path
+        self._tokenizer = None
+        self._open_streams = 0
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(headers=self._headers,
+                                         timeout=httpx.Timeout(self._timeout, connect=10.0))
+        try:
+            r = await self._client.get(f"{self.base_url}/models")
+            r.raise_for_status()
+            ids = [m["id"] for m in r.json().get("data", [])]
+        except (httpx.HTTPError, ValueError) as e:
+            raise EngineUnavailableError(f"upstream {self.base_url} is not reachable: {e}") from e
+        if self.upstream_model not in ids:
+            raise EngineUnavailableError(
+                f"upstream {self.base_url} does not serve {self.upstream_model!r} (it serves {ids})")
+        if self._tokenizer_path:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained,
+                                                      self._tokenizer_path)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise EngineUnavailableError(f"model {self.name!r} is not connected")
+        return self._client
+
+    @property
+    def num_running(self) -> int:
+        return self._open_streams
+
+    def render(self, prompt: PromptInput, *, add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> list[int]:
+        if self._tokenizer is None:
+            raise ModelRoleError(f"model {self.name!r} has no local tokenizer", param="model")
+        if isinstance(prompt, str):
+            return list(self._tokenizer.encode(prompt))
+        if prompt and isinstance(prompt[0], int):
+            return list(prompt)  # type: ignore[arg-type]
+        text = self._tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message)
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
+               request_id: str | None = None) -> Fanout:
+        if self.role != "generate":
+            raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
+        return _HTTPFanout(self, prompt, list(settings), request_id or new_request_id())
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            r = await self.client.post(f"{self.base_url}{path}", json=body)
+        except httpx.HTTPError as e:
+            raise EngineUnavailableError(f"upstream {self.base_url} failed: {e}") from e
+        if r.status_code >= 400:
+            raise _upstream_error(r.status_code, r.text)
+        return r.json()
+
+    async def score(self, prompts: Sequence[PromptInput], *,
+                    request_id: str | None = None) -> list[float]:
+        if self.role != "score":
+            raise ModelRoleError(f"model {self.name!r} is not a scoring model", param="model")
+        root = self.base_url[: -len("/v1")]
+        out: list[float] = []
+        for p in prompts:
+            body: dict[str, Any] = {"model": self.upstream_model}
+            if isinstance(p, str):
+                body["input"] = p
+            else:
+                body["messages"] = p
+            try:
+                r = await self.client.post(f"{root}/classify", json=body)
+            except httpx.HTTPError as e:
+                raise EngineUnavailableError(f"upstream {self.base_url} failed: {e}") from e
+            if r.status_code >= 400:
+                raise _upstream_error(r.status_code, r.text)
+            out.append(float(r.json()["data"][0]["probs"][0]))
+        return out
+
+    async def prompt_logprobs(self, prompt: PromptInput, *, start: int = 0,
+                              request_id: str | None = None) -> list[float]:
+        ids = self.render(prompt, add_generation_prompt=False, continue_final_message=True) \
+            if not (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)) else prompt
+        data = await self._post("/completions", {
+            "model": self.upstream_model, "prompt": ids, "max_tokens": 1, "temperature": 0,
+            "prompt_logprobs": 0})
+        plp = data["choices"][0].get("prompt_logprobs") or []
+        res = []
+        for pos in range(max(start, 1), len(ids)):
+            entry = plp[pos] if pos < len(plp) else None
+            key = str(ids[pos])
+            res.append(float(entry[key]["logprob"]) if entry and key in entry else float("-inf"))
+        return res
+
+
+def _upstream_error(status: int, text: str) -> Exception:
+    try:
+        err = json.loads(text).get("error", {})
+        msg, param = err.get("message", text), err.get("param")
+    except (ValueError, AttributeError):
+        msg, param = text, None
+    if status in (400, 422):
+        return InvalidRequestError(f"upstream rejected the request: {msg}", param=param)
+    return UpstreamError(f"upstream answered {status}: {msg}", status=502, param=param)
+
+
+class _HTTPFanout(Fanout):
+    def __init__(self, engine: OpenAIEngine, prompt: PromptInput, settings: list[SamplingSettings],
+                 request_id: str):
+        prompt_tokens = 0
+        super().__init__([Candidate(i, s) for i, s in enumerate(settings)], prompt_tokens, request_id)
+        self._engine = engine
+        self._chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+        self._prompt = prompt
+        self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
+
+    def _body(self, s: SamplingSettings) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self._engine.upstream_model, "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+            "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty,
+        }
+        if s.seed is not None:
+            body["seed"] = s.seed
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if s.top_k > 0:
+            body["top_k"] = s.top_k
+        if s.min_tokens:
+            body["min_tokens"] = s.min_tokens
+        if s.ignore_eos:
+            body["ignore_eos"] = True
+        if self._chat:
+            body["messages"] = self._prompt
+            if s.logprobs is not None:
+                body["logprobs"] = True
+                body["top_logprobs"] = s.logprobs
+        else:
+            body["prompt"] = self._prompt
+            if s.logprobs is not None:
+                body["logprobs"] = max(s.logprobs, 1) if s.logprobs else 0
+        return body
+
+    async def _run(self, i: int) -> None:
+        c = self.candidates[i]
+        eng = self._engine
+        path = "/chat/completions" if self._chat else "/completions"
+        if c.settings.logprobs is not None:
+            c.logprobs = []
+            if c.settings.logprobs:
+                c.top_logprobs = []
+        c.started_at = time.perf_counter()
+        eng._open_streams += 1
+        try:
+            async with eng.client.stream("POST", f"{eng.base_url}{path}",
+                                         json=self._body(c.settings)) as r:
+                if r.status_code >= 400:
+                    raise _upstream_error(r.status_code, (await r.aread()).decode())
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    chunk = json.loads(payload)
+                    if chunk.get("usage"):
+                        u = chunk["usage"]
+                        self.prompt_tokens = int(u.get("prompt_tokens") or 0)
+                        c.token_count = int(u.get("completion_tokens") or c.token_count)
+                    for ch in chunk.get("choices") or []:
+                        delta = (ch.get("delta") or {}).get("content") if self._chat else ch.get("text")
+                        delta = delta or ""
+                        ntok = self._absorb_logprobs(c, ch.get("logprobs"))
+                        c.text += delta
+                        c.token_count += ntok if ntok else (1 if delta else 0)
+                        if ch.get("finish_reason"):
+                            c.finish_reason = "length" if ch["finish_reason"] == "length" else "stop"
+                        self._emit(CandidateEvent(c, delta, ntok or (1 if delta else 0), False))
+        except asyncio.CancelledError:
+            raise
+        except (InvalidRequestError, UpstreamError) as e:
+            self._fail(e)
+            return
+        except httpx.HTTPError as e:
+            self._fail(EngineUnavailableError(f"upstream {eng.base_url} failed: {e}"))
+            return
+        finally:
+            eng._open_streams -= 1
+        c.finish_reason = c.finish_reason or "stop"
+        c.finished_at = time.perf_counter()
+        self._emit(CandidateEvent(c, "", 0, True))
+
+    def _absorb_logprobs(self, c: Candidate, lp: dict[str, Any] | None) -> int:
+        if not lp or c.logprobs is None:
+            return 0
+        if self._chat:
+            items = lp.get("content") or []
+            for it in items:
+                c.logprobs.append(float(it["logprob"]))
+                if c.top_logprobs is not None:
+                    c.top_logprobs.append(sorted(((t["token"], float(t["logprob"]))
+                                                  for t in it.get("top_logprobs") or []), key=lambda x: -x[1]))
+            return len(items)
+        vals = lp.get("token_logprobs") or []
+        c.logprobs.extend(float(v) for v in vals)
+        if c.top_logprobs is not None:
+            for top in lp.get("top_logprobs") or []:
+                c.top_logprobs.append(sorted(((t, float(v)) for t, v in (top or {}).items()),
+                                             key=lambda x: -x[1]))
+        return len(vals)
+
+    async def abort(self, index: int) -> None:
+        t = self._tasks[index]
+        c = self.candidates[index]
+        if not c.finished and not t.done():
+            t.cancel()
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+            c.finish_reason = "abort"
+            c.finished_at = time.perf_counter()
+            self._emit(CandidateEvent(c, "", 0, True))
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in self.candidates:
+            if not c.finished:
+                c.finish_reason = "abort"
+                c.finished_at = time.perf_counter()

