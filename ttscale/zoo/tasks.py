@@ -72,9 +72,9 @@ SPECS: dict[int, LevelSpec] = {
     3: LevelSpec(3, (100, 999), ("add", "sub", "add_groups", "sub_groups", "times", "divide"),
                  (10, 999), (2, 9), (11, 99), (2, 9), 99_999),
     4: LevelSpec(4, (100, 9_999), ("add", "sub", "add_groups", "sub_groups", "times", "divide"),
-                 (100, 9_999), (11, 99), (11, 99), (2, 19), 99_999),
-    5: LevelSpec(5, (1_000, 9_999), ("add", "sub", "add_groups", "sub_groups", "times", "divide"),
-                 (100, 9_999), (11, 99), (101, 999), (11, 99), 999_999),
+                 (100, 9_999), (2, 9), (11, 999), (2, 9), 99_999),
+    5: LevelSpec(6, (1_000, 9_999), ("add", "sub", "add_groups", "sub_groups", "times", "divide"),
+                 (100, 9_999), (2, 9), (101, 999), (2, 9), 999_999),
 }
 
 
