@@ -84,7 +84,7 @@ async def test_abort_one_candidate():
         if ev.candidate is sampler.candidates[1] and ev.candidate.num_tokens == 5:
             await sampler.abort(ev.candidate)
 
-    cands = await sampler.run(ctx.settings.replicate(3), on_event=on_event)
+    cands = await sampler.run(ctx.settings.replicate(3), on_event=on_event, stream=True)
     assert cands[1].aborted and cands[1].num_tokens <= 6
     assert not cands[0].aborted and cands[0].num_tokens > 40
 

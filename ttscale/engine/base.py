@@ -183,13 +183,17 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
-               request_id: str | None = None) -> Fanout:
-        """Start ``len(settings)`` candidates of ``prompt`` together, candidate i with settings[i]."""
+               request_id: str | None = None, stream: bool = True) -> Fanout:
+        """Start ``len(settings)`` candidates of ``prompt`` together, candidate i with settings[i].
+
+        With ``stream`` each candidate reports its tokens as they come; without, it reports once
+        when it finishes (or is aborted, with the tokens it had): much less per-token work.
+        """
 
     async def generate(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
                        request_id: str | None = None) -> tuple[list[Candidate], int]:
         """Run a fan-out to completion; returns (candidates, prompt_tokens)."""
-        async with self.fanout(prompt, settings, request_id=request_id) as fo:
+        async with self.fanout(prompt, settings, request_id=request_id, stream=False) as fo:
             await fo.wait()
         return fo.candidates, fo.prompt_tokens
 

@@ -68,11 +68,11 @@ class FakeEngine(Engine):
         return len(self._live)
 
     def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
-               request_id: str | None = None) -> Fanout:
+               request_id: str | None = None, stream: bool = True) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
         self.requests_started += len(settings)
-        return _FakeFanout(self, _text_of(prompt), list(settings), request_id or new_request_id())
+        return _FakeFanout(self, _text_of(prompt), list(settings), request_id or new_request_id(), stream)
 
     async def score(self, prompts: Sequence[PromptInput], *,
                     request_id: str | None = None) -> list[float]:
@@ -88,8 +88,9 @@ class FakeEngine(Engine):
 
 class _FakeFanout(Fanout):
     def __init__(self, engine: FakeEngine, prompt: str, settings: list[SamplingSettings],
-                 request_id: str):
+                 request_id: str, stream: bool = True):
         super().__init__([Candidate(i, s) for i, s in enumerate(settings)], len(prompt), request_id)
+        self._stream = stream
         self._engine = engine
         self._prompt = prompt
         self._aborted: set[int] = set()
@@ -131,7 +132,8 @@ class _FakeFanout(Fanout):
                     if c.top_logprobs is not None:
                         k = c.settings.logprobs or 0
                         c.top_logprobs.append([(ord(ch), lp)] + [(j, lp - 1.0 - j) for j in range(k - 1)])
-                self._emit(CandidateEvent(c, ch, 1, False))
+                if self._stream:
+                    self._emit(CandidateEvent(c, ch, 1, False))
             step += 1
             await asyncio.sleep(self._engine.tick_s)
 
@@ -139,7 +141,10 @@ class _FakeFanout(Fanout):
         c.finish_reason = reason  # type: ignore[assignment]
         c.finished_at = time.perf_counter()
         self._engine._live.discard(self._rids[c.index])
-        self._emit(CandidateEvent(c, "", 0, True))
+        if self._stream:
+            self._emit(CandidateEvent(c, "", 0, True))
+        else:
+            self._emit(CandidateEvent(c, c.text, c.num_tokens, True))
 
     async def abort(self, index: int) -> None:
         if not self.candidates[index].finished:

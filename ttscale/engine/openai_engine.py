@@ -97,7 +97,7 @@ class OpenAIEngine(Engine):
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
     def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
-               request_id: str | None = None) -> Fanout:
+               request_id: str | None = None, stream: bool = True) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
         return _HTTPFanout(self, prompt, list(settings), request_id or new_request_id())

@@ -59,7 +59,7 @@ class VLLMOptions:
     extra: tuple[tuple[str, Any], ...] = ()
 
 
-def _to_params(s: SamplingSettings, *, max_tokens: int):
+def _to_params(s: SamplingSettings, *, max_tokens: int, stream: bool):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -76,7 +76,7 @@ def _to_params(s: SamplingSettings, *, max_tokens: int):
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
         ignore_eos=s.ignore_eos,
-        output_kind=RequestOutputKind.DELTA,
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )
 
 
@@ -128,6 +128,12 @@ class VLLMEngine(Engine):
         )
         if opts.max_model_len:
             kwargs["max_model_len"] = opts.max_model_len
+        if not gpu and self.role == "generate":
+            # vLLM's CPU worker crashes ("CPU Generator does not use offset") when a seeded
+            # request's prefill is split over steps; whole-prompt prefills avoid that path.
+            ctx = opts.max_model_len or _config_value(self.path, "max_position_embeddings") or 8192
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(int(ctx), 8192)
         if opts.max_num_seqs:
             kwargs["max_num_seqs"] = opts.max_num_seqs
         kwargs.update(dict(opts.extra))
@@ -189,13 +195,13 @@ class VLLMEngine(Engine):
 
     # -- generation -----------------------------------------------------------------------
     def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
-               request_id: str | None = None) -> Fanout:
+               request_id: str | None = None, stream: bool = True) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} is a scoring model and cannot generate",
                                  param="model")
         ids = self.render(prompt)
         self._check_len(ids)
-        return _VLLMFanout(self, ids, list(settings), request_id or new_request_id())
+        return _VLLMFanout(self, ids, list(settings), request_id or new_request_id(), stream)
 
     async def score(self, prompts: Sequence[PromptInput], *,
                     request_id: str | None = None) -> list[float]:
@@ -251,14 +257,15 @@ class VLLMEngine(Engine):
 
 class _VLLMFanout(Fanout):
     def __init__(self, engine: VLLMEngine, ids: list[int], settings: list[SamplingSettings],
-                 request_id: str):
+                 request_id: str, stream: bool):
         cands = [Candidate(index=i, settings=s) for i, s in enumerate(settings)]
         super().__init__(cands, len(ids), request_id)
         self._engine = engine
         self._llm = engine.llm
         self._ids = ids
         room = (engine.max_model_len or 1 << 30) - len(ids)
-        self._params = [_to_params(s, max_tokens=max(1, min(s.max_tokens, room))) for s in settings]
+        self._params = [_to_params(s, max_tokens=max(1, min(s.max_tokens, room)), stream=stream)
+                        for s in settings]
         self._rids = [f"{request_id}-{i}" for i in range(len(settings))]
         self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
 
@@ -332,6 +339,15 @@ def _map_error(e: BaseException, name: str) -> TTScaleError:
     if cls in ("VLLMValidationError", "ValueError", "VLLMClientError"):
         return InvalidRequestError(str(e))
     return TTScaleError(f"{cls}: {e}")
+
+
+def _config_value(path: Path, key: str):
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text()).get(key)
+    except (OSError, ValueError):
+        return None
 
 
 def detect_role(path: Path) -> Literal["generate", "score"]:

@@ -238,8 +238,12 @@ class Sampler:
 
     async def run(self, settings: Sequence[SamplingSettings],
                   on_event: Callable[[CandidateEvent], Awaitable[None] | None] | None = None,
-                  ) -> list[Candidate]:
-        """Run candidates with ``settings`` (in order) until done, stopped or out of budget."""
+                  *, stream: bool = False) -> list[Candidate]:
+        """Run candidates with ``settings`` (in order) until done, stopped or out of budget.
+
+        ``on_event`` sees every event: with ``stream`` each candidate's tokens as they come,
+        without only each candidate's end (far cheaper; enough for votes and early exits).
+        """
         pending = list(settings)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         pumps: list[asyncio.Task] = []
@@ -272,7 +276,7 @@ class Sampler:
                     self.stop("token_budget")
                 return 0
             pending = pending[len(batch):]
-            fo = self.engine.fanout(self.prompt, batch,
+            fo = self.engine.fanout(self.prompt, batch, stream=stream,
                                     request_id=f"{self.ctx.request_id}-{len(self._fanouts)}")
             for c in fo.candidates:  # c.index stays the position inside its fan-out
                 self._owner[id(c)] = (fo, c.index)

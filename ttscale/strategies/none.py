@@ -23,7 +23,9 @@ class NoneStrategy(Strategy):
             if ctx.on_delta is not None and ev.delta_text:
                 await ctx.on_delta(sampler.candidates.index(ev.candidate), ev.delta_text)
 
-        cands = await sampler.run(ctx.settings.replicate(ctx.n), on_event=forward)
+        live = ctx.on_delta is not None  # the client streams: pass tokens on as they come
+        cands = await sampler.run(ctx.settings.replicate(ctx.n), on_event=forward if live else None,
+                                  stream=live)
         choices = [Choice(index=i, text=c.text,
                           finish_reason="length" if c.aborted else (c.finish_reason or "stop"),
                           candidate=c)
@@ -31,4 +33,4 @@ class NoneStrategy(Strategy):
         info = {"samples_used": len(cands), "stop_reason": sampler.stop_reason,
                 "selected_index": 0 if cands else None}
         return StrategyResult(choices=choices, info=info, candidates=cands,
-                              streamed=ctx.on_delta is not None)
+                              streamed=live)
