@@ -1,0 +1,297 @@
+"""Answer extraction, MATH normalisation, canonical keys, equivalence, clustering and grading."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ttscale.answers import (
+    MAX_SYMBOLIC_CHARS,
+    answer_key,
+    cluster_answers,
+    equivalent,
+    extract_answer,
+    grade,
+    grade_text,
+    last_boxed,
+    strip_string,
+)
+
+# --------------------------------------------------------------------------------------------
+# last_boxed / extract_answer
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so the answer is $\boxed{42}$.", "42"),
+        (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{\left\{ 1, \{2\} \right\}}", r"\left\{ 1, \{2\} \right\}"),
+        (r"first \boxed{1} then \boxed{2}", "2"),
+        (r"\fbox{7}", "7"),
+        (r"\boxed{3} and finally \fbox{9}", "9"),
+        (r"The answer is $\boxed 5$.", "5"),
+        (r"The answer is \boxed 5", "5"),
+        (r"The answer is \boxed {12}", "12"),
+        (r"\boxed{\frac{1}{2}", None),
+        (r"\boxed{", None),
+        ("no box here", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"Thus $x = \boxed{\dfrac{3}{4}}$.", r"\dfrac{3}{4}"),
+        ("Final Answer: The final answer is $42$. I hope it is correct.", "42"),
+        ("Final Answer: The final answer is 7. I hope it is correct.", "7"),
+        (r"Therefore the final answer is $\frac{1}{3}$.", r"\frac{1}{3}"),
+        ("She pays 3 * 400 = 1200 dollars.\n#### 1,200", "1200"),
+        ("#### $18.", "18"),
+        ("#### -4", "-4"),
+        # The boxed answer wins over the other conventions.
+        ("#### 3\nFinal answer is 4. \\boxed{5}", "5"),
+        # No convention at all: answerless, even though the text contains numbers.
+        ("I computed 3 + 4 = 7 and 7 * 2 = 14.", None),
+        (r"\boxed{}", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# strip_string (the eleven normalisation steps)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("\\frac12", "\\frac{1}{2}"),  # step 9
+        ("\\frac1{72}", "\\frac{1}{72}"),  # step 9
+        ("\\frac{3}{4}", "\\frac{3}{4}"),
+        ("\\dfrac{3}{4}", "\\frac{3}{4}"),  # step 1
+        ("\\tfrac12", "\\frac{1}{2}"),
+        ("0.5", "\\frac{1}{2}"),  # step 10
+        (".5", "\\frac{1}{2}"),  # steps 5 and 10
+        ("{.25}", "{0.25}"),  # step 5
+        ("3/4", "\\frac{3}{4}"),  # step 11
+        ("3/x", "3/x"),
+        ("\\sqrt3", "\\sqrt{3}"),  # step 7
+        ("2\\sqrt2+\\sqrt{5}", "2\\sqrt{2}+\\sqrt{5}"),
+        ("k = 5", "5"),  # step 6
+        ("x = y = 2", "x=y=2"),
+        ("abc = 5", "abc=5"),
+        ("5 \\text{ cm}", "5"),  # step 3
+        ("50\\%", "50"),  # step 4
+        ("50%", "50"),
+        ("90^\\circ", "90"),  # step 2
+        ("90^{\\circ}", "90"),
+        ("\\left( 1, 2 \\right)", "(1,2)"),
+        ("\\$5", "5"),
+        ("1\\!000", "1000"),  # step 1
+        ("a\nb", "ab"),
+        ("", ""),
+    ],
+)
+def test_strip_string(raw, expected):
+    assert strip_string(raw) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# answer_key
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ans", ["51", "051", "51.0", "\\frac{102}{2}", "$51$", " 51 ", "+51"])
+def test_answer_key_integer_forms(ans):
+    assert answer_key(ans) == "51"
+
+
+@pytest.mark.parametrize(
+    ("ans", "expected"),
+    [
+        ("0.5", "1/2"),
+        ("1/2", "1/2"),
+        ("\\frac{1}{2}", "1/2"),
+        ("\\frac12", "1/2"),
+        ("\\dfrac{1}{2}", "1/2"),
+        ("-\\frac{3}{4}", "-3/4"),
+        ("-0.75", "-3/4"),
+        ("1,000", "1000"),
+        ("-7", "-7"),
+        ("0", "0"),
+    ],
+)
+def test_answer_key_numbers(ans, expected):
+    assert answer_key(ans) == expected
+
+
+def test_answer_key_symbolic_and_fallback():
+    assert answer_key("x^2+1") == answer_key("1 + x^2")
+    assert answer_key("x^2+1") != answer_key("x^2-1")
+    # Risky input never reaches sympy: the key is the normalised string.
+    assert answer_key("10^{10^{10}}") == "10^{10^{10}}"
+    long = "a" * (MAX_SYMBOLIC_CHARS + 10)
+    assert answer_key(long) == long
+
+
+def test_answer_key_is_cached_and_fast():
+    answer_key.cache_clear()
+    answer_key("123456")
+    answer_key("123456")
+    assert answer_key.cache_info().hits >= 1
+    start = time.perf_counter()
+    for i in range(20_000):
+        answer_key(str(i * 7 + 1_000_000))
+    assert time.perf_counter() - start < 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# equivalent
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("1/2", "0.5"),
+        ("0.5", "\\frac{1}{2}"),
+        ("\\frac12", "\\dfrac{1}{2}"),
+        ("\\sqrt{8}", "2\\sqrt{2}"),
+        ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"),
+        ("x^2+2x+1", "(x+1)^2"),
+        ("\\pi/2", "\\frac{\\pi}{2}"),
+        ("51", "051"),
+    ],
+)
+def test_equivalent_forms(a, b):
+    assert equivalent(a, b)
+    assert equivalent(b, a)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [("1/2", "1/3"), ("3", "4"), ("x+1", "x-1"), ("\\sqrt{2}", "2"), ("(1,2)", "(2,1)")],
+)
+def test_not_equivalent(a, b):
+    assert not equivalent(a, b)
+
+
+def test_equivalent_never_raises_and_guards_pathological_input():
+    assert equivalent(None, "1") is False  # type: ignore[arg-type]
+    assert equivalent("1", None) is False  # type: ignore[arg-type]
+    assert equivalent("\\frac{", "}") is False
+    start = time.perf_counter()
+    assert equivalent("10^{10^{10}}", "1024") is False
+    assert equivalent("9^{9^9}", "7") is False
+    assert equivalent("(10^{10})!", "5") is False
+    assert time.perf_counter() - start < 5.0
+    long_a = "1+" * (MAX_SYMBOLIC_CHARS // 2) + "1"
+    long_b = "2+" * (MAX_SYMBOLIC_CHARS // 4) + "1"  # the same value, spelled differently
+    assert equivalent("1+" * 5 + "1", "2+" * 2 + "2")  # short: compared symbolically
+    # Long answers compare by key only: spacing does not matter, a different spelling does.
+    assert equivalent(long_a, long_a.replace("+", " + "))
+    assert not equivalent(long_a, long_b)
+
+
+def test_equivalent_from_worker_threads():
+    pairs = [
+        ("\\sqrt{12}", "2\\sqrt{3}", True),
+        ("\\frac{2}{\\sqrt{3}}", "\\frac{2\\sqrt{3}}{3}", True),
+        ("\\sqrt{12}", "3\\sqrt{2}", False),
+        ("2^{10}", "1024", True),
+    ]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda t: equivalent(t[0], t[1]), pairs))
+    assert results == [expected for _, _, expected in pairs]
+
+
+def test_module_imports_without_heavy_dependencies():
+    code = (
+        "import sys, ttscale.answers, ttscale.selection\n"
+        "bad = [m for m in ('torch', 'vllm', 'fastapi', 'math_verify', 'sympy', 'ttscale.server')"
+        " if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------------
+# cluster_answers
+# --------------------------------------------------------------------------------------------
+
+
+def test_cluster_equivalent_forms_together():
+    answers = ["1/2", "0.5", "\\frac{1}{2}", None, "3", "\\frac12", "4", "003", ""]
+    assert cluster_answers(answers) == [0, 0, 0, None, 1, 0, 2, 1, None]
+
+
+def test_cluster_ids_by_first_appearance_and_symbolic_merge():
+    answers = ["7", "\\sqrt{8}", "x^2-1", "2\\sqrt{2}", "(x-1)(x+1)", "7.0", "x^2+1"]
+    assert cluster_answers(answers) == [0, 1, 2, 1, 2, 0, 3]
+
+
+def test_cluster_keeps_different_answers_apart():
+    answers = ["1/3", "0.33", "0.5", "2", "-2"]
+    ids = cluster_answers(answers)
+    assert ids == [0, 1, 2, 3, 4]
+
+
+def test_cluster_edge_cases():
+    assert cluster_answers([]) == []
+    assert cluster_answers([None, None]) == [None, None]
+    assert cluster_answers(["5"]) == [0]
+
+
+def test_cluster_is_deterministic():
+    answers = ["\\frac{3}{6}", "0.5", "2", "1/2", "02", None, "\\sqrt{4}"]
+    first = cluster_answers(answers)
+    equivalent.cache_clear()
+    assert cluster_answers(answers) == first == [0, 0, 1, 0, 1, None, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# grade / grade_text
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "expected"),
+    [
+        ("051", "51", True),
+        ("51", "051", True),
+        ("1,200", "1200", True),
+        ("52", "51", False),
+        ("0.5", "\\frac{1}{2}", True),
+        ("\\boxed{\\frac{1}{2}}", "0.5", True),
+        ("1/3", "0.5", False),
+        ("2\\sqrt{2}", "\\sqrt{8}", True),
+        (None, "5", False),
+        ("", "5", False),
+        ("\\boxed{5", "5", False),
+    ],
+)
+def test_grade(pred, gold, expected):
+    assert grade(pred, gold) is expected
+
+
+def test_grade_text():
+    assert grade_text("Adding up, we get $\\boxed{051}$.", "51")
+    assert grade_text("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "0.5")
+    assert grade_text("Total is 40 + 2.\n#### 42", "42")
+    assert not grade_text("The total is 42.", "42")
+    assert not grade_text(None, "42")

@@ -1,0 +1,495 @@
+"""Final answers of math completions: extraction, normalisation, equivalence and clustering.
+
+The pipeline every voting strategy uses:
+
+1. :func:`extract_answer` pulls the final answer out of a completion (last ``\\boxed{}``, then
+   the "final answer is" and ``####`` conventions). A completion without one is *answerless*:
+   it counts against the budget but does not vote.
+2. :func:`answer_key` maps an answer to a canonical vote key. Plain numbers take a fast path;
+   everything else goes through math-verify (``str`` of the parsed sympy object) and falls back
+   to the Hendrycks MATH normalisation :func:`strip_string`.
+3. :func:`cluster_answers` groups equal keys, then merges distinct keys that
+   :func:`equivalent` judges equal, taking the transitive closure with a union-find.
+
+math-verify is imported lazily. Its own timeouts rely on ``SIGALRM`` and fail off the main
+thread, so they are always disabled here; instead, answers that are long or could make sympy
+evaluate something enormous (nested powers, factorials of large numbers) are compared by key
+only. Nothing in this module raises on malformed answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any, Sequence
+
+__all__ = [
+    "MAX_SYMBOLIC_CHARS",
+    "answer_key",
+    "cluster_answers",
+    "equivalent",
+    "extract_answer",
+    "grade",
+    "grade_text",
+    "last_boxed",
+    "strip_string",
+]
+
+# Answers longer than this are never handed to math-verify (no timeouts protect the parse).
+MAX_SYMBOLIC_CHARS = 200
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+
+def last_boxed(text: str | None) -> str | None:
+    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` in *text*.
+
+    Braces are counted, so nested groups survive (``\\boxed{\\frac{1}{2}}`` gives
+    ``\\frac{1}{2}``). The space form ``\\boxed 5`` yields the text after the command up to the
+    next ``$``. Unbalanced braces, or a command followed by neither a brace nor a space, give
+    ``None``.
+    """
+    if not text:
+        return None
+    start = -1
+    command = ""
+    for cmd in _BOX_COMMANDS:
+        idx = text.rfind(cmd)
+        while idx != -1 and _continues_name(text, idx + len(cmd)):
+            idx = text.rfind(cmd, 0, idx)
+        if idx > start:
+            start, command = idx, cmd
+    if start == -1:
+        return None
+    pos = start + len(command)
+    if pos < len(text) and text[pos] == "{":
+        depth = 0
+        for i in range(pos, len(text)):
+            ch = text[i]
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[pos + 1 : i]
+        return None
+    if pos < len(text) and text[pos] == " ":
+        rest = text[pos + 1 :].lstrip(" ")
+        if rest.startswith("{"):
+            # "\boxed {5}": treat as the brace form.
+            return last_boxed(command + rest)
+        content = rest.split("$", 1)[0].strip()
+        return content or None
+    return None
+
+
+def _continues_name(text: str, pos: int) -> bool:
+    """True when the command at *pos* is really a longer name (``\\boxedx``)."""
+    return pos < len(text) and text[pos].isalpha()
+
+
+_FINAL_ANSWER_RE = re.compile(r"final answer is\s*:?", re.IGNORECASE)
+_HOPE_RE = re.compile(r"\.?\s*I hope it is correct\.?\s*$", re.IGNORECASE)
+_GSM8K_RE = re.compile(r"####\s*(-?[$0-9.,]+)")
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The final answer of a completion, or ``None`` when it states none.
+
+    Order: the last ``\\boxed{}``/``\\fbox{}``; else the last "final answer is X" (Minerva
+    style, with a trailing "I hope it is correct." removed); else the last GSM8K ``#### X``.
+    There is deliberately no "last number in the text" fallback.
+    """
+    if not text:
+        return None
+    boxed = last_boxed(text)
+    if boxed is not None:
+        boxed = boxed.strip()
+        return boxed or None
+
+    matches = list(_FINAL_ANSWER_RE.finditer(text))
+    if matches:
+        tail = text[matches[-1].end() :]
+        line = tail.strip().split("\n", 1)[0].strip()
+        line = _HOPE_RE.sub("", line).strip()
+        line = line.rstrip(".").strip()
+        if len(line) >= 2 and line.startswith("$") and line.endswith("$"):
+            line = line.strip("$").strip()
+        if line:
+            return line
+
+    hashes = _GSM8K_RE.findall(text)
+    if hashes:
+        ans = hashes[-1].replace(",", "").replace("$", "").rstrip(".")
+        if ans and ans != "-":
+            return ans
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Hendrycks MATH normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def _fix_sqrt(s: str) -> str:
+    """``\\sqrt3`` -> ``\\sqrt{3}`` (only a single bare character is wrapped)."""
+    parts = s.split("\\sqrt")
+    out = parts[0]
+    for part in parts[1:]:
+        if part and part[0] != "{":
+            out += "\\sqrt{" + part[0] + "}" + part[1:]
+        else:
+            out += "\\sqrt" + part
+    return out
+
+
+def _fix_fracs(s: str) -> str:
+    """``\\frac12`` -> ``\\frac{1}{2}``, ``\\frac1{72}`` -> ``\\frac{1}{72}``."""
+    parts = s.split("\\frac")
+    out = parts[0]
+    for part in parts[1:]:
+        out += "\\frac"
+        if part.startswith("{"):
+            out += part
+            continue
+        if len(part) < 2:
+            return s
+        num, den, rest = part[0], part[1], part[2:]
+        if den == "{":
+            out += "{" + num + "}" + den + rest
+        else:
+            out += "{" + num + "}{" + den + "}" + rest
+    return out
+
+
+def _fix_a_slash_b(s: str) -> str:
+    """``3/4`` -> ``\\frac{3}{4}`` when both sides are plain integers."""
+    pieces = s.split("/")
+    if len(pieces) != 2:
+        return s
+    a, b = pieces
+    try:
+        ia, ib = int(a), int(b)
+    except ValueError:
+        return s
+    if a != str(ia) or b != str(ib):
+        return s
+    return "\\frac{" + a + "}{" + b + "}"
+
+
+def strip_string(s: str) -> str:
+    """Hendrycks MATH answer normalisation (the eleven steps, in order)."""
+    # 1. line breaks, thin spaces, doubled backslashes, tfrac/dfrac
+    s = s.replace("\n", "").replace("\\!", "")
+    s = s.replace("\\\\", "\\")
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac")
+    # 2. sizing commands, degrees, escaped dollars
+    for junk in ("\\left", "\\right", "^{\\circ}", "^\\circ", "\\$"):
+        s = s.replace(junk, "")
+    # 3. units on the right
+    if "\\text{ " in s:
+        s = s.split("\\text{ ", 1)[0]
+    # 4. percent signs
+    s = s.replace("\\%", "").replace("%", "")
+    # 5. leading zeros for bare decimals
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s[0] == ".":
+        s = "0" + s
+    # 6. short "k = " prefixes
+    sides = s.split("=")
+    if len(sides) == 2 and len(sides[0]) <= 2:
+        s = sides[1]
+    # 7. \sqrt3
+    s = _fix_sqrt(s)
+    # 8. spaces
+    s = s.replace(" ", "")
+    # 9. \frac12
+    s = _fix_fracs(s)
+    # 10. the one decimal the MATH answers spell as a fraction
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    # 11. a/b
+    return _fix_a_slash_b(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# math-verify access (lazy, without signal-based timeouts)
+# ---------------------------------------------------------------------------------------------
+
+_mv_lock = threading.Lock()
+_mv_module: Any = None
+
+
+class _NoTimeoutNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+def _math_verify() -> Any:
+    """Import math-verify once; ``None`` when it is unavailable."""
+    global _mv_module
+    if _mv_module is not None:
+        return _mv_module or None
+    with _mv_lock:
+        if _mv_module is None:
+            try:
+                import math_verify  # noqa: PLC0415 (deliberately lazy)
+
+                notice = _NoTimeoutNotice()
+                for name in ("math_verify.parser", "math_verify.grader", "math_verify.utils"):
+                    logging.getLogger(name).addFilter(notice)
+                _mv_module = math_verify
+            except Exception:  # pragma: no cover - depends on the environment
+                _mv_module = False
+    return _mv_module or None
+
+
+_EXP_GROUP_RE = re.compile(r"\^\s*\{")
+_BARE_CHAINED_POWER_RE = re.compile(r"\^\s*[^{\s]\w*\s*\^")
+_BIG_EXPONENT_RE = re.compile(r"\^\s*\{?\s*\d{6,}")
+_FACTORIAL_RE = re.compile(r"(\d{5,}|[)}\]])\s*!")
+_LONG_NUMBER_RE = re.compile(r"\d{400,}")
+
+
+def _too_risky(ans: str) -> bool:
+    """Answers math-verify could spend unbounded time on (no timeouts protect it here)."""
+    if len(ans) > MAX_SYMBOLIC_CHARS:
+        return True
+    if _BARE_CHAINED_POWER_RE.search(ans) or _BIG_EXPONENT_RE.search(ans):
+        return True
+    if _FACTORIAL_RE.search(ans) or _LONG_NUMBER_RE.search(ans):
+        return True
+    for m in _EXP_GROUP_RE.finditer(ans):
+        group = _brace_group(ans, m.end() - 1)
+        if group is None or "^" in group or "!" in group:
+            return True
+    return False
+
+
+def _brace_group(s: str, open_idx: int) -> str | None:
+    depth = 0
+    for i in range(open_idx, len(s)):
+        if s[i] == "{":
+            depth += 1
+        elif s[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return s[open_idx + 1 : i]
+    return None
+
+
+def _as_latex(ans: str) -> str:
+    """Wrap a bare answer so math-verify's LaTeX extraction sees it."""
+    inner = ans.strip().strip("$").strip()
+    return "$" + inner + "$"
+
+
+@lru_cache(maxsize=8192)
+def _parsed(ans: str) -> tuple:
+    """math-verify parse of one answer (empty when unparseable, risky or unavailable)."""
+    if _too_risky(ans):
+        return ()
+    mv = _math_verify()
+    if mv is None:
+        return ()
+    try:
+        return tuple(mv.parse(_as_latex(ans), parsing_timeout=None))
+    except Exception:
+        return ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical keys
+# ---------------------------------------------------------------------------------------------
+
+_INT_RE = re.compile(r"[+-]?\d+")
+_GROUPED_INT_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+")
+_DEC_RE = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)")
+_SLASH_RE = re.compile(r"([+-]?)(\d+)\s*/\s*(\d+)")
+_FRAC_RE = re.compile(r"([+-]?)\\[dt]?frac\s*(?:\{\s*(\d+)\s*\}|(\d))\s*(?:\{\s*(\d+)\s*\}|(\d))")
+
+
+def _fraction_key(value: Fraction) -> str:
+    """Same spelling as ``str`` of the sympy Integer/Rational: ``51``, ``-1/2``."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    return f"{value.numerator}/{value.denominator}"
+
+
+def _numeric_value(ans: str) -> Fraction | None:
+    """Exact value of a plain integer, decimal or simple fraction; ``None`` otherwise."""
+    s = ans.strip()
+    if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+        s = s[1:-1].strip()
+    if not s or len(s) > 60:
+        return None
+    if _INT_RE.fullmatch(s):
+        return Fraction(int(s))
+    if _GROUPED_INT_RE.fullmatch(s):
+        return Fraction(int(s.replace(",", "")))
+    if _DEC_RE.fullmatch(s):
+        return Fraction(s)
+    m = _SLASH_RE.fullmatch(s) or _FRAC_RE.fullmatch(s)
+    if m:
+        groups = [g for g in m.groups()[1:] if g is not None]
+        num, den = int(groups[0]), int(groups[1])
+        if den == 0:
+            return None
+        value = Fraction(num, den)
+        return -value if m.group(1) == "-" else value
+    return None
+
+
+@lru_cache(maxsize=65536)
+def answer_key(ans: str) -> str:
+    """Canonical vote key of an extracted answer.
+
+    Integers, decimals and simple fractions map to their exact value (``"051"``, ``"51.0"`` and
+    ``"\\frac{102}{2}"`` all give ``"51"``; ``"0.5"`` gives ``"1/2"``). Other answers use the
+    string of math-verify's sympy object, and fall back to :func:`strip_string`.
+    """
+    try:
+        value = _numeric_value(ans)
+        if value is not None:
+            return _fraction_key(value)
+        parsed = _parsed(ans)
+        if parsed and not isinstance(parsed[0], str):
+            key = str(parsed[0])
+            if key:
+                return key
+    except Exception:
+        pass
+    try:
+        return strip_string(ans)
+    except Exception:
+        return ans.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence, clustering, grading
+# ---------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=65536)
+def equivalent(a: str, b: str) -> bool:
+    """Whether answer *b* matches gold answer *a* (math-verify ``verify(gold, pred)``).
+
+    Equal canonical keys match immediately. Long or risky answers are compared by key only.
+    Safe to call from any thread; never raises.
+    """
+    try:
+        if a is None or b is None:
+            return False
+        if answer_key(a) == answer_key(b):
+            return True
+        gold, pred = _parsed(a), _parsed(b)
+        if not gold or not pred:
+            return False
+        mv = _math_verify()
+        if mv is None:
+            return False
+        return bool(mv.verify(list(gold), list(pred), timeout_seconds=None))
+    except Exception:
+        return False
+
+
+def cluster_answers(answers: Sequence[str | None]) -> list[int | None]:
+    """Cluster id per sample; ``None`` for answerless samples.
+
+    Samples with equal :func:`answer_key` share a cluster; distinct keys are merged when
+    :func:`equivalent` holds in either direction (the relation is closed transitively). Ids are
+    numbered 0, 1, 2, ... in order of first appearance.
+    """
+    keys: list[str | None] = []
+    for ans in answers:
+        if ans is None or not str(ans).strip():
+            keys.append(None)
+        else:
+            keys.append(answer_key(str(ans).strip()))
+
+    # One representative answer text per distinct key, in first-appearance order.
+    distinct: dict[str, str] = {}
+    for ans, key in zip(answers, keys):
+        if key is not None and key not in distinct:
+            distinct[key] = str(ans).strip()
+    order = list(distinct)
+    parent = list(range(len(order)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(order)):
+        for j in range(i + 1, len(order)):
+            ri, rj = find(i), find(j)
+            if ri == rj:
+                continue
+            a, b = distinct[order[i]], distinct[order[j]]
+            if equivalent(a, b) or equivalent(b, a):
+                parent[max(ri, rj)] = min(ri, rj)
+
+    root_of = {key: find(i) for i, key in enumerate(order)}
+    ids: dict[int, int] = {}
+    out: list[int | None] = []
+    for key in keys:
+        if key is None:
+            out.append(None)
+            continue
+        root = root_of[key]
+        if root not in ids:
+            ids[root] = len(ids)
+        out.append(ids[root])
+    return out
+
+
+def _as_int(s: str) -> int | None:
+    t = s.strip()
+    if len(t) >= 2 and t[0] == "$" and t[-1] == "$":
+        t = t[1:-1].strip()
+    t = t.replace(",", "") if _GROUPED_INT_RE.fullmatch(t) else t
+    if _INT_RE.fullmatch(t):
+        return int(t)
+    return None
+
+
+def grade(pred_text_or_answer: str | None, gold: str) -> bool:
+    """Offline grading of a prediction against the gold answer (gold first).
+
+    A prediction that still contains ``\\boxed{}`` is reduced to its boxed content. Integers
+    compare as integers (``"051"`` matches ``"51"``); everything else uses :func:`equivalent`.
+    """
+    try:
+        if pred_text_or_answer is None or gold is None:
+            return False
+        pred = pred_text_or_answer
+        if any(cmd in pred for cmd in _BOX_COMMANDS):
+            boxed = last_boxed(pred)
+            if boxed is None:
+                return False
+            pred = boxed
+        pred = pred.strip()
+        if not pred:
+            return False
+        gi, pi = _as_int(str(gold)), _as_int(pred)
+        if gi is not None and pi is not None:
+            return gi == pi
+        return equivalent(str(gold).strip(), pred)
+    except Exception:
+        return False
+
+
+def grade_text(text: str | None, gold: str) -> bool:
+    """Grade a whole completion: ``grade(extract_answer(text), gold)``."""
+    return grade(extract_answer(text), gold)
