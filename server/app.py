@@ -27,6 +27,7 @@ from ttscale.strategies import RunContext, Strategy, StrategyResult, get_strateg
 log = logging.getLogger(__name__)
 
 STREAM_PIECE_CHARS = 24  # selected answers stream in pieces of this many characters
+DEFAULT_UPSTREAM_MAX_TOKENS = 1024  # max_tokens when neither the request nor a tokenizer sets it
 
 
 def create_app(pool: ModelPool, *, max_concurrent_requests: int = 256,
@@ -123,17 +124,18 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
     engine = pool.get(body.model, role="generate")
     strategy, budget, return_samples = _parse_ttscale(body.ttscale)
 
-    if chat:
-        prompt: Any = body.message_dicts()
-        ids = engine.render(prompt, continue_final_message=body.continue_final_message,
-                            add_generation_prompt=body.add_generation_prompt)
-        if body.continue_final_message:
-            prompt = ids  # rendered exactly as asked; the engine takes the ids
-    else:
-        prompt = body.prompt
-        ids = engine.render(prompt)
+    prompt: Any = body.message_dicts() if chat else body.prompt
+    ids: list[int] | None = None
+    if engine.can_render:  # else an upstream checks lengths itself
+        if chat:
+            ids = engine.render(prompt, continue_final_message=body.continue_final_message,
+                                add_generation_prompt=body.add_generation_prompt)
+            if body.continue_final_message:
+                prompt = ids  # rendered exactly as asked; the engine takes the ids
+        else:
+            ids = engine.render(prompt)
     ctx_len = engine.max_model_len
-    if ctx_len is not None:
+    if ctx_len is not None and ids is not None:
         if len(ids) >= ctx_len:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens; model {engine.name!r} takes at most {ctx_len - 1}",
@@ -144,7 +146,7 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
                 f"max_tokens={body.max_tokens} does not fit: the prompt has {len(ids)} tokens and "
                 f"the context {ctx_len}", param="max_tokens", code="context_length_exceeded")
     else:
-        room = 4096
+        room = DEFAULT_UPSTREAM_MAX_TOKENS
     settings = SamplingSettings(
         temperature=body.temperature, top_p=body.top_p,
         top_k=body.top_k if body.top_k and body.top_k > 0 else 0,

@@ -217,6 +217,11 @@ class Engine(abc.ABC):
                continue_final_message: bool = False) -> list[int]:
         """Token ids the engine would see for ``prompt``."""
 
+    @property
+    def can_render(self) -> bool:
+        """Whether :meth:`render` works here (an upstream without a local tokenizer cannot)."""
+        return True
+
     def count_tokens(self, prompt: PromptInput) -> int:
         return len(self.render(prompt))
 

@@ -56,12 +56,13 @@ class OpenAIEngine(Engine):
         try:
             r = await self._client.get(f"{self.base_url}/models")
             r.raise_for_status()
-            ids = [m["id"] for m in r.json().get("data", [])]
+            cards = {m["id"]: m for m in r.json().get("data", [])}
         except (httpx.HTTPError, ValueError) as e:
             raise EngineUnavailableError(f"upstream {self.base_url} is not reachable: {e}") from e
-        if self.upstream_model not in ids:
-            raise EngineUnavailableError(
-                f"upstream {self.base_url} does not serve {self.upstream_model!r} (it serves {ids})")
+        if self.upstream_model not in cards:
+            raise EngineUnavailableError(f"upstream {self.base_url} does not serve "
+                                         f"{self.upstream_model!r} (it serves {list(cards)})")
+        self.max_model_len = cards[self.upstream_model].get("max_model_len")
         if self._tokenizer_path:
             from transformers import AutoTokenizer
 
@@ -82,6 +83,10 @@ class OpenAIEngine(Engine):
     @property
     def num_running(self) -> int:
         return self._open_streams
+
+    @property
+    def can_render(self) -> bool:
+        return self._tokenizer is not None
 
     def render(self, prompt: PromptInput, *, add_generation_prompt: bool = True,
                continue_final_message: bool = False) -> list[int]:
