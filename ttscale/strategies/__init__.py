@@ -44,4 +44,11 @@ def get_strategy(name: str) -> type[Strategy]:
 
 
 def _load_builtins() -> None:
-    from ttscale.strategies import none  # noqa: F401
+    from ttscale.strategies import (  # noqa: F401
+        best_of_n,
+        none,
+        refine,
+        rpc,
+        temperature_sweep,
+        voting,
+    )

@@ -105,6 +105,7 @@ class RunContext:
     on_delta: Callable[[int, str], Awaitable[None]] | None = None
     started: float = field(default_factory=time.monotonic)
     budget_tokens_used: int = 0  # tokens charged against budget.tokens so far
+    pending_scoring: int = 0  # tokens held back for scoring finished candidates
     samples_used: int = 0
 
     @property
@@ -117,7 +118,7 @@ class RunContext:
 
     def tokens_left(self) -> int | None:
         t = self.budget.tokens
-        return None if t is None else t - self.budget_tokens_used
+        return None if t is None else t - self.budget_tokens_used - self.pending_scoring
 
     def samples_left(self) -> int | None:
         s = self.budget.samples
@@ -129,10 +130,18 @@ class RunContext:
             if asyncio.iscoroutine(r):
                 await r
 
-    def charge_scoring(self, model: str, tokens: int, requests: int = 1) -> None:
-        """Book tokens a scorer read; they count against the token budget too."""
+    def charge_scoring(self, model: str, tokens: int, requests: int = 1, *, released: int = 0) -> None:
+        """Book tokens a scorer read (they count against the token budget too), releasing the
+        ``released`` tokens the sampler held back for this scoring."""
         self.usage.add_scored(model, tokens, requests)
         self.budget_tokens_used += tokens
+        self.pending_scoring = max(0, self.pending_scoring - released)
+
+    def charge_generation(self, model: str, prompt_tokens: int, cands: Sequence[Candidate],
+                          *, prompt_counts: bool = False) -> None:
+        """Book a scorer's / judge's own generation (judge prompts count against the budget)."""
+        self.usage.add_candidates(model, prompt_tokens, cands)
+        self.budget_tokens_used += sum(c.num_tokens for c in cands) + (prompt_tokens if prompt_counts else 0)
 
 
 @dataclass
@@ -191,8 +200,12 @@ class Sampler:
     ``complete``, ``early_stop``, ``deadline``, ``token_budget`` or ``sample_budget``.
     """
 
-    def __init__(self, ctx: RunContext, engine: Engine | None = None, prompt: PromptInput | None = None):
+    def __init__(self, ctx: RunContext, engine: Engine | None = None, prompt: PromptInput | None = None,
+                 *, scoring_cost: Callable[[int], int] | None = None):
+        """``scoring_cost(t)``: an upper bound of the tokens scoring a candidate of ``t`` tokens
+        will cost; reserved with each candidate so that scoring never breaks the token budget."""
         self.ctx = ctx
+        self.scoring_cost = scoring_cost
         self.engine = engine or ctx.model
         self.prompt = ctx.prompt if prompt is None else prompt
         self.candidates: list[Candidate] = []
@@ -224,17 +237,24 @@ class Sampler:
             if tokens_left is None:
                 out.append(s)
                 continue
-            free = tokens_left - sum(self._reserved.values()) - sum(x.max_tokens for x in out)
-            if free >= s.max_tokens:
+            free = tokens_left - sum(self._reserved.values()) - sum(self._cost(x.max_tokens) for x in out)
+            if free >= self._cost(s.max_tokens):
                 out.append(s)
-            elif free > 0 and not out and not self._reserved:
+            elif not out and not self._reserved:
                 from dataclasses import replace
 
-                out.append(replace(s, max_tokens=free))  # the last sample gets what is left
+                # the last sample gets what is left (after its own scoring)
+                t = max(t for t in range(0, s.max_tokens + 1) if self._cost(t) <= free) \
+                    if self._cost(1) <= free else 0
+                if t > 0:
+                    out.append(replace(s, max_tokens=t))
                 break
             else:
                 break
         return out
+
+    def _cost(self, max_tokens: int) -> int:
+        return max_tokens + (self.scoring_cost(max_tokens) if self.scoring_cost else 0)
 
     async def run(self, settings: Sequence[SamplingSettings],
                   on_event: Callable[[CandidateEvent], Awaitable[None] | None] | None = None,
@@ -280,7 +300,7 @@ class Sampler:
                                     request_id=f"{self.ctx.request_id}-{len(self._fanouts)}")
             for c in fo.candidates:  # c.index stays the position inside its fan-out
                 self._owner[id(c)] = (fo, c.index)
-                self._reserved[id(c)] = c.settings.max_tokens
+                self._reserved[id(c)] = self._cost(c.settings.max_tokens)
             self.candidates.extend(fo.candidates)
             self.ctx.samples_used += len(batch)
             self._fanouts.append(fo)
@@ -335,6 +355,8 @@ class Sampler:
         r = self._reserved.pop(id(c), None)
         if r is not None:
             self.ctx.budget_tokens_used += c.num_tokens
+            if self.scoring_cost is not None:
+                self.ctx.pending_scoring += self.scoring_cost(c.num_tokens)
 
 
 class _deadline:

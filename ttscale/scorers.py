@@ -1,0 +1,185 @@
+"""Scorers: how best-of-N and weighted votes rate a candidate. Pluggable by name.
+
+- ``verifier``: a reward / classification model on the engine's pooling path reads
+  (prompt, candidate) rendered with its chat template; its score is P(correct).
+- ``logprob``: the candidate's mean token log-probability (free: comes with sampling).
+- ``confidence``: DeepConf confidence from the top-k log-probs of each generated token
+  (lowest sliding-window group confidence by default).
+- ``judge``: LLM-as-a-judge: a named generating model is asked whether the candidate is
+  correct; the score is P(yes) / (P(yes) + P(no)) from its first token's top log-probs.
+
+Scorer tokens (verifier and judge inputs, judge outputs) are booked in usage and charged to
+the token budget; the sampler reserves them up front with ``scoring_cost``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from pydantic import Field
+
+from ttscale.engine import Candidate, Engine, PromptInput, SamplingSettings
+from ttscale.errors import InvalidRequestError
+from ttscale.strategies.base import RunContext, StrategyOptions
+
+ScorerName = Literal["verifier", "logprob", "confidence", "judge"]
+
+JUDGE_TEMPLATE = ("Problem:\n{problem}\n\nProposed solution:\n{solution}\n\n"
+                  "Is the proposed solution correct? Answer yes or no.")
+
+
+class ScorerOptions(StrategyOptions):
+    """Options of strategies that score candidates."""
+
+    scorer: ScorerName = "verifier"
+    verifier: str | None = Field(default=None, description="scoring model (default: the first served)")
+    judge_model: str | None = Field(default=None, description="judge model (default: the policy)")
+    confidence: Literal["lowest_group", "bottom_10", "tail", "mean"] = "lowest_group"
+    confidence_window: int = Field(default=2048, ge=1)
+    top_logprobs: int = Field(default=20, ge=1, le=20)
+
+
+def problem_text(prompt: PromptInput, policy: Engine) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and isinstance(prompt[0], int):
+        tok = getattr(policy, "tokenizer", None)
+        return tok.decode(prompt) if tok is not None else ""
+    users = [m["content"] for m in prompt if m.get("role") == "user"]  # type: ignore[union-attr]
+    return users[-1] if users else ""
+
+
+def with_answer(prompt: PromptInput, policy: Engine, text: str) -> PromptInput:
+    """The conversation with ``text`` as the assistant's answer (what a verifier reads)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return [*prompt, {"role": "assistant", "content": text}]
+    if isinstance(prompt, str):
+        return prompt + text
+    return problem_text(prompt, policy) + text  # token ids: decoded with the policy's tokenizer
+
+
+class Scorer(abc.ABC):
+    name: str
+    logprobs: int | None = None  # what sampling must request for this scorer
+
+    def scoring_cost(self, ctx: RunContext) -> Callable[[int], int] | None:
+        return None
+
+    @abc.abstractmethod
+    async def score(self, ctx: RunContext, cands: Sequence[Candidate]) -> list[float]:
+        ...
+
+
+class LogprobScorer(Scorer):
+    name = "logprob"
+    logprobs = 0
+
+    async def score(self, ctx: RunContext, cands: Sequence[Candidate]) -> list[float]:
+        return [c.mean_logprob if c.mean_logprob is not None else -math.inf for c in cands]
+
+
+class ConfidenceScorer(Scorer):
+    name = "confidence"
+
+    def __init__(self, opts: ScorerOptions):
+        self.logprobs = opts.top_logprobs
+        self.kind = opts.confidence
+        self.window = opts.confidence_window
+
+    def of(self, c: Candidate) -> float:
+        from ttscale import selection as S
+
+        if not c.top_logprobs:
+            return -math.inf
+        conf = S.token_confidence([[v for _, v in top] for top in c.top_logprobs], k=self.logprobs or 20)
+        if self.kind == "lowest_group":
+            return float(S.lowest_group_confidence(conf, self.window))
+        if self.kind == "bottom_10":
+            return float(S.bottom_fraction_confidence(conf, self.window, 0.1))
+        if self.kind == "tail":
+            return float(S.tail_confidence(conf, self.window))
+        return float(S.mean_confidence(conf))
+
+    async def score(self, ctx: RunContext, cands: Sequence[Candidate]) -> list[float]:
+        return [self.of(c) for c in cands]
+
+
+class VerifierScorer(Scorer):
+    name = "verifier"
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def scoring_cost(self, ctx: RunContext) -> Callable[[int], int]:
+        base = ctx.model.count_tokens(ctx.prompt) if ctx.model.can_render else 0
+        # Same tokenizer for policy and verifier in the embedded family; a margin covers others.
+        return lambda t: int(1.25 * (base + t)) + 16
+
+    async def score(self, ctx: RunContext, cands: Sequence[Candidate]) -> list[float]:
+        if not cands:
+            return []
+        inputs = [with_answer(ctx.prompt, ctx.model, c.text) for c in cands]
+        scores = await self.engine.score(inputs, request_id=f"{ctx.request_id}-verify")
+        tokens = sum(len(self.engine.render(p, add_generation_prompt=False)) for p in inputs) \
+            if self.engine.can_render else 0
+        cost = self.scoring_cost(ctx)
+        ctx.charge_scoring(self.engine.name, tokens, len(inputs),
+                           released=sum(cost(c.num_tokens) for c in cands))
+        return scores
+
+
+class JudgeScorer(Scorer):
+    name = "judge"
+
+    def __init__(self, engine: Engine, template: str = JUDGE_TEMPLATE):
+        self.engine = engine
+        self.template = template
+
+    def _prompt(self, ctx: RunContext, text: str) -> list[dict]:
+        return [{"role": "user", "content": self.template.format(
+            problem=problem_text(ctx.prompt, ctx.model), solution=text)}]
+
+    def scoring_cost(self, ctx: RunContext) -> Callable[[int], int]:
+        base = ctx.model.count_tokens(self._prompt(ctx, "")) if ctx.model.can_render else 0
+        return lambda t: int(1.25 * (base + t)) + 17  # prompt + one judged token
+
+    async def score(self, ctx: RunContext, cands: Sequence[Candidate]) -> list[float]:
+        settings = [SamplingSettings(temperature=0.0, max_tokens=1, logprobs=20)]
+        tok = getattr(self.engine, "tokenizer", None)
+
+        async def one(i: int, c: Candidate) -> float:
+            prompt = self._prompt(ctx, c.text)
+            out, ptoks = await self.engine.generate(prompt, settings, request_id=f"{ctx.request_id}-judge{i}")
+            ctx.charge_generation(self.engine.name, ptoks, out, prompt_counts=True)
+            top = (out[0].top_logprobs or [[]])[0]
+            yes = no = 0.0
+            for t, lp in top:
+                s = (t if isinstance(t, str) else (tok.decode([t]) if tok is not None else "")).strip().lower()
+                if s and "yes".startswith(s[:3]) and s[0] == "y":
+                    yes += math.exp(lp)
+                elif s and "no".startswith(s[:2]) and s[0] == "n":
+                    no += math.exp(lp)
+            return yes / (yes + no) if yes + no > 0 else 0.5
+
+        scores = list(await asyncio.gather(*(one(i, c) for i, c in enumerate(cands))))
+        cost = self.scoring_cost(ctx)
+        ctx.pending_scoring = max(0, ctx.pending_scoring - sum(cost(c.num_tokens) for c in cands))
+        return scores
+
+
+def make_scorer(opts: ScorerOptions, ctx: RunContext) -> Scorer:
+    if opts.scorer == "logprob":
+        return LogprobScorer()
+    if opts.scorer == "confidence":
+        return ConfidenceScorer(opts)
+    if opts.scorer == "verifier":
+        eng = ctx.pool.get(opts.verifier, role="score", param="ttscale.verifier")
+        return VerifierScorer(eng)
+    if opts.scorer == "judge":
+        eng = ctx.pool.get(opts.judge_model or ctx.model.name, role="generate", param="ttscale.judge_model")
+        return JudgeScorer(eng)
+    raise InvalidRequestError(f"unknown scorer {opts.scorer!r}", param="ttscale.scorer")

@@ -1,0 +1,35 @@
+"""``best_of_n``: K candidates, the best by a scorer wins (verifier by default)."""
+
+from __future__ import annotations
+
+import math
+
+from ttscale.scorers import ScorerOptions, make_scorer
+from ttscale.strategies import register
+from ttscale.strategies.base import RunContext, StrategyResult
+from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool
+
+
+class BestOfNOptions(ParallelOptions, ScorerOptions):
+    pass
+
+
+@register
+class BestOfN(ParallelStrategy):
+    name = "best_of_n"
+    summary = "the highest-scoring of K candidates (verifier, logprob, confidence or judge)"
+    Options = BestOfNOptions
+
+    async def run(self, ctx: RunContext) -> StrategyResult:
+        o: BestOfNOptions = self.options  # type: ignore[assignment]
+        k = self.planned(ctx)
+        scorer = make_scorer(o, ctx)
+        sampler, cands = await self.sample(ctx, k, logprobs=scorer.logprobs,
+                                           scoring_cost=scorer.scoring_cost(ctx))
+        pool = await Pool.build(cands)
+        scores = await scorer.score(ctx, cands)
+        # ties: the earlier finisher, then the lower index
+        order = sorted(range(len(cands)), key=lambda i: (
+            -(scores[i] if math.isfinite(scores[i]) else -1e300), cands[i].finished_at or math.inf, i))
+        selected = order[0] if order else None
+        return self.result(ctx, sampler, pool, selected, scores=scores, extra={"scorer": o.scorer})

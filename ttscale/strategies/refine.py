@@ -1,0 +1,164 @@
+"""``refine``: sequential refinement — draft, critique, revise, with the whole history in
+context. Stops on the critique's signal (``stop_regex``; or a verifier's score when
+``critic="verifier"``), on a stable answer (two iterates with the same extracted answer), on
+``max_rounds``, or on the budget. Every round's tokens are counted."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from ttscale.answers import answer_key, extract_answer
+from ttscale.engine import Candidate
+from ttscale.errors import InvalidRequestError
+from ttscale.scorers import VerifierScorer
+from ttscale.strategies import register
+from ttscale.strategies.base import Choice, RunContext, Sampler, Strategy, StrategyOptions, StrategyResult
+
+CRITIQUE_PROMPT = ("Review the answer above. List concrete errors or weaknesses and how to fix them. "
+                   "If it is already correct and complete, say 'It is correct.'")
+REFINE_PROMPT = ("Rewrite the answer, fixing every issue in the feedback. "
+                 "End with the final answer in \\boxed{}.")
+STOP_REGEX = r"(?i)\b(it is correct|no (further )?(issues|errors|changes))\b"
+
+
+class RefineOptions(StrategyOptions):
+    max_rounds: int = Field(default=2, ge=0, le=4, description="critique+revise rounds after the draft")
+    critic: Literal["self", "verifier"] = "self"
+    verifier: str | None = None
+    verifier_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    stop_regex: str = STOP_REGEX
+    stop_on_stable_answer: bool = True
+    critique_prompt: str = CRITIQUE_PROMPT
+    refine_prompt: str = REFINE_PROMPT
+    critique_temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    critique_max_tokens: int = Field(default=256, ge=1)
+    select: Literal["last", "best_scored"] = "last"
+
+    @field_validator("stop_regex")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        return v
+
+
+@register
+class Refine(Strategy):
+    name = "refine"
+    summary = "sequential refinement: draft, critique, revise with the full history"
+    Options = RefineOptions
+
+    async def run(self, ctx: RunContext) -> StrategyResult:
+        o: RefineOptions = self.options  # type: ignore[assignment]
+        if ctx.n != 1:
+            raise InvalidRequestError("strategy 'refine' returns one answer; n must be 1", param="n")
+        if not (isinstance(ctx.prompt, list) and ctx.prompt and isinstance(ctx.prompt[0], dict)):
+            raise InvalidRequestError("strategy 'refine' needs chat messages (/v1/chat/completions)",
+                                      param="ttscale.strategy")
+        need_verifier = o.critic == "verifier" or o.select == "best_scored"
+        verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier")) \
+            if need_verifier else None
+        history: list[dict[str, Any]] = list(ctx.prompt)
+        iterates: list[Candidate] = []
+        rounds: list[dict[str, Any]] = []
+        all_cands: list[Candidate] = []
+        stop_reason = "max_rounds"
+        seed = ctx.settings.seed
+        calls = 0
+
+        async def generate(messages, settings) -> Candidate | None:
+            nonlocal calls, stop_reason
+            s = replace(settings, seed=None if seed is None else seed + calls)
+            calls += 1
+            sampler = Sampler(ctx, prompt=messages,
+                              scoring_cost=verifier.scoring_cost(ctx) if verifier else None)
+            try:
+                cands = await sampler.run([s])
+            except Exception:
+                if ctx.tokens_left() is not None and ctx.tokens_left() <= 0:
+                    stop_reason = "token_budget"
+                    return None
+                raise
+            all_cands.extend(cands)
+            if sampler.stop_reason != "complete" or not cands or cands[0].aborted:
+                stop_reason = sampler.stop_reason if sampler.stop_reason != "complete" else "deadline"
+                return None
+            return cands[0]
+
+        scores: list[float | None] = []
+
+        async def judge(c: Candidate) -> float | None:
+            if verifier is None:
+                return None
+            return (await verifier.score(ctx, [c]))[0]
+
+        draft = await generate(history, ctx.settings)
+        if draft is None:
+            return self._result(ctx, iterates, all_cands, rounds, scores, "budget_before_draft"
+                                if not all_cands else stop_reason)
+        iterates.append(draft)
+        scores.append(await judge(draft) if need_verifier else None)
+        await ctx.progress({"type": "round", "round": 0, "answer": extract_answer(draft.text)})
+        for r in range(o.max_rounds):
+            current = iterates[-1]
+            history = history + [{"role": "assistant", "content": current.text}]
+            if o.critic == "verifier":
+                p = scores[-1]
+                if p is not None and p >= o.verifier_threshold:
+                    stop_reason = "critic_accepted"
+                    break
+                feedback = (f"A checker rates this answer {p:.2f} likely to be correct. "
+                            "Check every step and fix the mistakes.")
+            else:
+                crit = await generate(history + [{"role": "user", "content": o.critique_prompt}],
+                                      replace(ctx.settings, temperature=o.critique_temperature,
+                                              max_tokens=min(o.critique_max_tokens, ctx.settings.max_tokens)))
+                if crit is None:
+                    break
+                feedback = crit.text
+                rounds.append({"round": r + 1, "critique": feedback})
+                if re.search(o.stop_regex, feedback):
+                    stop_reason = "critic_accepted"
+                    break
+            history = history + [{"role": "user", "content": o.critique_prompt},
+                                 {"role": "assistant", "content": feedback},
+                                 {"role": "user", "content": o.refine_prompt}]
+            revised = await generate(history, ctx.settings)
+            if revised is None:
+                break
+            iterates.append(revised)
+            scores.append(await judge(revised) if need_verifier else None)
+            a_old, a_new = extract_answer(current.text), extract_answer(revised.text)
+            await ctx.progress({"type": "round", "round": r + 1, "answer": a_new})
+            if o.stop_on_stable_answer and a_old is not None and a_new is not None \
+                    and answer_key(a_old) == answer_key(a_new):
+                stop_reason = "stable_answer"
+                break
+        return self._result(ctx, iterates, all_cands, rounds, scores, stop_reason)
+
+    def _result(self, ctx, iterates, all_cands, rounds, scores, stop_reason) -> StrategyResult:
+        o: RefineOptions = self.options  # type: ignore[assignment]
+        chosen = None
+        if iterates:
+            chosen = len(iterates) - 1
+            if o.select == "best_scored" and any(s is not None for s in scores):
+                chosen = max(range(len(iterates)), key=lambda i: (scores[i] if scores[i] is not None else -1, i))
+        c = iterates[chosen] if chosen is not None else None
+        info = {
+            "samples_used": len(all_cands), "stop_reason": stop_reason,
+            "rounds": len(iterates) - 1 if iterates else 0,
+            "selected_index": all_cands.index(c) if c is not None else None,
+            "answer": extract_answer(c.text) if c is not None else None,
+            "iterates": [{"answer": extract_answer(it.text), "score": s} for it, s in zip(iterates, scores)],
+            "critiques": [r["critique"] for r in rounds],
+            "per_sample": [{"role": "iterate" if x in iterates else "critique"} for x in all_cands],
+        }
+        text = c.text if c is not None else ""
+        return StrategyResult(choices=[Choice(0, text, "stop" if c is None else (c.finish_reason or "stop"), c)],
+                              info=info, candidates=all_cands)

@@ -1,0 +1,36 @@
+"""``perplexity_consistency``: RPC — perplexity consistency with reasoning pruning."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import Field
+
+from ttscale.selection import rpc
+from ttscale.strategies import register
+from ttscale.strategies.base import RunContext, StrategyResult
+from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool
+
+
+class RPCOptions(ParallelOptions):
+    prune: bool = True
+    min_paths: int = Field(default=8, ge=2, description="fewer paths: no pruning")
+
+
+@register
+class PerplexityConsistency(ParallelStrategy):
+    name = "perplexity_consistency"
+    summary = "RPC: answer clusters scored by summed path probability, low-probability paths pruned"
+    Options = RPCOptions
+
+    async def run(self, ctx: RunContext) -> StrategyResult:
+        o: RPCOptions = self.options  # type: ignore[assignment]
+        k = self.planned(ctx)
+        sampler, cands = await self.sample(ctx, k, logprobs=0)
+        pool = await Pool.build(cands)
+        mean_lp = [c.mean_logprob if c.mean_logprob is not None else -1e9 for c in cands]
+        r = await asyncio.to_thread(rpc, pool.clusters, mean_lp, [c.text for c in cands],
+                                    prune=o.prune, min_paths=o.min_paths)
+        return self.result(ctx, sampler, pool, r.representative, scores=mean_lp, cluster_scores=r.scores,
+                           extra={"pruned": [i for i, p in enumerate(r.pruned) if p],
+                                  "confidence": round(float(r.confidence), 6) if r.confidence is not None else None})

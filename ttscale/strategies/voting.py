@@ -1,0 +1,78 @@
+"""``majority`` (self-consistency) and ``weighted_majority`` (votes weighted by a scorer)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from ttscale.answers import cluster_answers, extract_answer
+from ttscale.scorers import ScorerOptions, make_scorer
+from ttscale.selection import vote
+from ttscale.strategies import register
+from ttscale.strategies.base import RunContext, StrategyResult
+from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, decided
+
+
+class MajorityOptions(ParallelOptions):
+    tie_break: Literal["logprob", "first"] = "logprob"
+    stop_when_decided: bool = True
+
+
+@register
+class Majority(ParallelStrategy):
+    """Plurality of the extracted answers; answerless samples don't vote but count."""
+
+    name = "majority"
+    summary = "self-consistency: the most frequent answer (math-equivalence clusters)"
+    Options = MajorityOptions
+
+    async def run(self, ctx: RunContext) -> StrategyResult:
+        o: MajorityOptions = self.options  # type: ignore[assignment]
+        k = self.planned(ctx)
+
+        def should_stop(done) -> bool:
+            if not o.stop_when_decided:
+                return False
+            clusters = cluster_answers([extract_answer(c.text) for c in done])
+            counts: dict[int, int] = {}
+            for c in clusters:
+                if c is not None:
+                    counts[c] = counts.get(c, 0) + 1
+            return decided(sorted(counts.values(), reverse=True), k - len(done))
+
+        sampler, cands = await self.sample(ctx, k, logprobs=0 if o.tie_break == "logprob" else None,
+                                           should_stop=should_stop)
+        pool = await Pool.build(cands)
+        v = vote(pool.clusters,
+                 tie_scores=[c.sum_logprob or 0.0 for c in cands] if o.tie_break == "logprob" else None,
+                 finish_order=[c.finished_at or math.inf for c in cands])
+        return self.result(ctx, sampler, pool, v.representative, cluster_scores=v.scores,
+                           extra={"vote_share": round(v.share, 6)})
+
+
+class WeightedOptions(ParallelOptions, ScorerOptions):
+    pass
+
+
+@register
+class WeightedMajority(ParallelStrategy):
+    """Each answer's vote is the sum of its samples' scores (verifier P(correct) by default)."""
+
+    name = "weighted_majority"
+    summary = "votes weighted by a scorer (verifier, logprob, confidence or judge)"
+    Options = WeightedOptions
+
+    async def run(self, ctx: RunContext) -> StrategyResult:
+        o: WeightedOptions = self.options  # type: ignore[assignment]
+        k = self.planned(ctx)
+        scorer = make_scorer(o, ctx)
+        sampler, cands = await self.sample(ctx, k, logprobs=scorer.logprobs,
+                                           scoring_cost=scorer.scoring_cost(ctx))
+        pool = await Pool.build(cands)
+        scores = await scorer.score(ctx, cands)
+        weights = [math.exp(s) if o.scorer == "logprob" else max(float(s), 0.0) for s in scores]
+        weights = [0.0 if not math.isfinite(w) else w for w in weights]
+        v = vote(pool.clusters, weights, tie_scores=scores,
+                 finish_order=[c.finished_at or math.inf for c in cands])
+        return self.result(ctx, sampler, pool, v.representative, scores=scores, cluster_scores=v.scores,
+                           extra={"scorer": o.scorer, "vote_share": round(v.share, 6)})
