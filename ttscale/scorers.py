@@ -123,12 +123,16 @@ class VerifierScorer(Scorer):
         if not cands:
             return []
         inputs = [with_answer(ctx.prompt, ctx.model, c.text) for c in cands]
-        scores = await self.engine.score(inputs, request_id=f"{ctx.request_id}-verify")
-        tokens = sum(len(self.engine.render(p, add_generation_prompt=False)) for p in inputs) \
-            if self.engine.can_render else 0
-        cost = self.scoring_cost(ctx)
-        ctx.charge_scoring(self.engine.name, tokens, len(inputs),
-                           released=sum(cost(c.num_tokens) for c in cands))
+        costs = [len(self.engine.render(p, add_generation_prompt=False)) if self.engine.can_render else 0
+                 for p in inputs]
+        released = sum(self.scoring_cost(ctx)(c.num_tokens) for c in cands)
+        keep = fit_budget(ctx, costs, released)
+        scores = [-math.inf] * len(cands)  # a candidate the budget cannot score is never preferred
+        if keep:
+            got = await self.engine.score([inputs[i] for i in keep], request_id=f"{ctx.request_id}-verify")
+            for i, v in zip(keep, got):
+                scores[i] = v
+        ctx.charge_scoring(self.engine.name, sum(costs[i] for i in keep), len(keep), released=released)
         return scores
 
 
@@ -150,8 +154,16 @@ class JudgeScorer(Scorer):
     async def score(self, ctx: RunContext, cands: Sequence[Candidate]) -> list[float]:
         settings = [SamplingSettings(temperature=0.0, max_tokens=1, logprobs=20)]
         tok = getattr(self.engine, "tokenizer", None)
+        cost = self.scoring_cost(ctx)
+        released = sum(cost(c.num_tokens) for c in cands)
+        costs = [(len(self.engine.render(self._prompt(ctx, c.text))) if self.engine.can_render else 0) + 1
+                 for c in cands]
+        keep = set(fit_budget(ctx, costs, released))
+        ctx.pending_scoring = max(0, ctx.pending_scoring - released)
 
         async def one(i: int, c: Candidate) -> float:
+            if i not in keep:
+                return -math.inf
             prompt = self._prompt(ctx, c.text)
             out, ptoks = await self.engine.generate(prompt, settings, request_id=f"{ctx.request_id}-judge{i}")
             ctx.charge_generation(self.engine.name, ptoks, out, prompt_counts=True)
@@ -165,10 +177,21 @@ class JudgeScorer(Scorer):
                     no += math.exp(lp)
             return yes / (yes + no) if yes + no > 0 else 0.5
 
-        scores = list(await asyncio.gather(*(one(i, c) for i, c in enumerate(cands))))
-        cost = self.scoring_cost(ctx)
-        ctx.pending_scoring = max(0, ctx.pending_scoring - sum(cost(c.num_tokens) for c in cands))
-        return scores
+        return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(cands))))
+
+
+def fit_budget(ctx: RunContext, costs: Sequence[int], released: int) -> list[int]:
+    """Indices (in order) whose exact scoring cost fits the token budget: the tokens held back
+    for this scoring plus whatever else is left."""
+    if ctx.budget.tokens is None:
+        return list(range(len(costs)))
+    headroom = (ctx.tokens_left() or 0) + released
+    keep, acc = [], 0
+    for i, c in enumerate(costs):
+        if acc + c <= headroom:
+            keep.append(i)
+            acc += c
+    return keep
 
 
 def make_scorer(opts: ScorerOptions, ctx: RunContext) -> Scorer:

@@ -4,6 +4,7 @@ extracted and clustered by mathematical equivalence, one answer selected."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -109,7 +110,7 @@ class ParallelStrategy(Strategy):
         if selected is None:  # nothing answered: fall back to the first finished candidate
             done = [i for i, c in enumerate(cands) if not c.aborted] or list(range(len(cands)))
             selected = min(done, key=lambda i: (cands[i].finished_at or 0.0, i)) if done else None
-        per = [{"answer": a, "cluster": cl, **({"score": s} if scores is not None else {})}
+        per = [{"answer": a, "cluster": cl, **({"score": _finite(s)} if scores is not None else {})}
                for a, cl, s in zip(pool.answers, pool.clusters, scores or [None] * len(cands))]
         info: dict[str, Any] = {
             "samples_used": len(cands), "stop_reason": sampler.stop_reason, "selected_index": selected,
@@ -119,13 +120,17 @@ class ParallelStrategy(Strategy):
             "per_sample": per,
         }
         if scores is not None:
-            info["scores"] = [None if s is None else round(float(s), 6) for s in scores]
+            info["scores"] = [_finite(s) for s in scores]  # None: not scored (e.g. out of budget)
         info.update(extra or {})
         if selected is None:
             return StrategyResult(choices=[Choice(0, "", "stop")], info=info, candidates=cands)
         c = cands[selected]
         finish = "length" if c.aborted else (c.finish_reason or "stop")
         return StrategyResult(choices=[Choice(0, c.text, finish, c)], info=info, candidates=cands)
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
 def decided(pool_counts: list[int], remaining: int) -> bool:

@@ -5,6 +5,7 @@ context. Stops on the critique's signal (``stop_regex``; or a verifier's score w
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 from typing import Any, Literal
@@ -13,7 +14,7 @@ from pydantic import Field, field_validator
 
 from ttscale.answers import answer_key, extract_answer
 from ttscale.engine import Candidate
-from ttscale.errors import InvalidRequestError
+from ttscale.errors import BudgetError, InvalidRequestError
 from ttscale.scorers import VerifierScorer
 from ttscale.strategies import register
 from ttscale.strategies.base import Choice, RunContext, Sampler, Strategy, StrategyOptions, StrategyResult
@@ -80,8 +81,13 @@ class Refine(Strategy):
                               scoring_cost=verifier.scoring_cost(ctx) if verifier else None)
             try:
                 cands = await sampler.run([s])
-            except Exception:
-                if ctx.tokens_left() is not None and ctx.tokens_left() <= 0:
+            except InvalidRequestError as e:
+                if e.code == "context_length_exceeded" and iterates:
+                    stop_reason = "context_length"  # the history no longer fits the model
+                    return None
+                raise
+            except BudgetError:
+                if iterates:
                     stop_reason = "token_budget"
                     return None
                 raise
@@ -110,7 +116,10 @@ class Refine(Strategy):
             history = history + [{"role": "assistant", "content": current.text}]
             if o.critic == "verifier":
                 p = scores[-1]
-                if p is not None and p >= o.verifier_threshold:
+                if p is None or not math.isfinite(p):  # the budget could not pay for the check
+                    stop_reason = "token_budget"
+                    break
+                if p >= o.verifier_threshold:
                     stop_reason = "critic_accepted"
                     break
                 feedback = (f"A checker rates this answer {p:.2f} likely to be correct. "
@@ -155,7 +164,9 @@ class Refine(Strategy):
             "rounds": len(iterates) - 1 if iterates else 0,
             "selected_index": all_cands.index(c) if c is not None else None,
             "answer": extract_answer(c.text) if c is not None else None,
-            "iterates": [{"answer": extract_answer(it.text), "score": s} for it, s in zip(iterates, scores)],
+            "iterates": [{"answer": extract_answer(it.text),
+                          "score": s if s is not None and math.isfinite(s) else None}
+                         for it, s in zip(iterates, scores)],
             "critiques": [r["critique"] for r in rounds],
             "per_sample": [{"role": "iterate" if x in iterates else "critique"} for x in all_cands],
         }
