@@ -71,6 +71,17 @@ def list_models() -> None:
         typer.echo(f"{name}\t{state}\t{p}")
 
 
+def _add_eval_commands() -> None:
+    try:
+        from ttscale.eval.cli import app as eval_app
+    except ImportError:  # the eval commands are not installed
+        return
+    app.add_typer(eval_app, name="eval", help="Batch evaluation, scaling-curve fits, reports.")
+
+
+_add_eval_commands()
+
+
 def main() -> None:
     app()
 
