@@ -26,6 +26,8 @@ CONFIGS: dict[str, dict] = {
     "perplexity_consistency": {},
     "temperature_sweep": {"temperatures": [0.5, 1.0], "round_size": 3, "min_per_temperature": 3},
     "refine": {"max_rounds": 1},
+    "speculative_rejection": {"checkpoints": [16, 32], "verifier": VERIFIER_NAME},
+    "draft_target": {"draft": DRAFT_NAME, "chunk_tokens": 24},
 }
 EXTRA_VARIANTS = [
     ("best_of_n", {"scorer": "logprob"}),

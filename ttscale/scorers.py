@@ -119,13 +119,14 @@ class VerifierScorer(Scorer):
         # Same tokenizer for policy and verifier in the embedded family; a margin covers others.
         return lambda t: int(1.25 * (base + t)) + 16
 
-    async def score(self, ctx: RunContext, cands: Sequence[Candidate]) -> list[float]:
+    async def score(self, ctx: RunContext, cands: Sequence[Candidate], *, reserved: bool = True) -> list[float]:
+        """Scores of ``cands``; ``reserved``: the sampler held back their scoring cost."""
         if not cands:
             return []
         inputs = [with_answer(ctx.prompt, ctx.model, c.text) for c in cands]
         costs = [len(self.engine.render(p, add_generation_prompt=False)) if self.engine.can_render else 0
                  for p in inputs]
-        released = sum(self.scoring_cost(ctx)(c.num_tokens) for c in cands)
+        released = sum(self.scoring_cost(ctx)(c.num_tokens) for c in cands) if reserved else 0
         keep = fit_budget(ctx, costs, released)
         scores = [-math.inf] * len(cands)  # a candidate the budget cannot score is never preferred
         if keep:

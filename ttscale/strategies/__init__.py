@@ -49,6 +49,7 @@ def _load_builtins() -> None:
         none,
         refine,
         rpc,
+        speculative,
         temperature_sweep,
         voting,
     )

@@ -1,0 +1,339 @@
+"""Asynchronous speculative rejection (after Sun et al. 2024) and draft/target conformal
+rejection (after ATTS, Xiong et al.).
+
+``speculative_rejection``: N policy candidates start together. When a candidate reaches a
+checkpoint (a token count) the verifier scores its partial text, and an online conformal test
+against the scores other candidates had at that checkpoint decides, at rate α, whether it is
+among the weak ones: then it is aborted in the engine (its work stops, its slot is freed for the
+survivors). No candidate waits for another. The best finished candidate by verifier score wins.
+
+``draft_target``: N independent chains. The draft writes a chunk; the target scores it by its
+perplexity of the chunk (prompt log-probabilities, prefill only); an online conformal test at
+rate α accepts it, or has the draft resample (up to r times), after which the target writes the
+chunk itself. A chain ends at EOS, at a ``\\boxed{}`` answer, or at max_tokens; no chain waits for
+another. The answer is chosen among the chains by the verifier (or by vote).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from ttscale.answers import extract_answer
+from ttscale.conformal import OnlineConformal
+from ttscale.engine import Candidate, CandidateEvent, SamplingSettings
+from ttscale.errors import BudgetError, InvalidRequestError
+from ttscale.scorers import VerifierScorer, fit_budget, with_answer
+from ttscale.selection import vote
+from ttscale.strategies import register
+from ttscale.strategies.base import RunContext, Sampler, StrategyResult
+from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool
+
+
+async def score_partial(ctx: RunContext, verifier: VerifierScorer, text: str) -> float | None:
+    """Verifier score of a partial answer, if the token budget can pay for reading it."""
+    p = with_answer(ctx.prompt, ctx.model, text)
+    eng = verifier.engine
+    cost = len(eng.render(p, add_generation_prompt=False)) if eng.can_render else 0
+    if not fit_budget(ctx, [cost], 0):
+        return None
+    s = (await eng.score([p], request_id=f"{ctx.request_id}-partial"))[0]
+    ctx.charge_scoring(eng.name, cost, 1)
+    return float(s)
+
+
+class SpecRejOptions(ParallelOptions):
+    samples: int = Field(default=16, ge=1, le=4096)
+    alpha: float = Field(default=0.5, ge=0.0, lt=1.0, description="rejection rate at each checkpoint")
+    checkpoints: list[int] = Field(default_factory=lambda: [24, 48, 96], min_length=1, max_length=16)
+    min_survivors: int = Field(default=2, ge=1, description="never reject below this many live candidates")
+    verifier: str | None = None
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _cps(cls, v: list[int]) -> list[int]:
+        if any(c < 1 for c in v) or len(set(v)) != len(v):
+            raise ValueError("checkpoints must be distinct positive token counts")
+        return sorted(v)
+
+
+@register
+class SpeculativeRejection(ParallelStrategy):
+    name = "speculative_rejection"
+    summary = "best-of-N that aborts weak partial candidates early (verifier + online conformal test)"
+    Options = SpecRejOptions
+
+    async def run(self, ctx: RunContext) -> StrategyResult:
+        o: SpecRejOptions = self.options  # type: ignore[assignment]
+        k = self.planned(ctx)
+        verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
+        tests = {cp: OnlineConformal(o.alpha) for cp in o.checkpoints}
+        next_cp: dict[int, int] = {}
+        judging: set[asyncio.Task] = set()
+        rejected: list[Candidate] = []
+        sampler = Sampler(ctx, scoring_cost=verifier.scoring_cost(ctx))
+
+        def alive() -> int:
+            return sum(1 for c in sampler.candidates if not c.aborted)
+
+        async def judge(c: Candidate, cp: int, text: str) -> None:
+            s = await score_partial(ctx, verifier, text)
+            if s is None or c.finished:
+                return
+            _, reject = tests[cp].test(-s)  # nonconformity: a low verifier score is bad
+            if reject and alive() > o.min_survivors and not c.finished:
+                rejected.append(c)
+                await sampler.abort(c)
+                await ctx.progress({"type": "reject", "checkpoint": cp, "score": round(s, 4),
+                                    "live": alive()})
+
+        def on_event(ev: CandidateEvent) -> None:
+            c = ev.candidate
+            if ev.finished:
+                return
+            i = next_cp.get(id(c), 0)
+            if i < len(o.checkpoints) and c.num_tokens >= o.checkpoints[i]:
+                while i < len(o.checkpoints) and c.num_tokens >= o.checkpoints[i]:
+                    i += 1
+                next_cp[id(c)] = i
+                t = asyncio.create_task(judge(c, o.checkpoints[i - 1], c.text))
+                judging.add(t)
+                t.add_done_callback(judging.discard)
+
+        try:
+            cands = await sampler.run(ctx.settings.replicate(k), on_event=on_event, stream=True)
+        finally:
+            for t in list(judging):
+                t.cancel()
+            await asyncio.gather(*judging, return_exceptions=True)
+        pool = await Pool.build(cands)
+        finished = [c for c in cands if not c.aborted]
+        fscores = await verifier.score(ctx, finished) if finished else []
+        by_id = {id(c): s for c, s in zip(finished, fscores)}
+        scores = [by_id.get(id(c), -math.inf) for c in cands]
+        order = sorted(range(len(cands)), key=lambda i: (-(scores[i] if math.isfinite(scores[i]) else -1e300),
+                                                          cands[i].finished_at or math.inf, i))
+        decisions = sum(t.decisions for t in tests.values())
+        extra = {
+            "alpha": o.alpha,
+            "accepted": len(finished), "rejected": len(rejected),
+            "aborted": sum(1 for c in cands if c.aborted) - len(rejected),
+            "decisions": decisions,
+            "rejection_rate": round(len(rejected) / decisions, 6) if decisions else 0.0,
+            "checkpoint_stats": {str(cp): {"decisions": t.decisions, "rejections": t.rejections}
+                                 for cp, t in tests.items()},
+            "tokens_by_model": {n: m.completion_tokens + m.prompt_tokens for n, m in ctx.usage.models.items()},
+        }
+        sel = order[0] if order else None
+        return self.result(ctx, sampler, pool, sel, scores=scores, extra=extra)
+
+
+class DraftTargetOptions(ParallelOptions):
+    samples: int = Field(default=8, ge=1, le=1024, description="parallel chains")
+    alpha: float = Field(default=0.4, ge=0.0, lt=1.0, description="rejection rate of draft chunks")
+    chunk_tokens: int = Field(default=32, ge=1)
+    target_chunk_tokens: int | None = Field(default=None, ge=1, description="default: chunk_tokens")
+    max_resamples: int = Field(default=1, ge=0, le=8, description="r: draft resamples before the target writes")
+    max_turns: int = Field(default=64, ge=1)
+    draft: str | None = None
+    target: str | None = Field(default=None, description="default: the request's model")
+    verifier: str | None = None
+    select: Literal["verifier", "vote"] = "verifier"
+    draft_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    target_concurrency: int = Field(default=4, ge=1)
+
+
+@dataclass
+class _Chain:
+    index: int
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    draft_tokens: int = 0
+    target_tokens: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    takeovers: int = 0
+    finish_reason: str | None = None
+    finished_at: float | None = None
+
+
+@register
+class DraftTarget(ParallelStrategy):
+    name = "draft_target"
+    summary = "a small draft writes chunks, the target checks their perplexity (online conformal) or takes over"
+    Options = DraftTargetOptions
+
+    async def run(self, ctx: RunContext) -> StrategyResult:
+        o: DraftTargetOptions = self.options  # type: ignore[assignment]
+        n = self.planned(ctx)
+        target = ctx.pool.get(o.target, role="generate", param="ttscale.target") if o.target else ctx.model
+        if o.draft is None:
+            drafts = [e for e in ctx.pool if e.role == "generate" and e is not target]
+            if not drafts:
+                raise InvalidRequestError("draft_target needs a draft model; none other is served",
+                                          param="ttscale.draft")
+            draft = drafts[0]
+        else:
+            draft = ctx.pool.get(o.draft, role="generate", param="ttscale.draft")
+        if not (target.can_render and draft.can_render):
+            raise InvalidRequestError("draft_target needs local tokenizers for both models", param="ttscale.draft")
+        prompt_ids = target.render(ctx.prompt)
+        if draft.render(ctx.prompt) != prompt_ids:
+            raise InvalidRequestError(f"draft {draft.name!r} and target {target.name!r} tokenize differently",
+                                      param="ttscale.draft")
+        verifier = None
+        if o.select == "verifier":
+            verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
+        test = OnlineConformal(o.alpha, warmup=n)  # the chains' first chunks calibrate
+        target_sem = asyncio.Semaphore(o.target_concurrency)
+        max_total = ctx.settings.max_tokens
+        t_chunk = o.target_chunk_tokens or o.chunk_tokens
+        base_seed = ctx.settings.seed
+        calls = {"n": 0}
+        chains = [_Chain(i) for i in range(n)]
+        stop = {"reason": "complete"}
+        scored_span_tokens = 0
+
+        def reserve(tokens: int) -> bool:
+            left = ctx.tokens_left()
+            if left is not None and left < tokens:
+                return False
+            ctx.budget_tokens_used += tokens
+            return True
+
+        async def gen(engine, ch: _Chain, limit: int, temperature: float) -> Candidate | None:
+            seed = None if base_seed is None else base_seed + 7919 * ch.index + calls["n"]
+            calls["n"] += 1
+            if not reserve(limit):
+                stop["reason"] = "token_budget"
+                return None
+            s = replace(ctx.settings, max_tokens=limit, temperature=temperature, seed=seed, logprobs=None)
+            cands, ptoks = await engine.generate(prompt_ids + ch.ids, [s], request_id=f"{ctx.request_id}-c{ch.index}")
+            c = cands[0]
+            ctx.budget_tokens_used -= limit - c.num_tokens  # give back what it did not use
+            ctx.usage.add_candidates(engine.name, ptoks, cands)
+            return c
+
+        async def ppl(ch: _Chain, chunk: Candidate) -> float | None:
+            nonlocal scored_span_tokens
+            span = len(chunk.token_ids)
+            if span == 0:
+                return 0.0
+            if not reserve(span):
+                stop["reason"] = "token_budget"
+                return None
+            async with target_sem:
+                lps = await target.prompt_logprobs(prompt_ids + ch.ids + list(chunk.token_ids),
+                                                   start=len(prompt_ids) + len(ch.ids),
+                                                   request_id=f"{ctx.request_id}-p{ch.index}")
+            # the target reads the whole sequence, but only the chunk is new (prefix cache)
+            ctx.usage.add_scored(target.name, span, 1)
+            scored_span_tokens += span
+            finite = [x for x in lps if math.isfinite(x)]
+            return math.exp(-sum(finite) / len(finite)) if finite else math.inf
+
+        def append(ch: _Chain, c: Candidate, by_target: bool) -> None:
+            ch.ids.extend(c.token_ids)
+            ch.text += c.text
+            if by_target:
+                ch.target_tokens += c.num_tokens
+            else:
+                ch.draft_tokens += c.num_tokens
+            if c.finish_reason == "stop":
+                ch.finish_reason = "stop"  # EOS or a stop string ended the chunk (not its length cap)
+
+        async def run_chain(ch: _Chain) -> None:
+            d_temp = ctx.settings.temperature if o.draft_temperature is None else o.draft_temperature
+            for _turn in range(o.max_turns):
+                room = max_total - len(ch.ids)
+                if room <= 0:
+                    ch.finish_reason = "length"
+                    break
+                chunk = None
+                for attempt in range(o.max_resamples + 1):
+                    c = await gen(draft, ch, min(o.chunk_tokens, room), d_temp)
+                    if c is None:
+                        return
+                    score = await ppl(ch, c)
+                    if score is None:
+                        return
+                    _, reject = test.test(score)
+                    await ctx.progress({"type": "chunk", "chain": ch.index, "ppl": round(score, 4),
+                                        "rejected": reject, "attempt": attempt})
+                    if not reject:
+                        chunk = c
+                        ch.accepted += 1
+                        break
+                    ch.rejected += 1
+                if chunk is not None:
+                    append(ch, chunk, by_target=False)
+                else:
+                    async with target_sem:
+                        c = await gen(target, ch, min(t_chunk, room), ctx.settings.temperature)
+                    if c is None:
+                        return
+                    ch.takeovers += 1
+                    append(ch, c, by_target=True)
+                if ch.finish_reason is not None or extract_answer(ch.text) is not None:
+                    ch.finish_reason = ch.finish_reason or "stop"
+                    break
+            else:
+                ch.finish_reason = "length"
+            ch.finished_at = time.perf_counter()
+
+        tasks = [asyncio.create_task(run_chain(ch)) for ch in chains]
+        ctx.samples_used += n
+        try:
+            timeout = ctx.time_left()
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            if pending:
+                stop["reason"] = "deadline"
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+        finally:
+            for t in tasks:
+                t.cancel()
+        if not any(ch.ids for ch in chains):
+            raise BudgetError("the budget does not allow a single chunk", param="ttscale.budget")
+
+        cands = []
+        for ch in chains:
+            c = Candidate(index=ch.index, settings=ctx.settings, text=ch.text, token_ids=list(ch.ids),
+                          token_count=len(ch.ids), finish_reason=("abort" if ch.finish_reason is None
+                                                                   else ch.finish_reason),  # type: ignore[arg-type]
+                          finished_at=ch.finished_at)
+            cands.append(c)
+        pool = await Pool.build(cands)
+        scores = None
+        if verifier is not None:
+            live = [c for c in cands if c.token_ids]
+            got = await verifier.score(ctx, live, reserved=False)
+            m = {id(c): s for c, s in zip(live, got)}
+            scores = [m.get(id(c), -math.inf) for c in cands]
+            sel = sorted(range(len(cands)), key=lambda i: (-(scores[i] if math.isfinite(scores[i]) else -1e300),
+                                                            cands[i].finished_at or math.inf, i))[0]
+        else:
+            sel = vote(pool.clusters, finish_order=[c.finished_at or math.inf for c in cands]).representative
+        sampler = Sampler(ctx)
+        sampler.candidates = cands
+        sampler.stop_reason = stop["reason"]
+        extra: dict[str, Any] = {
+            "alpha": o.alpha, "draft": draft.name, "target": target.name,
+            "accepted": sum(ch.accepted for ch in chains), "rejected": sum(ch.rejected for ch in chains),
+            "takeovers": sum(ch.takeovers for ch in chains),
+            "decisions": test.decisions,
+            "rejection_rate": round(test.rejection_rate, 6),
+            "tokens_by_model": {draft.name: sum(ch.draft_tokens for ch in chains),
+                                target.name: sum(ch.target_tokens for ch in chains),
+                                f"{target.name}:scored": scored_span_tokens},
+        }
+        return self.result(ctx, sampler, pool, sel, scores=scores, extra=extra)
