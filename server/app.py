@@ -31,8 +31,20 @@ DEFAULT_UPSTREAM_MAX_TOKENS = 1024  # max_tokens when neither the request nor a 
 
 
 def create_app(pool: ModelPool, *, max_concurrent_requests: int = 256,
-               manage_pool: bool = True) -> FastAPI:
-    """The app serving ``pool``. With ``manage_pool`` the app starts and closes the models."""
+               manage_pool: bool = True, profiles: dict[str, str] | None = None) -> FastAPI:
+    """The app serving ``pool``. With ``manage_pool`` the app starts and closes the models.
+
+    ``profiles`` maps model names to budget-profile files (adaptive budgets); a generating
+    model without one uses the profile shipped for it, if any.
+    """
+    from ttscale.adaptive import load_profile
+
+    loaded = {}
+    for e in pool:
+        if e.role == "generate":
+            prof = load_profile(e.name, (profiles or {}).get(e.name))
+            if prof is not None:
+                loaded[e.name] = prof
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -51,6 +63,7 @@ def create_app(pool: ModelPool, *, max_concurrent_requests: int = 256,
     app.state.ready = False
     app.state.metrics = metrics = Metrics(pool)
     app.state.in_flight = 0
+    app.state.profiles = loaded
     errors.install(app)
 
     @app.get("/health")
@@ -67,11 +80,11 @@ def create_app(pool: ModelPool, *, max_concurrent_requests: int = 256,
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(e) for e in pool]}
+        return {"object": "list", "data": [_model_card(e, app.state.profiles) for e in pool]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:
-        return _model_card(pool.get(name))
+        return _model_card(pool.get(name), app.state.profiles)
 
     @app.get("/v1/strategies")
     async def strategies() -> dict[str, Any]:
@@ -97,9 +110,11 @@ def _version() -> str:
     return __version__
 
 
-def _model_card(e: Engine) -> dict[str, Any]:
+def _model_card(e: Engine, profiles: dict | None = None) -> dict[str, Any]:
+    prof = (profiles or {}).get(e.name)
     return {"id": e.name, "object": "model", "created": 0, "owned_by": "ttscale",
-            "max_model_len": e.max_model_len, "ttscale": {"role": e.role}}
+            "max_model_len": e.max_model_len,
+            "ttscale": {"role": e.role, "budget_profile": prof.source if prof is not None else None}}
 
 
 def _parse_ttscale(raw: dict[str, Any] | None):
@@ -112,6 +127,7 @@ def _parse_ttscale(raw: dict[str, Any] | None):
     if not isinstance(return_samples, bool):
         raise InvalidRequestError("return_samples must be a boolean", param="ttscale.return_samples")
     strategy: Strategy = get_strategy(name).from_request(raw)
+    strategy.check_budget(budget)
     return strategy, budget, return_samples
 
 
@@ -156,7 +172,7 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
         ignore_eos=body.ignore_eos)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     ctx = RunContext(pool=pool, model=engine, prompt=prompt, settings=settings, n=body.n,
-                     budget=budget, request_id=rid)
+                     budget=budget, request_id=rid, profile=app.state.profiles.get(engine.name))
     meta = dict(id=rid, created=int(time.time()), model=engine.name, chat=chat,
                 strategy=strategy.name, return_samples=return_samples, engine=engine,
                 echo=(body.prompt if (not chat and getattr(body, "echo", False)) else None))

@@ -21,6 +21,8 @@ class Metrics:
         self.tokens = Counter("ttscale_tokens", "Tokens processed", ["model", "kind"], registry=r)
         self.stops = Counter("ttscale_stop_reasons", "Why sampling ended", ["strategy", "reason"],
                              registry=r)
+        self.tokens_saved = Counter("ttscale_tokens_saved", "Tokens adaptive budgets saved vs the fixed-K plan",
+                                    ["strategy"], registry=r)
         self.disconnects = Counter("ttscale_client_disconnects", "Clients that left before the answer",
                                    registry=r)
         self.engine_running = Gauge("ttscale_engine_requests_running",
@@ -32,6 +34,8 @@ class Metrics:
         self.latency.labels(strategy).observe(seconds)
         self.samples.labels(strategy).observe(result_info.get("samples_used", 0))
         self.stops.labels(strategy, str(result_info.get("stop_reason", "complete"))).inc()
+        if result_info.get("tokens_saved"):
+            self.tokens_saved.labels(strategy).inc(result_info["tokens_saved"])
 
     def count_tokens(self, usage) -> None:
         """Every request's tokens, answered or not (a dropped client's tokens were spent too)."""

@@ -28,8 +28,11 @@ CONFIGS: dict[str, dict] = {
     "refine": {"max_rounds": 1},
     "speculative_rejection": {"checkpoints": [16, 32], "verifier": VERIFIER_NAME},
     "draft_target": {"draft": DRAFT_NAME, "chunk_tokens": 24},
+    "auto": {"wave": 3},
 }
 EXTRA_VARIANTS = [
+    ("majority", {"wave": 2, "auto_budget": True}),
+    ("best_of_n", {"wave": 3, "auto_budget": True}),
     ("best_of_n", {"scorer": "logprob"}),
     ("best_of_n", {"scorer": "confidence"}),
     ("best_of_n", {"scorer": "judge", "judge_model": DRAFT_NAME}),
@@ -45,8 +48,11 @@ def test_every_registered_strategy_is_covered():
 
 
 def _ask(client, strategy, options, *, budget=None, stream=False, seed=7, return_samples=True):
-    tts = {"strategy": strategy, **options, "return_samples": return_samples,
-           "budget": budget or {"samples": SAMPLES}}
+    options = dict(options)
+    budget = dict(budget or {"samples": SAMPLES})
+    if options.pop("auto_budget", False):
+        budget["target_accuracy"] = 0.9  # adaptive waves under the samples / tokens caps
+    tts = {"strategy": strategy, **options, "return_samples": return_samples, "budget": budget}
     return client.chat.completions.create(model=POLICY_NAME, messages=MSGS, temperature=0.8, seed=seed,
                                           max_tokens=160, stream=stream,
                                           stream_options={"include_usage": True} if stream else None,

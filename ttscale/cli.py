@@ -45,6 +45,9 @@ def serve(
     eager: Annotated[bool | None, typer.Option("--eager/--compile",
                                                help="Skip / use torch.compile (default: eager on CPU).")] = None,
     max_concurrent_requests: Annotated[int, typer.Option(help="Beyond this, requests get 429.")] = 256,
+    budget_profile: Annotated[list[str] | None, typer.Option(
+        help="NAME=PATH: budget profile (from `ttscale eval report`) for adaptive budgets of model NAME; "
+             "default: the profile shipped for it, if any.")] = None,
     seed: Annotated[int, typer.Option(help="Engine seed.")] = 0,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
@@ -56,7 +59,13 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pool = build_pool(model, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                       enforce_eager=eager, seed=seed)
-    api = create_app(pool, max_concurrent_requests=max_concurrent_requests)
+    profiles = {}
+    for item in budget_profile or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--budget-profile")
+        profiles[name] = path
+    api = create_app(pool, max_concurrent_requests=max_concurrent_requests, profiles=profiles)
     uvicorn.run(api, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
 
 

@@ -45,6 +45,7 @@ def get_strategy(name: str) -> type[Strategy]:
 
 def _load_builtins() -> None:
     from ttscale.strategies import (  # noqa: F401
+        auto,
         best_of_n,
         none,
         refine,

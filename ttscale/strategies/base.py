@@ -103,6 +103,7 @@ class RunContext:
     # Live token stream of candidate deltas: (candidate index, delta text). Set when the client
     # streams and the strategy can stream its answer as it is generated (strategy ``none``).
     on_delta: Callable[[int, str], Awaitable[None]] | None = None
+    profile: Any = None  # the policy's budget profile (ttscale.adaptive.Profile), if any
     started: float = field(default_factory=time.monotonic)
     budget_tokens_used: int = 0  # tokens charged against budget.tokens so far
     pending_scoring: int = 0  # tokens held back for scoring finished candidates
@@ -165,6 +166,7 @@ class Strategy(abc.ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    supports_auto: ClassVar[bool] = False  # takes "budget": "auto" / {"target_accuracy": ...}
     # The options' keys that are not strategy options but request-level ttscale fields.
     summary: ClassVar[str] = ""
 
@@ -182,6 +184,12 @@ class Strategy(abc.ABC):
             if err["type"] == "extra_forbidden":
                 msg = f"unknown option for strategy {cls.name!r}"
             raise InvalidRequestError(f"{param}.{loc}: {msg}", param=f"{param}.{loc}") from None
+
+    def check_budget(self, budget: Budget) -> None:
+        if (budget.auto or budget.target_accuracy is not None) and not self.supports_auto:
+            raise InvalidRequestError(
+                f"strategy {self.name!r} takes no automatic budget; use majority, weighted_majority, "
+                "best_of_n, perplexity_consistency or auto", param="ttscale.budget")
 
     @abc.abstractmethod
     async def run(self, ctx: RunContext) -> StrategyResult:

@@ -19,17 +19,18 @@ class BestOfN(ParallelStrategy):
     name = "best_of_n"
     summary = "the highest-scoring of K candidates (verifier, logprob, confidence or judge)"
     Options = BestOfNOptions
+    curve = "verifier_best_of"
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o: BestOfNOptions = self.options  # type: ignore[assignment]
-        k = self.planned(ctx)
+        self.planned(ctx)
         scorer = make_scorer(o, ctx)
-        sampler, cands = await self.sample(ctx, k, logprobs=scorer.logprobs,
-                                           scoring_cost=scorer.scoring_cost(ctx))
+        sampler, cands, adapt = await self.draw(ctx, logprobs=scorer.logprobs,
+                                                scoring_cost=scorer.scoring_cost(ctx))
         pool = await Pool.build(cands)
         scores = await scorer.score(ctx, cands)
         # ties: the earlier finisher, then the lower index
         order = sorted(range(len(cands)), key=lambda i: (
             -(scores[i] if math.isfinite(scores[i]) else -1e300), cands[i].finished_at or math.inf, i))
         selected = order[0] if order else None
-        return self.result(ctx, sampler, pool, selected, scores=scores, extra={"scorer": o.scorer})
+        return self.result(ctx, sampler, pool, selected, scores=scores, extra={"scorer": o.scorer, **adapt})

@@ -22,6 +22,11 @@ DEFAULT_SAMPLES = 8
 class ParallelOptions(StrategyOptions):
     samples: int = Field(default=DEFAULT_SAMPLES, ge=1, le=4096,
                          description="K when the budget sets no sample count")
+    # adaptive budgets ("budget": "auto" or {"target_accuracy": p}): see ttscale.adaptive
+    wave: int = Field(default=4, ge=1, le=256, description="samples per wave (adaptive budgets)")
+    max_samples: int = Field(default=32, ge=1, le=4096, description="adaptive cap without budget.samples")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0, description="Beta-rule stop threshold")
+    token_cost: float = Field(default=1e-5, ge=0.0, description="accuracy one token is worth")
 
 
 @dataclass
@@ -102,6 +107,75 @@ class ParallelStrategy(Strategy):
 
         cands = await sampler.run(plan, on_event=on_event)
         return sampler, cands
+
+    supports_auto = True
+    curve = "majority"  # the profile curve that predicts this strategy's accuracy
+
+    async def draw(self, ctx: RunContext, *, logprobs: int | None = None,
+                   scoring_cost: Callable[[int], int] | None = None,
+                   should_stop: Callable[[list[Candidate]], bool] | None = None,
+                   ) -> tuple[Sampler, list[Candidate], dict[str, Any]]:
+        """The request's candidates: K in one fan-out, or waves under an adaptive budget."""
+        if not (ctx.budget.auto or ctx.budget.target_accuracy is not None):
+            sampler, cands = await self.sample(ctx, self.planned(ctx), logprobs=logprobs,
+                                               scoring_cost=scoring_cost, should_stop=should_stop)
+            return sampler, cands, {}
+        return await self._waves(ctx, logprobs=logprobs, scoring_cost=scoring_cost)
+
+    async def _waves(self, ctx: RunContext, *, logprobs, scoring_cost):
+        from ttscale.adaptive import decide
+
+        o: ParallelOptions = self.options  # type: ignore[assignment]
+        if ctx.n != 1:
+            raise InvalidRequestError(f"strategy {self.name!r} returns one selected answer; n must be 1",
+                                      param="n")
+        cap = ctx.budget.samples or o.max_samples
+        planned = ctx.budget.samples or o.samples
+        target = ctx.budget.target_accuracy
+        confidence = max(o.confidence, target) if target is not None else o.confidence
+        profile = ctx.profile
+        base = ctx.settings if logprobs is None else replace(
+            ctx.settings, logprobs=logprobs if ctx.settings.logprobs is None else max(ctx.settings.logprobs, logprobs))
+        cands: list[Candidate] = []
+        sampler = None
+        stop_reason, decision, waves = "sample_budget", None, 0
+        while len(cands) < cap:
+            w = min(o.wave, cap - len(cands))
+            sampler, got = await self.sample(ctx, w, settings=base.replicate(w, first_index=len(cands)),
+                                             scoring_cost=scoring_cost)
+            cands.extend(got)
+            waves += 1
+            if sampler.stop_reason != "complete":
+                stop_reason = sampler.stop_reason
+                break
+            pool = await Pool.build(cands)
+            answered = sum(c is not None for c in pool.clusters)
+            tps = (sum(c.num_tokens for c in cands) / len(cands)) if cands else 0.0
+            decision = decide(pool.counts(), answered, len(cands), wave=o.wave, profile=profile,
+                              curve=self.curve, confidence=confidence, target=target,
+                              tokens_per_sample=tps or (profile.tokens_per_sample if profile else 0) or 0,
+                              token_cost=o.token_cost)
+            await ctx.progress({"type": "wave", "wave": waves, "samples_done": len(cands),
+                                "p_major": round(decision.p_major, 4), "difficulty": decision.bucket,
+                                "stop": decision.stop})
+            if decision.stop:
+                stop_reason = decision.reason or "early_stop"
+                break
+        sampler.candidates = cands
+        sampler.stop_reason = stop_reason
+        tps = (sum(c.num_tokens for c in cands) / len(cands)) if cands else 0.0
+        info = {"adaptive": {
+            "waves": waves, "wave_size": o.wave, "samples_planned": planned, "samples_cap": cap,
+            "tokens_planned": round(planned * tps), "tokens_used": sum(c.num_tokens for c in cands),
+            "difficulty": None if decision is None else {
+                "bucket": decision.bucket, "p1_estimate": round(decision.p1_estimate, 4),
+                "p_major": round(decision.p_major, 6),
+                "predicted_accuracy": decision.predicted_accuracy,
+                "marginal_gain": decision.gain, "wave_cost": decision.cost},
+            "profile": getattr(profile, "source", None) or None,
+        }}
+        info["tokens_saved"] = max(0, info["adaptive"]["tokens_planned"] - info["adaptive"]["tokens_used"])
+        return sampler, cands, info
 
     def result(self, ctx: RunContext, sampler: Sampler, pool: Pool, selected: int | None, *,
                scores: Sequence[float] | None = None, cluster_scores: dict[int, float] | None = None,

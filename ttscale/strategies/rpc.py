@@ -25,12 +25,13 @@ class PerplexityConsistency(ParallelStrategy):
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o: RPCOptions = self.options  # type: ignore[assignment]
-        k = self.planned(ctx)
-        sampler, cands = await self.sample(ctx, k, logprobs=0)
+        self.planned(ctx)
+        sampler, cands, adapt = await self.draw(ctx, logprobs=0)
         pool = await Pool.build(cands)
         mean_lp = [c.mean_logprob if c.mean_logprob is not None else -1e9 for c in cands]
         r = await asyncio.to_thread(rpc, pool.clusters, mean_lp, [c.text for c in cands],
                                     prune=o.prune, min_paths=o.min_paths)
         return self.result(ctx, sampler, pool, r.representative, scores=mean_lp, cluster_scores=r.scores,
                            extra={"pruned": [i for i, p in enumerate(r.pruned) if p],
-                                  "confidence": round(float(r.confidence), 6) if r.confidence is not None else None})
+                                  "confidence": round(float(r.confidence), 6) if r.confidence is not None else None,
+                                  **adapt})

@@ -67,6 +67,7 @@ class SpeculativeRejection(ParallelStrategy):
     name = "speculative_rejection"
     summary = "best-of-N that aborts weak partial candidates early (verifier + online conformal test)"
     Options = SpecRejOptions
+    supports_auto = False
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o: SpecRejOptions = self.options  # type: ignore[assignment]
@@ -167,6 +168,7 @@ class DraftTarget(ParallelStrategy):
     name = "draft_target"
     summary = "a small draft writes chunks, the target checks their perplexity (online conformal) or takes over"
     Options = DraftTargetOptions
+    supports_auto = False
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o: DraftTargetOptions = self.options  # type: ignore[assignment]

@@ -42,6 +42,7 @@ class TemperatureSweep(ParallelStrategy):
     name = "temperature_sweep"
     summary = "samples spread over a temperature grid, multi-temperature vote with early exit"
     Options = SweepOptions
+    supports_auto = False  # it has its own early exit
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o: SweepOptions = self.options  # type: ignore[assignment]

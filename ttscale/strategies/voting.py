@@ -40,14 +40,14 @@ class Majority(ParallelStrategy):
                     counts[c] = counts.get(c, 0) + 1
             return decided(sorted(counts.values(), reverse=True), k - len(done))
 
-        sampler, cands = await self.sample(ctx, k, logprobs=0 if o.tie_break == "logprob" else None,
-                                           should_stop=should_stop)
+        sampler, cands, adapt = await self.draw(ctx, logprobs=0 if o.tie_break == "logprob" else None,
+                                                should_stop=should_stop)
         pool = await Pool.build(cands)
         v = vote(pool.clusters,
                  tie_scores=[c.sum_logprob or 0.0 for c in cands] if o.tie_break == "logprob" else None,
                  finish_order=[c.finished_at or math.inf for c in cands])
         return self.result(ctx, sampler, pool, v.representative, cluster_scores=v.scores,
-                           extra={"vote_share": round(v.share, 6)})
+                           extra={"vote_share": round(v.share, 6), **adapt})
 
 
 class WeightedOptions(ParallelOptions, ScorerOptions):
@@ -64,10 +64,10 @@ class WeightedMajority(ParallelStrategy):
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o: WeightedOptions = self.options  # type: ignore[assignment]
-        k = self.planned(ctx)
+        self.planned(ctx)
         scorer = make_scorer(o, ctx)
-        sampler, cands = await self.sample(ctx, k, logprobs=scorer.logprobs,
-                                           scoring_cost=scorer.scoring_cost(ctx))
+        sampler, cands, adapt = await self.draw(ctx, logprobs=scorer.logprobs,
+                                                scoring_cost=scorer.scoring_cost(ctx))
         pool = await Pool.build(cands)
         scores = await scorer.score(ctx, cands)
         weights = [math.exp(s) if o.scorer == "logprob" else max(float(s), 0.0) for s in scores]
@@ -75,4 +75,4 @@ class WeightedMajority(ParallelStrategy):
         v = vote(pool.clusters, weights, tie_scores=scores,
                  finish_order=[c.finished_at or math.inf for c in cands])
         return self.result(ctx, sampler, pool, v.representative, scores=scores, cluster_scores=v.scores,
-                           extra={"scorer": o.scorer, "vote_share": round(v.share, 6)})
+                           extra={"scorer": o.scorer, "vote_share": round(v.share, 6), **adapt})
