@@ -2,9 +2,11 @@
 straight to the engine (vLLM ``AsyncLLM``, ``n=K``), in one run, phases interleaved.
 
     python bench/overhead.py [--model ttscale-arith] [--k 16] [--prompts 32] [--rounds 3]
+    python bench/overhead.py --strategy majority     # majority@K through the server vs raw n=K
 
-Both sides draw identical samples (same prompts, seeds, K, max_tokens), so the ratio is a
-ratio of wall times for the same tokens. Goal: ratio >= 0.95.
+Both sides draw identical samples (same prompts, seeds, K, max_tokens; with ``majority`` the
+raw side also returns the sampled tokens' log-probs, which the vote's tie-break uses), so the
+ratio is a ratio of wall times for the same tokens. Goal: ratio >= 0.95.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def load_prompts(n: int) -> list[str]:
     return [r["problem"] for r in rows[::step][:n]]
 
 
-async def raw_phase(engine, prompts, k, max_tokens, concurrency) -> tuple[int, float]:
+async def raw_phase(engine, prompts, k, max_tokens, concurrency, logprobs=None) -> tuple[int, float]:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -39,7 +41,7 @@ async def raw_phase(engine, prompts, k, max_tokens, concurrency) -> tuple[int, f
         nonlocal tokens
         ids = engine.render([{"role": "user", "content": p}])
         params = SamplingParams(n=k, temperature=0.8, seed=1000 + i, max_tokens=max_tokens,
-                                output_kind=RequestOutputKind.FINAL_ONLY)
+                                logprobs=logprobs, output_kind=RequestOutputKind.FINAL_ONLY)
         async with sem:
             last = None
             async for out in engine.llm.generate({"prompt_token_ids": ids}, params, f"raw-{i}-{time.time_ns()}"):
@@ -51,7 +53,7 @@ async def raw_phase(engine, prompts, k, max_tokens, concurrency) -> tuple[int, f
     return tokens, time.perf_counter() - t0
 
 
-async def server_phase(base_url, model, prompts, k, max_tokens, concurrency) -> tuple[int, float]:
+async def server_phase(base_url, model, prompts, k, max_tokens, concurrency, strategy="none") -> tuple[int, float]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
@@ -61,9 +63,14 @@ async def server_phase(base_url, model, prompts, k, max_tokens, concurrency) -> 
     async def one(i: int, p: str) -> None:
         nonlocal tokens
         async with sem:
+            if strategy == "none":
+                kw = {"n": k}
+            else:  # the same K samples, selected by the strategy (no early stop: same work)
+                kw = {"extra_body": {"ttscale": {"strategy": strategy, "budget": {"samples": k},
+                                                 "stop_when_decided": False}}}
             r = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": p}], n=k, temperature=0.8,
-                seed=1000 + i, max_tokens=max_tokens)
+                model=model, messages=[{"role": "user", "content": p}], temperature=0.8,
+                seed=1000 + i, max_tokens=max_tokens, **kw)
         tokens += r.usage.completion_tokens
 
     t0 = time.perf_counter()
@@ -86,19 +93,21 @@ async def main(a: argparse.Namespace) -> None:
     await engine.start()
     try:
         # warm both
-        await raw_phase(engine, prompts[:2], a.k, a.max_tokens, a.concurrency)
-        await server_phase(srv.v1, spec.name, prompts[:2], a.k, a.max_tokens, a.concurrency)
+        lp = 0 if a.strategy == "majority" else None
+        await raw_phase(engine, prompts[:2], a.k, a.max_tokens, a.concurrency, lp)
+        await server_phase(srv.v1, spec.name, prompts[:2], a.k, a.max_tokens, a.concurrency, a.strategy)
         rows = []
         for r in range(a.rounds):
-            raw_tok, raw_s = await raw_phase(engine, prompts, a.k, a.max_tokens, a.concurrency)
-            srv_tok, srv_s = await server_phase(srv.v1, spec.name, prompts, a.k, a.max_tokens, a.concurrency)
+            raw_tok, raw_s = await raw_phase(engine, prompts, a.k, a.max_tokens, a.concurrency, lp)
+            srv_tok, srv_s = await server_phase(srv.v1, spec.name, prompts, a.k, a.max_tokens, a.concurrency,
+                                                a.strategy)
             rows.append((raw_tok / raw_s, srv_tok / srv_s, raw_tok, srv_tok))
             print(f"round {r}: engine {raw_tok} tok in {raw_s:.2f}s = {raw_tok / raw_s:,.0f} tok/s | "
                   f"server {srv_tok} tok in {srv_s:.2f}s = {srv_tok / srv_s:,.0f} tok/s | "
                   f"ratio {srv_tok / srv_s / (raw_tok / raw_s):.3f}", flush=True)
         ratios = [s / r for r, s, _, _ in rows]
         same = all(rt == st for _, _, rt, st in rows)
-        print(json.dumps({"bench": "overhead", "model": spec.name, "k": a.k, "prompts": len(prompts),
+        print(json.dumps({"bench": "overhead", "strategy": a.strategy, "model": spec.name, "k": a.k, "prompts": len(prompts),
                           "max_tokens": a.max_tokens, "same_tokens": same,
                           "ratio_median": round(statistics.median(ratios), 3),
                           "ratios": [round(x, 3) for x in ratios]}))
@@ -115,4 +124,5 @@ if __name__ == "__main__":
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--strategy", choices=["none", "majority"], default="none")
     asyncio.run(main(ap.parse_args()))
