@@ -10,7 +10,7 @@ from ttscale.scorers import VerifierScorer
 from ttscale.selection import vote
 from ttscale.strategies import register
 from ttscale.strategies.base import RunContext, StrategyResult
-from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool
+from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, best_by_score
 
 
 class AutoOptions(ParallelOptions):
@@ -50,9 +50,7 @@ class Auto(ParallelStrategy):
         extra = {**adapt, "selection": choice, "selection_reason": why}
         if choice == "best_of_n":
             scores = await verifier.score(ctx, cands)
-            order = sorted(range(k), key=lambda i: (-(scores[i] if math.isfinite(scores[i]) else -1e300),
-                                                    cands[i].finished_at or math.inf, i))
-            return self.result(ctx, sampler, pool, order[0] if order else None, scores=scores, extra=extra)
+            return self.result(ctx, sampler, pool, best_by_score(cands, scores), scores=scores, extra=extra)
         if verifier is not None:  # reserved scoring not used: give it back
             cost = verifier.scoring_cost(ctx)
             ctx.pending_scoring = max(0, ctx.pending_scoring - sum(cost(c.num_tokens) for c in cands))

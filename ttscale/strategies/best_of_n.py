@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from ttscale.scorers import ScorerOptions, make_scorer
 from ttscale.strategies import register
 from ttscale.strategies.base import RunContext, StrategyResult
-from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool
+from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, best_by_score
 
 
 class BestOfNOptions(ParallelOptions, ScorerOptions):
@@ -29,8 +27,5 @@ class BestOfN(ParallelStrategy):
                                                 scoring_cost=scorer.scoring_cost(ctx))
         pool = await Pool.build(cands)
         scores = await scorer.score(ctx, cands)
-        # ties: the earlier finisher, then the lower index
-        order = sorted(range(len(cands)), key=lambda i: (
-            -(scores[i] if math.isfinite(scores[i]) else -1e300), cands[i].finished_at or math.inf, i))
-        selected = order[0] if order else None
+        selected = best_by_score(cands, scores)
         return self.result(ctx, sampler, pool, selected, scores=scores, extra={"scorer": o.scorer, **adapt})

@@ -203,6 +203,15 @@ class ParallelStrategy(Strategy):
         return StrategyResult(choices=[Choice(0, c.text, finish, c)], info=info, candidates=cands)
 
 
+def best_by_score(cands: Sequence[Candidate], scores: Sequence[float]) -> int | None:
+    """Index of the highest score; ties (and unscored, -inf) go to the earlier finisher, then
+    the lower index."""
+    if not cands:
+        return None
+    return min(range(len(cands)), key=lambda i: (
+        -(scores[i] if math.isfinite(scores[i]) else -1e300), cands[i].finished_at or math.inf, i))
+
+
 def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 6)
 

@@ -26,13 +26,13 @@ from pydantic import Field, field_validator
 
 from ttscale.answers import extract_answer
 from ttscale.conformal import OnlineConformal
-from ttscale.engine import Candidate, CandidateEvent, SamplingSettings
+from ttscale.engine import Candidate, CandidateEvent
 from ttscale.errors import BudgetError, InvalidRequestError
 from ttscale.scorers import VerifierScorer, fit_budget, with_answer
 from ttscale.selection import vote
 from ttscale.strategies import register
 from ttscale.strategies.base import RunContext, Sampler, StrategyResult
-from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool
+from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, best_by_score
 
 
 async def score_partial(ctx: RunContext, verifier: VerifierScorer, text: str) -> float | None:
@@ -117,8 +117,6 @@ class SpeculativeRejection(ParallelStrategy):
         fscores = await verifier.score(ctx, finished) if finished else []
         by_id = {id(c): s for c, s in zip(finished, fscores)}
         scores = [by_id.get(id(c), -math.inf) for c in cands]
-        order = sorted(range(len(cands)), key=lambda i: (-(scores[i] if math.isfinite(scores[i]) else -1e300),
-                                                          cands[i].finished_at or math.inf, i))
         decisions = sum(t.decisions for t in tests.values())
         extra = {
             "alpha": o.alpha,
@@ -130,7 +128,7 @@ class SpeculativeRejection(ParallelStrategy):
                                  for cp, t in tests.items()},
             "tokens_by_model": {n: m.completion_tokens + m.prompt_tokens for n, m in ctx.usage.models.items()},
         }
-        sel = order[0] if order else None
+        sel = best_by_score(cands, scores)
         return self.result(ctx, sampler, pool, sel, scores=scores, extra=extra)
 
 
@@ -321,8 +319,7 @@ class DraftTarget(ParallelStrategy):
             got = await verifier.score(ctx, live, reserved=False)
             m = {id(c): s for c, s in zip(live, got)}
             scores = [m.get(id(c), -math.inf) for c in cands]
-            sel = sorted(range(len(cands)), key=lambda i: (-(scores[i] if math.isfinite(scores[i]) else -1e300),
-                                                            cands[i].finished_at or math.inf, i))[0]
+            sel = best_by_score(cands, scores)
         else:
             sel = vote(pool.clusters, finish_order=[c.finished_at or math.inf for c in cands]).representative
         sampler = Sampler(ctx)

@@ -14,7 +14,7 @@ from ttscale.scorers import VerifierScorer
 from ttscale.selection import multi_temperature_exit, vote
 from ttscale.strategies import register
 from ttscale.strategies.base import RunContext, StrategyResult
-from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool
+from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, best_by_score
 
 
 class SweepOptions(ParallelOptions):
@@ -103,8 +103,7 @@ class TemperatureSweep(ParallelStrategy):
         extra = {"temperatures": per_t, "planned_samples": k}
         if scorer is not None:
             scores = await scorer.score(ctx, all_cands)
-            order = sorted(range(len(all_cands)), key=lambda i: (-scores[i], all_cands[i].finished_at or math.inf, i))
-            return self.result(ctx, sampler, pool, order[0] if order else None, scores=scores, extra=extra)
+            return self.result(ctx, sampler, pool, best_by_score(all_cands, scores), scores=scores, extra=extra)
         v = vote(pool.clusters, tie_scores=[c.sum_logprob or 0.0 for c in all_cands],
                  finish_order=[c.finished_at or math.inf for c in all_cands])
         return self.result(ctx, sampler, pool, v.representative, cluster_scores=v.scores, extra=extra)
