@@ -111,6 +111,10 @@ class VLLMEngine(Engine):
             # The CPU build sizes its KV cache from this variable, read when the engine
             # process starts; each engine gets its own value.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(opts.kv_cache_gib or 1)
+            # vLLM's CPU build pins each engine's threads to the same first cores ("auto"), so
+            # a policy, its verifier and its draft would share one core while others idle.
+            # Leave placement to the OS unless the user chose a binding.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
