@@ -1,0 +1,128 @@
+"""Task generator, evaluation set and tokenizer of the embedded model zoo."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from ttscale.zoo import tasks
+from ttscale.zoo import tokenizer as T
+
+ROOT = Path(__file__).resolve().parents[1]
+ARITH500 = ROOT / "eval" / "datasets" / "arith500.jsonl"
+
+
+def load_arith500():
+    return [json.loads(x) for x in ARITH500.read_text().splitlines() if x.strip()]
+
+
+def test_generate_is_deterministic_and_seed_dependent():
+    a = tasks.generate(20, 3, seed=5)
+    assert a == tasks.generate(20, 3, seed=5)
+    assert a != tasks.generate(20, 3, seed=6)
+
+
+@pytest.mark.parametrize("level", tasks.LEVELS)
+def test_levels_and_worked_solutions(level):
+    recs = tasks.generate(200, level, seed=1)
+    assert all(r["level"] == level and r["source"] == tasks.SOURCE for r in recs)
+    for r in recs:
+        assert set(r) == {"id", "problem", "answer", "solution", "level", "source"}
+        assert tasks.check_solution(r), r
+        assert tasks.extract_answer(r["solution"]) == int(r["answer"])
+        assert r["solution"].endswith(f"\\boxed{{{r['answer']}}}")
+        n_steps = len(r["solution"].split("\n")) - 1
+        assert n_steps >= tasks.SPECS[level].n_ops
+
+
+def test_difficulty_grows_with_level():
+    mean_steps = [sum(len(r["solution"].split("\n")) for r in tasks.generate(100, L, seed=2)) / 100
+                  for L in tasks.LEVELS]
+    assert mean_steps == sorted(mean_steps)
+    mean_len = [sum(len(r["answer"]) for r in tasks.generate(100, L, seed=2)) / 100 for L in tasks.LEVELS]
+    assert mean_len[-1] > mean_len[0]
+
+
+def test_arith500_is_committed_and_reproducible():
+    recs = load_arith500()
+    assert len(recs) == 500
+    assert [sum(r["level"] == L for r in recs) for L in tasks.LEVELS] == [100] * 5
+    assert recs == tasks.eval_set()
+    assert len({r["id"] for r in recs}) == 500
+    assert all(tasks.check_solution(r) for r in recs)
+
+
+def test_training_stream_never_yields_eval_problems():
+    ev = {tasks.signature(r["problem"]) for r in load_arith500()}
+    assert ev == set(tasks.eval_signatures())
+    stream = tasks.training_stream(seed=0)
+    train = [next(stream) for _ in range(20000)]
+    assert not ({tasks.signature(r["problem"]) for r in train} & ev)
+    assert not ({r["problem"] for r in train} & {r["problem"] for r in load_arith500()})
+    # the exclusion is what keeps them apart: plain generation with the eval seed collides
+    with pytest.raises(ValueError):
+        next(tasks.training_stream(seed=tasks.EVAL_SEED))
+
+
+def test_signature_ignores_names_and_items():
+    assert tasks.signature("Ava has 3 pens. She gets 4 more.") == tasks.signature("Tom has 3 cups. He gets 4 more.")
+    assert tasks.signature("Ava has 3 pens.") != tasks.signature("Ava has 4 pens.")
+
+
+def test_extract_answer():
+    assert tasks.extract_answer("1 + 1 = 2\n\\boxed{2}") == 2
+    assert tasks.extract_answer("\\boxed{1} then \\boxed{-7}") == -7
+    assert tasks.extract_answer("\\boxed{1,234}") == 1234
+    assert tasks.extract_answer("no box") is None
+    assert tasks.is_correct("\\boxed{12}", "12") and not tasks.is_correct("\\boxed{13}", "12")
+
+
+def test_cli_exports_jsonl(tmp_path, capsys):
+    out = tmp_path / "x.jsonl"
+    assert tasks.main(["generate", "--n", "7", "--level", "2", "--seed", "3", "--out", str(out)]) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 7 and all(r["level"] == 2 for r in recs)
+
+
+def test_char_tokenizer_matches_fast_encoder():
+    tok = T.load_hf_tokenizer()
+    texts = [T.format_scored(r["problem"], r["solution"]) for r in tasks.eval_set(per_level=2)]
+    texts += ["héllo wörld ✓ <s> </s>\t1234567890", "<pad><unk>< s>"]
+    for t in texts:
+        assert tok(t, add_special_tokens=True)["input_ids"] == T.encode(t)
+    ids = tok("2024")["input_ids"]
+    assert len(ids) == 4  # digits are single tokens
+    assert tok("é")["input_ids"] == [T.UNK_ID]
+    assert tok.decode(T.encode("12 + 3 = 15\n\\boxed{15}")) == "12 + 3 = 15\n\\boxed{15}"
+
+
+def test_chat_template_renders_like_format_prompt():
+    tok = T.load_hf_tokenizer()
+    p = "Ava has 3 pens. She gets 4 more. How many pens does Ava have now?"
+    msgs = [{"role": "user", "content": p}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == T.format_prompt(p)
+    full = msgs + [{"role": "assistant", "content": "3 + 4 = 7\n\\boxed{7}"}]
+    assert tok.apply_chat_template(full, tokenize=False) == T.format_scored(p, "3 + 4 = 7\n\\boxed{7}")
+    ids = T.encode(T.format_prompt(p))
+    assert ids[0] == T.BOS_ID and ids.count(T.BOS_ID) == 1
+    import ttscale.zoo as zoo
+    assert zoo.format_prompt(p) == T.format_prompt(p)
+
+
+def test_zoo_import_is_light():
+    import subprocess
+    import sys
+    code = "import sys, ttscale.zoo, ttscale.models; print('torch' in sys.modules or 'vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_noisy_solution_stays_consistent():
+    import random
+    from ttscale.zoo.train import noisy_solution
+    rng = random.Random(0)
+    for r in itertools.islice(tasks.training_stream(seed=3), 300):
+        s = noisy_solution(r["solution"], 0.5, rng)
+        assert s.split("\n")[-1].startswith("\\boxed{")
+        assert tasks.extract_answer(s) is not None

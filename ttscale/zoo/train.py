@@ -1,0 +1,592 @@
+"""Training of the embedded models with plain PyTorch + transformers.
+
+Commands (seeded; GPU recommended, CPU works slowly)::
+
+    python -m ttscale.zoo.train policy   --seed 0 --out DIR [--steps N]
+    python -m ttscale.zoo.train draft    --seed 0 --out DIR [--steps N]
+    python -m ttscale.zoo.train sample   --model POLICY_DIR --seed 0 --out samples.jsonl
+    python -m ttscale.zoo.train verifier --seed 0 --init POLICY_DIR --samples samples.jsonl --out DIR
+
+Policy and draft are ``LlamaForCausalLM`` trained on freshly generated
+problems (``ttscale.zoo.tasks.training_stream``; arith500 and the dev set
+are excluded by signature), rendered with the chat template, with the loss on
+the solution and EOS only.  The learning rate is constant after warm-up, so a
+run stopped at step N equals a run asked for N steps.
+
+The verifier is ``LlamaForSequenceClassification`` (one logit) initialised
+from the policy's body and trained with BCE on the policy's own samples
+(T=0.8 on training problems, never on arith500), labelled by the
+correctness of the final answer.  Half of the training inputs are truncated
+prefixes of a sample, labelled with the sample's final correctness, so the
+verifier also scores partial solutions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+from ttscale.zoo import tasks
+from ttscale.zoo import tokenizer as T
+
+DEV_SEED = 777_001          # model-selection set (not arith500)
+DEV_PER_LEVEL = 40
+VERIFIER_DATA_SEED_OFFSET = 10_000
+
+ARCHS = {
+    # name: (layers, hidden, intermediate, heads, kv_heads)
+    "policy": (4, 256, 704, 8, 8),
+    "draft": (2, 128, 352, 4, 4),
+}
+DEFAULT_STEPS = {"policy": 6000, "draft": 2500}
+MAX_POSITIONS = 2048
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+def dev_set(per_level: int = DEV_PER_LEVEL) -> list[dict]:
+    out = []
+    for L in tasks.LEVELS:
+        out += tasks.generate(per_level, L, DEV_SEED, prefix=f"dev-L{L}",
+                              exclude=tasks.eval_signatures())
+    return out
+
+
+_STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def noisy_solution(solution: str, q: float, rng: random.Random) -> str:
+    """Simulated slips: each step's result has, with probability ``q``, one digit
+    replaced; later steps compute consistently from the wrong value.
+
+    Returns the clean solution when a slip would make a later step invalid
+    (negative result or inexact division).
+    """
+    if q <= 0:
+        return solution
+    lines = solution.split("\n")
+    sub: dict[int, int] = {}
+    out = []
+    for line in lines[:-1]:
+        m = _STEP.fullmatch(line)
+        if not m:
+            return solution
+        a, op, b = int(m[1]), m[2], int(m[3])
+        a, b = sub.get(a, a), sub.get(b, b)
+        if op == "+":
+            c = a + b
+        elif op == "-":
+            c = a - b
+        elif op == "*":
+            c = a * b
+        else:
+            if b == 0 or a % b:
+                return solution
+            c = a // b
+        if c < 0:
+            return solution
+        true_c = int(m[4])
+        if rng.random() < q:
+            ds = list(str(c))
+            i = rng.randrange(len(ds))
+            choices = [d for d in "0123456789" if d != ds[i] and not (i == 0 and d == "0" and len(ds) > 1)]
+            ds[i] = rng.choice(choices)
+            c = int("".join(ds))
+        if c != true_c:
+            sub[true_c] = c
+        out.append(f"{a} {op} {b} = {c}")
+    final = sub.get(int(re.search(r"\{(\d+)\}", lines[-1])[1]), None)
+    ans = out[-1].rsplit(" ", 1)[1] if out else None
+    if final is None and ans is None:
+        return solution
+    return "\n".join(out + [f"\\boxed{{{ans}}}"])
+
+
+def _stream_examples(seed: int, noise: float = 0.0):
+    """Endless (input_ids, labels) for causal-LM training; excludes eval and dev."""
+    dev = frozenset(tasks.signature(r["problem"]) for r in dev_set())
+    rng = random.Random(f"noise:{seed}")
+    for rec in tasks.training_stream(seed):
+        if tasks.signature(rec["problem"]) in dev:
+            continue
+        p = T.encode(T.format_prompt(rec["problem"]))
+        sol = noisy_solution(rec["solution"], noise, rng) if noise > 0 else rec["solution"]
+        s = T.encode(sol) + [T.EOS_ID]
+        yield p + s, [-100] * len(p) + s
+
+
+def _make_loader(seed: int, batch: int, workers: int, noise: float = 0.0):
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+    class DS(IterableDataset):
+        def __iter__(self):
+            wi = get_worker_info()
+            wid = wi.id if wi is not None else 0
+            torch.set_num_threads(1)
+            return _stream_examples(seed * 1000 + wid + 1, noise)
+
+    def collate(items):
+        n = max(len(x) for x, _ in items)
+        ids = torch.full((len(items), n), T.PAD_ID, dtype=torch.long)
+        lab = torch.full((len(items), n), -100, dtype=torch.long)
+        att = torch.zeros((len(items), n), dtype=torch.long)
+        for i, (x, y) in enumerate(items):
+            ids[i, :len(x)] = torch.tensor(x)
+            lab[i, :len(y)] = torch.tensor(y)
+            att[i, :len(x)] = 1
+        return ids, lab, att
+
+    return DataLoader(DS(), batch_size=batch, collate_fn=collate, num_workers=workers,
+                      prefetch_factor=8 if workers else None, persistent_workers=bool(workers))
+
+
+# ----------------------------------------------------------------------------- models
+
+def llama_config(arch: tuple[int, int, int, int, int], classifier: bool = False):
+    from transformers import LlamaConfig
+
+    layers, hidden, inter, heads, kv = arch
+    cfg = LlamaConfig(
+        vocab_size=T.VOCAB_SIZE, hidden_size=hidden, intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+        max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=not classifier, bos_token_id=T.BOS_ID, eos_token_id=T.EOS_ID,
+        pad_token_id=T.PAD_ID, attention_bias=False, mlp_bias=False,
+    )
+    if classifier:
+        cfg.num_labels = 1
+        # one logit trained with BCE: transformers uses BCEWithLogits for this problem type
+        # and vLLM's classify applies a sigmoid, returning P(correct)
+        cfg.problem_type = "multi_label_classification"
+    return cfg
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model, out: str | os.PathLike, card_extra: dict | None = None) -> None:
+    """save_pretrained in bfloat16 + tokenizer files."""
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m = model.to(torch.bfloat16)
+    m.config.use_cache = True
+    m.save_pretrained(str(out), safe_serialization=True)
+    gc = out / "generation_config.json"
+    if gc.exists():  # keep only token ids: no sampling defaults that servers would pick up
+        g = json.loads(gc.read_text())
+        keep = {k: g[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version") if k in g}
+        gc.write_text(json.dumps(keep, indent=2) + "\n")
+    T.save_tokenizer(out)
+    if card_extra:
+        (out / "training_info.json").write_text(json.dumps(card_extra, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample(model, prompts: list[str], n: int, temperature: float = 0.8, max_new_tokens: int = 256,
+           batch: int = 2048, seed: int = 0) -> list[list[str]]:
+    """n samples per prompt with HF generate (left padding); returns decoded completions."""
+    import torch
+
+    dev = next(model.parameters()).device
+    flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    out: list[list[str]] = [[] for _ in prompts]
+    g = torch.Generator(device=dev)
+    g.manual_seed(seed)
+    torch.manual_seed(seed)
+    model.eval()
+    for s in range(0, len(flat), batch):
+        chunk = flat[s:s + batch]
+        enc = [T.encode(p) for _, p in chunk]
+        L = max(map(len, enc))
+        ids = torch.full((len(enc), L), T.PAD_ID, dtype=torch.long)
+        att = torch.zeros((len(enc), L), dtype=torch.long)
+        for j, e in enumerate(enc):
+            ids[j, L - len(e):] = torch.tensor(e)
+            att[j, L - len(e):] = 1
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            gen = model.generate(
+                input_ids=ids.to(dev), attention_mask=att.to(dev), do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
+                max_new_tokens=max_new_tokens, pad_token_id=T.PAD_ID, eos_token_id=T.EOS_ID)
+        for (i, _), row in zip(chunk, gen[:, L:].tolist()):
+            if T.EOS_ID in row:
+                row = row[:row.index(T.EOS_ID)]
+            out[i].append(T.decode(row))
+    return out
+
+
+def evaluate(model, records: list[dict], n: int = 16, seed: int = 0) -> dict:
+    """pass@1 / pass@n / maj@n per level at T=0.8."""
+    from collections import Counter
+
+    comps = sample(model, [T.format_prompt(r["problem"]) for r in records], n, seed=seed)
+    per: dict = {}
+    for r, cs in zip(records, comps):
+        ans = [tasks.extract_answer(c) for c in cs]
+        c = sum(a == int(r["answer"]) for a in ans)
+        votes = Counter(a for a in ans if a is not None)
+        maj = votes.most_common(1)[0][0] if votes else None
+        d = per.setdefault(r["level"], [0.0, 0.0, 0.0, 0])
+        d[0] += c / n
+        d[1] += c > 0
+        d[2] += maj == int(r["answer"])
+        d[3] += 1
+    res = {f"L{L}": {"pass1": v[0] / v[3], f"pass{n}": v[1] / v[3], f"maj{n}": v[2] / v[3]}
+           for L, v in sorted(per.items())}
+    for k in ("pass1", f"pass{n}", f"maj{n}"):
+        res.setdefault("all", {})[k] = sum(res[f"L{L}"][k] for L in per) / len(per)
+    return res
+
+
+# ----------------------------------------------------------------------------- causal LM
+
+def train_lm(kind: str, a) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    arch = ARCHS[kind]
+    if a.arch:
+        arch = tuple(int(x) for x in a.arch.split(","))
+    model = LlamaForCausalLM(llama_config(arch)).to(dev)
+    log(f"{kind}: arch={arch} params={n_params(model):,} device={dev}")
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.1)
+    warm = a.warmup
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    loader = _make_loader(a.seed, a.batch, a.workers, a.noise)
+    dev_recs = dev_set()
+    t0 = time.time()
+    history = []
+    step = 0
+    model.train()
+    for ids, lab, att in loader:
+        ids, lab, att = ids.to(dev, non_blocking=True), lab.to(dev, non_blocking=True), att.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % 200 == 0:
+            log(f"{kind} step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+        done = step >= a.steps or (a.max_minutes and time.time() - t0 > 60 * a.max_minutes)
+        if a.eval_every and (step % a.eval_every == 0 or done):
+            res = evaluate(model, dev_recs, n=a.eval_n, seed=a.seed)
+            model.train()
+            history.append({"step": step, "time_s": round(time.time() - t0, 1), **res})
+            log(f"{kind} EVAL step {step}: " + json.dumps(
+                {k: {m: round(x, 3) for m, x in v.items()} for k, v in res.items()}))
+            if a.ckpt_dir:
+                Path(a.ckpt_dir).mkdir(parents=True, exist_ok=True)
+                torch.save({k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items()},
+                           str(Path(a.ckpt_dir) / f"step{step}.pt"))
+                (Path(a.ckpt_dir) / "history.json").write_text(json.dumps(
+                    {"kind": kind, "arch": list(arch), "lr": a.lr, "noise": a.noise, "batch": a.batch,
+                     "seed": a.seed, "history": history}, indent=1))
+        if done:
+            break
+    info = {"kind": kind, "arch": list(arch), "params": n_params(model), "seed": a.seed, "steps": step,
+            "batch": a.batch, "lr": a.lr, "warmup": warm, "noise": a.noise, "train_seconds": round(time.time() - t0, 1),
+            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+            "dev_history": history}
+    save_model(model, a.out, info)
+    log(f"{kind}: saved to {a.out} after {step} steps")
+
+
+# ----------------------------------------------------------------------------- verifier data
+
+def cmd_sample(a) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(dev)
+    excl = frozenset(tasks.signature(r["problem"]) for r in dev_set())
+    if a.dev:
+        recs = dev_set()
+    else:
+        it = tasks.training_stream(VERIFIER_DATA_SEED_OFFSET + a.seed)
+        recs = []
+        while len(recs) < a.problems:
+            r = next(it)
+            if tasks.signature(r["problem"]) not in excl:
+                recs.append(r)
+    log(f"sampling {len(recs)} problems x {a.n}")
+    comps = sample(model, [T.format_prompt(r["problem"]) for r in recs], a.n, seed=a.seed + 1)
+    n_ok = 0
+    with open(a.out, "w") as fh:
+        for r, cs in zip(recs, comps):
+            for c in cs:
+                ok = tasks.is_correct(c, r["answer"])
+                n_ok += ok
+                fh.write(json.dumps({"id": r["id"], "level": r["level"], "problem": r["problem"],
+                                     "answer": r["answer"], "completion": c, "correct": ok}) + "\n")
+    log(f"wrote {a.out}: accuracy {n_ok / (len(recs) * a.n):.3f}")
+
+
+def auroc(scores, labels) -> float:
+    import numpy as np
+
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(labels, dtype=bool)
+    npos, nneg = y.sum(), (~y).sum()
+    if npos == 0 or nneg == 0:
+        return float("nan")
+    order = s.argsort(kind="mergesort")
+    ranks = np.empty(len(s))
+    ranks[order] = np.arange(1, len(s) + 1)
+    # average ranks of ties
+    _, inv, cnt = np.unique(s, return_inverse=True, return_counts=True)
+    sums = np.zeros(len(cnt))
+    np.add.at(sums, inv, ranks)
+    ranks = (sums / cnt)[inv]
+    return float((ranks[y].sum() - npos * (npos + 1) / 2) / (npos * nneg))
+
+
+def _truncate(completion: str, rng: random.Random) -> str:
+    """A random strict prefix of a completion (cut at a line end or inside a line)."""
+    if len(completion) < 2:
+        return completion
+    cut = rng.randint(1, len(completion) - 1)
+    return completion[:cut]
+
+
+def train_verifier(a) -> None:
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(a.seed)
+    rng = random.Random(a.seed)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = LlamaForCausalLM.from_pretrained(a.init, dtype=torch.float32)
+    c = base.config
+    arch = (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+            c.num_key_value_heads)
+    model = LlamaForSequenceClassification(llama_config(arch, classifier=True))
+    missing, unexpected = model.model.load_state_dict(base.model.state_dict(), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    torch.nn.init.normal_(model.score.weight, std=0.02)
+    model.to(dev)
+    del base
+    rows = [json.loads(x) for x in open(a.samples)]
+    if a.mixed_only:
+        # keep problems whose samples are partly right and partly wrong: the verifier must
+        # then tell solutions of the same problem apart instead of predicting difficulty
+        outcome: dict = {}
+        for r in rows:
+            outcome.setdefault(r["id"], set()).add(bool(r["correct"]))
+        rows = [r for r in rows if len(outcome[r["id"]]) == 2]
+    dev_rows = [json.loads(x) for x in open(a.dev_samples)] if a.dev_samples else []
+    log(f"verifier: arch={arch} params={n_params(model):,}; {len(rows)} samples "
+        f"(acc {sum(r['correct'] for r in rows) / len(rows):.3f}), dev {len(dev_rows)}")
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * max(0.0, 0.5 * (1 + math.cos(math.pi * s / a.steps))))
+
+    def batchify(items):
+        enc = [T.encode(T.format_scored(p, c)) for p, c in items]
+        L = max(map(len, enc))
+        ids = torch.full((len(enc), L), T.PAD_ID, dtype=torch.long)
+        for j, e in enumerate(enc):
+            ids[j, :len(e)] = torch.tensor(e)  # right padding; last non-pad token is pooled
+        return ids.to(dev), (ids != T.PAD_ID).long().to(dev)
+
+    def score(items, bs=1024):
+        model.eval()
+        out = []
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            for s in range(0, len(items), bs):
+                ids, att = batchify(items[s:s + bs])
+                out += model(input_ids=ids, attention_mask=att).logits[:, 0].float().tolist()
+        model.train()
+        return out
+
+    def dev_eval():
+        if not dev_rows:
+            return {}
+        sc = score([(r["problem"], r["completion"]) for r in dev_rows])
+        y = [r["correct"] for r in dev_rows]
+        pre_rng = random.Random(123)
+        pre = [(r["problem"], _truncate(r["completion"], pre_rng)) for r in dev_rows]
+        sp = score(pre)
+        fp = sum(1 for s_, t in zip(sc, y) if s_ > 0 and not t)
+        neg = sum(1 for t in y if not t)
+        # best-of-n over each problem's samples
+        by: dict = {}
+        for s_, r in zip(sc, dev_rows):
+            by.setdefault(r["id"], []).append((s_, r["correct"]))
+        bo = 0.0
+        for v in by.values():
+            top = max(x for x, _ in v)
+            tied = [ok for x, ok in v if x == top]
+            bo += sum(tied) / len(tied)
+        bo /= len(by)
+        return {"auroc": auroc(sc, y), "auroc_prefix": auroc(sp, y), "fpr@0.5": fp / max(1, neg),
+                "best_of_group": bo, "pass1": sum(y) / len(y)}
+
+    model.train()
+    t0 = time.time()
+    hist = []
+    best = None
+    for step in range(1, a.steps + 1):
+        items, labels = [], []
+        for r in rng.sample(rows, a.batch):
+            comp = r["completion"]
+            if rng.random() < a.prefix_frac:
+                comp = _truncate(comp, rng)
+            items.append((r["problem"], comp))
+            labels.append(float(r["correct"]))
+        ids, att = batchify(items)
+        y = torch.tensor(labels, device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logit = model(input_ids=ids, attention_mask=att).logits[:, 0].float()
+        loss = F.binary_cross_entropy_with_logits(logit, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            log(f"verifier step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+        if step % a.eval_every == 0 or step == a.steps:
+            res = dev_eval()
+            hist.append({"step": step, **res})
+            log(f"verifier EVAL step {step}: {json.dumps(res)}")
+            if a.keep_best and res and (best is None or res["best_of_group"] > best[0]):
+                best = (res["best_of_group"], step,
+                        {k: v.detach().clone() for k, v in model.state_dict().items()})
+    if a.keep_best and best is not None:
+        model.load_state_dict(best[2])
+        log(f"verifier: keeping step {best[1]} (dev best-of-group {best[0]:.3f})")
+    info = {"kind": "verifier", "arch": list(arch), "params": n_params(model), "seed": a.seed,
+            "steps": a.steps, "batch": a.batch, "lr": a.lr, "prefix_frac": a.prefix_frac,
+            "train_samples": len(rows), "mixed_only": a.mixed_only, "init": "policy body",
+            "kept_step": best[1] if (a.keep_best and best) else a.steps, "dev_history": hist,
+            "train_seconds": round(time.time() - t0, 1)}
+    save_model(model, a.out, info)
+    log(f"verifier saved to {a.out}")
+
+
+# ----------------------------------------------------------------------------- selection
+
+def select(a) -> None:
+    """Pick the checkpoint whose dev metrics best fit the policy targets."""
+    best = None
+    for run in a.runs:
+        hist = json.loads((Path(run) / "history.json").read_text())["history"]
+        for h in hist:
+            al = h["all"]
+            p1 = al["pass1"]
+            pk = [v for k, v in al.items() if k.startswith("pass") and k != "pass1"][0]
+            mk = [v for k, v in al.items() if k.startswith("maj")][0]
+            viol = (max(0, 0.42 - p1) + max(0, p1 - 0.58) + max(0, 0.90 - h["L1"]["pass1"])
+                    + max(0, h["L5"]["pass1"] - 0.20) + max(0, p1 + 0.12 - mk) + max(0, 0.85 - pk))
+            key = (round(viol, 3), -pk)
+            if best is None or key < best[0]:
+                best = (key, run, h["step"], h)
+    print(json.dumps({"run": best[1], "step": best[2], "violation": best[0][0], "metrics": best[3]}))
+
+
+def export(a) -> None:
+    """Turn a checkpoint written with --ckpt-dir into a model directory."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    meta = json.loads((Path(a.ckpt).parent / "history.json").read_text())
+    model = LlamaForCausalLM(llama_config(tuple(meta["arch"])))
+    sd = torch.load(a.ckpt, map_location="cpu")
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    step = int(Path(a.ckpt).stem.removeprefix("step"))
+    hist = [h for h in meta["history"] if h["step"] <= step]
+    for k in ("lr", "noise", "batch", "seed"):
+        if k in meta:
+            hist_meta = meta[k]
+            a.info = json.dumps({**json.loads(a.info or "{}"), k: hist_meta})
+    save_model(model, a.out, {"kind": meta["kind"], "arch": meta["arch"], "params": n_params(model),
+                              "steps": step, "dev_history": hist, **json.loads(a.info or "{}")})
+    log(f"exported {a.ckpt} -> {a.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ttscale.zoo.train")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for kind in ("policy", "draft"):
+        p = sub.add_parser(kind)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", required=True)
+        p.add_argument("--steps", type=int, default=DEFAULT_STEPS[kind])
+        p.add_argument("--max-minutes", type=float, default=0.0)
+        p.add_argument("--batch", type=int, default=256)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--warmup", type=int, default=300)
+        p.add_argument("--workers", type=int, default=3)
+        p.add_argument("--arch", default=None, help="layers,hidden,intermediate,heads,kv_heads")
+        p.add_argument("--noise", type=float, default=0.0,
+                       help="probability that a step's result carries a simulated slip")
+        p.add_argument("--eval-every", type=int, default=0)  # noqa
+        p.add_argument("--eval-n", type=int, default=16)
+        p.add_argument("--ckpt-dir", default=None)
+    s = sub.add_parser("sample")
+    s.add_argument("--model", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--problems", type=int, default=6000)
+    s.add_argument("--n", type=int, default=8)
+    s.add_argument("--dev", action="store_true", help="sample the dev set instead")
+    s.add_argument("--out", required=True)
+    v = sub.add_parser("verifier")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--init", required=True, help="policy directory")
+    v.add_argument("--samples", required=True)
+    v.add_argument("--dev-samples", default=None)
+    v.add_argument("--out", required=True)
+    v.add_argument("--steps", type=int, default=2000)
+    v.add_argument("--batch", type=int, default=128)
+    v.add_argument("--lr", type=float, default=3e-4)
+    v.add_argument("--prefix-frac", type=float, default=0.5)
+    v.add_argument("--eval-every", type=int, default=250)
+    v.add_argument("--mixed-only", action="store_true")
+    v.add_argument("--keep-best", action="store_true", help="keep the step with the best dev best-of-n")
+    se = sub.add_parser("select")
+    se.add_argument("runs", nargs="+")
+    ex = sub.add_parser("export")
+    ex.add_argument("--ckpt", required=True)
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--info", default=None, help="extra JSON for training_info.json")
+    a = ap.parse_args(argv)
+    if a.cmd == "export":
+        export(a)
+        return 0
+    if a.cmd in ("policy", "draft"):
+        train_lm(a.cmd, a)
+    elif a.cmd == "sample":
+        cmd_sample(a)
+    elif a.cmd == "verifier":
+        train_verifier(a)
+    else:
+        select(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
