@@ -122,7 +122,7 @@ class VLLMEngine(Engine):
             model=str(self.path),
             tokenizer=str(self.path),
             runner="pooling" if self.role == "score" else "generate",
-            dtype=opts.dtype,
+            dtype=_pick_dtype(opts.dtype, self.path, gpu),
             seed=opts.seed,
             enable_prefix_caching=self.role == "generate",
             enforce_eager=(not gpu) if opts.enforce_eager is None else opts.enforce_eager,
@@ -343,6 +343,19 @@ def _map_error(e: BaseException, name: str) -> TTScaleError:
     if cls in ("VLLMValidationError", "ValueError", "VLLMClientError"):
         return InvalidRequestError(str(e))
     return TTScaleError(f"{cls}: {e}")
+
+
+SMALL_CHECKPOINT_BYTES = 1 << 30
+
+
+def _pick_dtype(dtype: str, path: Path, gpu: bool) -> str:
+    """``auto`` on CPU: float32 for small checkpoints (bf16 weights upcast; exact and cheap at
+    that size), the checkpoint's own dtype for large ones."""
+    if dtype != "auto" or gpu:
+        return dtype
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) + \
+        sum(f.stat().st_size for f in path.glob("*.bin"))
+    return "float32" if size < SMALL_CHECKPOINT_BYTES else "auto"
 
 
 def _config_value(path: Path, key: str):
