@@ -1,0 +1,252 @@
+"""Batch sampling of an evaluation run: K samples per problem, drawn once, recorded per problem.
+
+Problems run concurrently (``concurrency`` at a time); a problem's K samples are one fan-out
+(``stream=False``), or ``batch``-sized fan-outs one after another for large K. Sample i of
+problem p is drawn with seed ``problem_seed(run seed, p) + i``, so a resumed run draws exactly
+what an uninterrupted one would, and a raw engine request with ``n=K, seed=problem_seed``
+draws the same samples. vLLM is imported only when an engine starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ttscale.eval.data import Dataset, extract, grade, load_dataset
+from ttscale.eval.store import RunStore
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dataset: str = "arith500"
+    model: str = "ttscale-arith"
+    verifier: str | None = None
+    k: int = 16
+    seed: int = 0
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_tokens: int = 512
+    batch: int | None = None  # samples per fan-out (None: all K at once)
+    concurrency: int = 8  # problems in flight
+    keep_text: bool = True
+    limit: int | None = None
+    data_dir: str | None = None
+    kv_cache_gib: float | None = None
+    max_num_seqs: int | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                "logprobs": 0}
+
+
+def problem_seed(run_seed: int, problem_id: str) -> int:
+    """Base seed of a problem: a 30-bit hash of (run seed, problem id); sample i uses base + i."""
+    h = hashlib.blake2b(f"{run_seed}\x00{problem_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") >> 34
+
+
+def sample_seed(run_seed: int, problem_id: str, i: int) -> int:
+    return problem_seed(run_seed, problem_id) + i
+
+
+def manifest_for(cfg: RunConfig, ds: Dataset) -> dict[str, Any]:
+    import ttscale
+
+    return {
+        "version": 1,
+        "ttscale_version": ttscale.__version__,
+        "dataset": ds.name,
+        "dataset_source": ds.source,
+        "dataset_fingerprint": ds.fingerprint(),
+        "n_problems": len(ds.problems),
+        "has_levels": ds.has_levels,
+        "model": cfg.model,
+        "verifier": cfg.verifier,
+        "k": cfg.k,
+        "seed": cfg.seed,
+        "sampling": cfg.sampling(),
+        "batch": cfg.batch,
+        "concurrency": cfg.concurrency,
+        "keep_text": cfg.keep_text,
+        "limit": cfg.limit,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def chat_prompt(problem: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": problem}]
+
+
+def build_engines(cfg: RunConfig):
+    """(policy, verifier or None) for the configured models; not started."""
+    from ttscale.engine import build_engine, parse_model_arg
+
+    opts: dict[str, Any] = {}
+    if cfg.kv_cache_gib:
+        opts["kv_cache_gib"] = cfg.kv_cache_gib
+    if cfg.max_num_seqs:
+        opts["max_num_seqs"] = cfg.max_num_seqs
+    policy = build_engine(parse_model_arg(cfg.model), **opts)
+    verifier = None
+    if cfg.verifier:
+        spec = replace(parse_model_arg(cfg.verifier), role="score")
+        verifier = build_engine(spec, **opts)
+    return policy, verifier
+
+
+class EvalRunner:
+    """Draws and records the samples of one run (engines started by the caller or by :meth:`run`)."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, policy=None, verifier=None,
+                 dataset: Dataset | None = None, progress: bool | None = None, force: bool = False):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.ds = dataset or load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
+        self.policy = policy
+        self.verifier = verifier
+        self.force = force
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.tokens = 0
+        self.samples = 0
+        self.recorded = 0
+
+    async def solve(self, p: dict[str, Any]) -> dict[str, Any]:
+        from ttscale.engine import SamplingSettings
+        from ttscale.scorers import with_answer
+
+        cfg = self.cfg
+        prompt = chat_prompt(p["problem"])
+        base = SamplingSettings(temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_tokens=cfg.max_tokens, seed=problem_seed(cfg.seed, p["id"]),
+                                logprobs=0)
+        settings = base.replicate(cfg.k)
+        step = cfg.batch or cfg.k
+        t0 = time.perf_counter()
+        cands = []
+        prompt_tokens = 0
+        for lo in range(0, cfg.k, step):
+            async with self.policy.fanout(prompt, settings[lo:lo + step], stream=False) as fo:
+                await fo.wait()
+            cands.extend(fo.candidates)
+            prompt_tokens = fo.prompt_tokens
+        scores: Sequence[float | None] = [None] * len(cands)
+        if self.verifier is not None:
+            scores = await self.verifier.score([with_answer(prompt, self.policy, c.text) for c in cands])
+        samples = []
+        for i, (c, s) in enumerate(zip(cands, scores)):
+            ans = extract(c.text, self.ds.kind)
+            rec: dict[str, Any] = {"i": i, "seed": c.settings.seed}
+            if cfg.keep_text:
+                rec["text"] = c.text
+            mlp = c.mean_logprob
+            slp = c.sum_logprob
+            rec.update({
+                "answer": ans,
+                "correct": grade(ans, p["answer"]),
+                "tokens": c.num_tokens,
+                "finish": c.finish_reason,
+                "mean_logprob": None if mlp is None else round(mlp, 6),
+                "sum_logprob": None if slp is None else round(slp, 4),
+                "latency_s": round((c.finished_at or 0.0) - (c.started_at or 0.0), 4),
+            })
+            if s is not None:
+                rec["score"] = round(float(s), 6)
+            samples.append(rec)
+        out: dict[str, Any] = {"id": p["id"]}
+        for key in ("level", "subject"):
+            if key in p:
+                out[key] = p[key]
+        out.update({"gold": p["answer"], "prompt_tokens": prompt_tokens,
+                    "wall_s": round(time.perf_counter() - t0, 4), "samples": samples})
+        return out
+
+    async def run(self) -> dict[str, Any]:
+        """Sample every unfinished problem; returns a short summary."""
+        store = RunStore(self.out_dir)
+        done = store.open(manifest_for(self.cfg, self.ds), force=self.force)
+        todo = [p for p in self.ds.problems if p["id"] not in done]
+        own = self.policy is None
+        if own:
+            self.policy, self.verifier = build_engines(self.cfg)
+            await self.policy.start()
+            if self.verifier is not None:
+                await self.verifier.start()
+        t0 = time.perf_counter()
+        try:
+            with _Progress(self.progress, len(self.ds.problems), len(done), self.cfg.k) as bar:
+                queue: asyncio.Queue = asyncio.Queue()
+                for p in todo:
+                    queue.put_nowait(p)
+
+                async def worker() -> None:
+                    while not queue.empty():
+                        p = queue.get_nowait()
+                        rec = await self.solve(p)
+                        store.append(rec)
+                        toks = sum(s["tokens"] for s in rec["samples"])
+                        self.tokens += toks
+                        self.samples += len(rec["samples"])
+                        self.recorded += 1
+                        bar.advance(len(rec["samples"]), toks)
+
+                await asyncio.gather(*(worker() for _ in range(max(1, self.cfg.concurrency))))
+        finally:
+            store.close()
+            if own:
+                if self.verifier is not None:
+                    await self.verifier.close()
+                await self.policy.close()
+        wall = time.perf_counter() - t0
+        return {"run_dir": str(self.out_dir), "problems": len(self.ds.problems), "resumed_with": len(done),
+                "recorded": self.recorded, "samples": self.samples, "tokens": self.tokens,
+                "wall_s": round(wall, 2), "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else 0.0}
+
+
+class _Progress:
+    """Problems and samples bars with tokens/s and ETA (rich), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, done: int, k: int):
+        self.enabled = enabled
+        self.total, self.done, self.k = total, done, k
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def __enter__(self) -> _Progress:
+        if not self.enabled:
+            return self
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                            TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+        self.bar.__enter__()
+        self.t_prob = self.bar.add_task("problems", total=self.total, completed=self.done, rate="")
+        self.t_samp = self.bar.add_task("samples", total=self.total * self.k,
+                                        completed=self.done * self.k, rate="")
+        return self
+
+    def advance(self, samples: int, tokens: int) -> None:
+        if not self.enabled:
+            return
+        self.tokens += tokens
+        rate = self.tokens / max(1e-9, time.perf_counter() - self.t0)
+        self.bar.update(self.t_prob, advance=1, rate="")
+        self.bar.update(self.t_samp, advance=samples, rate=f"{rate:,.0f} tok/s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(None, None, None)
+
+
+def run_sync(cfg: RunConfig, out_dir: str | Path, **kw: Any) -> dict[str, Any]:
+    return asyncio.run(EvalRunner(cfg, out_dir, **kw).run())
+
+
+__all__ = ["EvalRunner", "RunConfig", "asdict", "problem_seed", "run_sync", "sample_seed"]

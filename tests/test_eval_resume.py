@@ -1,0 +1,76 @@
+"""`ttscale eval run` against the real embedded policy: SIGKILL midway, resume, lose nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import POLICY
+
+pytestmark = pytest.mark.vllm
+
+N_PROBLEMS = 12
+K = 4
+
+
+def _cmd(out: Path) -> list[str]:
+    return [sys.executable, "-m", "ttscale.cli", "eval", "run", "arith500", "--model", POLICY,
+            "--limit", str(N_PROBLEMS), "-k", str(K), "--concurrency", "2", "--max-tokens", "256",
+            "--out", str(out), "--quiet"]
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    data = path.read_text()
+    return data.split("\n")[:-1]  # complete lines only
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def test_kill_and_resume_loses_and_repeats_nothing(tmp_path):
+    out = tmp_path / "run"
+    records = out / "problems.jsonl"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(_cmd(out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while len(_lines(records)) < 3:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no problems recorded in time"
+            time.sleep(0.2)
+    finally:
+        _kill_group(proc)
+    before = _lines(records)
+    assert 3 <= len(before) < N_PROBLEMS, "the run finished before it could be killed"
+
+    res = subprocess.run(_cmd(out), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["resumed_with"] == len(before)
+    assert summary["recorded"] == N_PROBLEMS - len(before)
+
+    after = _lines(records)
+    assert after[:len(before)] == before  # finished records unchanged, byte for byte
+    ids = [json.loads(x)["id"] for x in after]
+    assert len(ids) == len(set(ids)) == N_PROBLEMS  # every problem exactly once
+    from ttscale.eval.data import load_dataset
+
+    assert set(ids) == {p["id"] for p in load_dataset("arith500", limit=N_PROBLEMS).problems}
+    for line in after:
+        rec = json.loads(line)
+        assert [s["i"] for s in rec["samples"]] == list(range(K))
+        assert all(s["finish"] in ("stop", "length") for s in rec["samples"])

@@ -1,0 +1,115 @@
+"""Run store, seeds, dataset resolution and the runner on the fake engine (fast)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from ttscale.engine.fake import FakeEngine
+from ttscale.eval.data import KNOWN_SETS, extract, load_dataset
+from ttscale.eval.runner import EvalRunner, RunConfig, problem_seed, sample_seed
+from ttscale.eval.store import ConfigMismatch, RunStore, load_run
+
+MANIFEST = {"dataset": "d", "dataset_fingerprint": "f", "model": "m", "verifier": None, "k": 4,
+            "seed": 0, "sampling": {"temperature": 1.0}}
+
+
+def test_store_append_and_resume_tolerates_truncated_tail(tmp_path):
+    st = RunStore(tmp_path)
+    assert st.open(MANIFEST) == set()
+    st.append({"id": "a", "samples": []})
+    st.append({"id": "b", "samples": []})
+    st.close()
+    good = (tmp_path / "problems.jsonl").read_bytes()
+    with open(tmp_path / "problems.jsonl", "ab") as f:  # a write cut short by a kill
+        f.write(b'{"id": "c", "samp')
+    st = RunStore(tmp_path)
+    assert st.open(MANIFEST) == {"a", "b"}
+    assert (tmp_path / "problems.jsonl").read_bytes() == good  # the partial line is gone
+    st.append({"id": "c", "samples": []})
+    st.close()
+    _, recs = load_run(tmp_path)
+    assert [r["id"] for r in recs] == ["a", "b", "c"]
+
+
+def test_store_refuses_other_config_unless_forced(tmp_path):
+    RunStore(tmp_path).open(MANIFEST)
+    with pytest.raises(ConfigMismatch, match="k"):
+        RunStore(tmp_path).open({**MANIFEST, "k": 8})
+    st = RunStore(tmp_path)
+    st.open({**MANIFEST, "k": 8}, force=True)
+    st.close()
+    assert st.read_manifest()["forced_from"] == {"k": 4}
+
+
+def test_seeds_are_deterministic_and_distinct():
+    assert sample_seed(0, "p1", 3) == problem_seed(0, "p1") + 3
+    assert problem_seed(0, "p1") == problem_seed(0, "p1")
+    assert problem_seed(0, "p1") != problem_seed(1, "p1") != problem_seed(0, "p2")
+    assert 0 <= problem_seed(7, "x") < 2**30
+
+
+def test_datasets_resolve():
+    ds = load_dataset("arith500")
+    assert len(ds.problems) == 500 and ds.has_levels
+    sub = load_dataset("arith500", limit=10)
+    assert len(sub.problems) == 10 and {p["level"] for p in sub.problems} == {1, 2, 3, 4, 5}
+    assert "gsm8k" in KNOWN_SETS
+    assert extract("so #### 1,234", "gsm8k") == "1234"
+    assert extract("\\boxed{7}", "math") == "7"
+
+
+def _write_set(path, n):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"q{i}", "problem": f"What is {i}?", "answer": str(i % 4)}) + "\n")
+
+
+def _runner(tmp_path, data, **kw):
+    cfg = RunConfig(dataset=str(data), model="fake", verifier="fake-v", k=6, concurrency=3, batch=4)
+    pol = FakeEngine("fake", tick_s=kw.pop("tick", 0.0))
+    ver = FakeEngine("fake-v", role="score")
+    return EvalRunner(cfg, tmp_path / "run", policy=pol, verifier=ver, progress=False, **kw)
+
+
+def test_runner_records_everything_and_resumes_after_cancel(tmp_path):
+    data = tmp_path / "set.jsonl"
+    _write_set(data, 20)
+
+    # Uninterrupted reference run.
+    ref = _runner(tmp_path / "ref", data)
+    asyncio.run(ref.run())
+    _, ref_recs = load_run(tmp_path / "ref" / "run")
+    assert sorted(r["id"] for r in ref_recs) == sorted(f"q{i}" for i in range(20))
+    r0 = ref_recs[0]
+    assert len(r0["samples"]) == 6
+    assert {"answer", "correct", "tokens", "finish", "mean_logprob", "sum_logprob", "score",
+            "latency_s", "text", "seed"} <= set(r0["samples"][0])
+
+    # Cancelled midway, then resumed.
+    async def interrupted():
+        run = _runner(tmp_path, data, tick=0.002)
+        task = asyncio.create_task(run.run())
+        while not (tmp_path / "run" / "problems.jsonl").exists() or \
+                len((tmp_path / "run" / "problems.jsonl").read_text().splitlines()) < 5:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupted())
+    before = (tmp_path / "run" / "problems.jsonl").read_text().splitlines()
+    assert 5 <= len(before) < 20
+    summary = asyncio.run(_runner(tmp_path, data).run())
+    assert summary["resumed_with"] == len(before)
+    after = (tmp_path / "run" / "problems.jsonl").read_text().splitlines()
+    assert after[:len(before)] == before
+    _, recs = load_run(tmp_path / "run")
+    assert sorted(r["id"] for r in recs) == sorted(f"q{i}" for i in range(20))
+    assert len(after) == 20
+    # Same draws as the uninterrupted run (seeds depend on run seed, problem and index only).
+    strip = lambda r: [(s["seed"], s["text"], s["score"]) for s in r["samples"]]  # noqa: E731
+    ref_by = {r["id"]: strip(r) for r in ref_recs}
+    assert all(strip(r) == ref_by[r["id"]] for r in recs)
