@@ -135,3 +135,16 @@ async def test_deadline_reports_partial_work():
     pol = FakeEngine("p", respond=lambda p, s: "x" * 60 + "\\boxed{1}", tick_s=0.01)
     r = await run("majority", ctx(pol, samples=4, deadline_ms=100))
     assert r.info["stop_reason"] == "deadline"
+
+
+async def test_logprob_scorer_min_finds_the_slip():
+    # every candidate is likely on average; odd seeds contain one very unlikely token (a slip)
+    def respond(prompt, s):
+        return f"ab{'X' if s.seed % 2 else 'c'}defghij \\boxed{{{s.seed % 2}}}"
+
+    def lp(prompt, text, pos):
+        return -6.0 if text[pos] == "X" else -0.05 - 0.02 * (pos % 3)
+
+    pol = FakeEngine("p", respond=respond, logprob=lp)
+    r = await run("best_of_n", ctx(pol, samples=6), scorer="logprob", logprob="min")
+    assert r.info["answer"] == "0" and min(x for x in r.info["scores"] if x is not None) == -6.0

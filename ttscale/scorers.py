@@ -38,6 +38,8 @@ class ScorerOptions(StrategyOptions):
     scorer: ScorerName = "verifier"
     verifier: str | None = Field(default=None, description="scoring model (default: the first served)")
     judge_model: str | None = Field(default=None, description="judge model (default: the policy)")
+    logprob: Literal["mean", "min", "sum"] = Field(
+        default="mean", description="logprob scorer: mean token log-prob, the least likely token, or the sum")
     confidence: Literal["lowest_group", "bottom_10", "tail", "mean"] = "lowest_group"
     confidence_window: int = Field(default=2048, ge=1)
     top_logprobs: int = Field(default=20, ge=1, le=20)
@@ -75,11 +77,28 @@ class Scorer(abc.ABC):
 
 
 class LogprobScorer(Scorer):
+    """The policy's own probability of what it wrote: ``mean`` token log-prob (length-fair),
+    ``min`` (the least likely token: one slip in a chain of steps shows up here), or ``sum``."""
+
     name = "logprob"
     logprobs = 0
 
+    def __init__(self, how: str = "mean"):
+        self.how = how
+
     async def score(self, ctx: RunContext, cands: Sequence[Candidate]) -> list[float]:
-        return [c.mean_logprob if c.mean_logprob is not None else -math.inf for c in cands]
+        out = []
+        for c in cands:
+            lps = [x for x in (c.logprobs or []) if math.isfinite(x)]
+            if not lps:
+                out.append(-math.inf)
+            elif self.how == "min":
+                out.append(min(lps))
+            elif self.how == "sum":
+                out.append(sum(lps))
+            else:
+                out.append(sum(lps) / len(lps))
+        return out
 
 
 class ConfidenceScorer(Scorer):
@@ -197,7 +216,7 @@ def fit_budget(ctx: RunContext, costs: Sequence[int], released: int) -> list[int
 
 def make_scorer(opts: ScorerOptions, ctx: RunContext) -> Scorer:
     if opts.scorer == "logprob":
-        return LogprobScorer()
+        return LogprobScorer(opts.logprob)
     if opts.scorer == "confidence":
         return ConfidenceScorer(opts)
     if opts.scorer == "verifier":
