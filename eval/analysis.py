@@ -44,7 +44,7 @@ Budget profile (``profile.json``, read by the server's adaptive budget), schema 
 ``Fit`` is :meth:`ttscale.eval.fit.FitResult.to_dict` (rebuild with ``FitResult.from_dict`` and
 call ``predict(k)``). The recommended k maximises ``accuracy(k) − cost_per_sample·k`` over
 1..k_max with ``cost_per_sample = tokens_per_sample · cost_per_1k_tokens / 1000`` (fitted curve;
-the measured points when the fit is unusable).
+the measured points, interpolated in log k, when the fit's R² is below 0.9).
 """
 
 from __future__ import annotations
@@ -203,25 +203,32 @@ def _fits(ks: list[int], pts: dict[str, list[float]], cov_full: np.ndarray,
     return curves, sat
 
 
+FIT_TRUST_R2 = 0.9  # below this a fitted curve is not used to plan budgets
+
+
 def _recommend(ks: list[int], pts: dict[str, list[float]], curves: dict[str, F.FitResult],
                cost_per_sample: float, k_max: int) -> dict[str, Any]:
+    """Best k per selector on accuracy(k) − cost·k: the fitted curve where it fits well
+    (R² >= 0.9), else the measured points interpolated linearly in log k."""
     by: dict[str, Any] = {}
+    kk = np.arange(1, k_max + 1)
     for s in SELECTORS:
         if s not in pts:
             continue
         f = curves.get(s)
-        if f is not None and f.fittable:
-            k = F.recommend_k(f, cost_per_sample=cost_per_sample, k_max=k_max)
-            acc = float(np.clip(f.predict(k), 0, 1))
+        if f is not None and f.fittable and math.isfinite(f.r2) and f.r2 >= FIT_TRUST_R2:
+            acc = np.clip(f.predict(kk), 0.0, 1.0)
             src = "fit"
-        else:  # measured points
-            u = [a - cost_per_sample * kk for kk, a in zip(ks, pts[s])]
-            j = int(np.argmax(u))
-            k, acc, src = ks[j], float(pts[s][j]), "points"
-        by[s] = {"k": int(k), "expected_accuracy": acc, "utility": acc - cost_per_sample * k, "source": src}
+        else:
+            acc = np.interp(np.log(kk), np.log(ks), pts[s])
+            src = "points"
+        acc[0] = pts[s][0]  # k = 1 is one sample for every selector: the measured pass@1
+        u = acc - cost_per_sample * kk
+        j = int(np.flatnonzero(u >= u.max() - 1e-12)[0])
+        by[s] = {"k": int(kk[j]), "expected_accuracy": float(acc[j]), "utility": float(u[j]), "source": src}
     if not by:
         return {}
-    best = max(by, key=lambda s: (by[s]["utility"], s == "majority"))
+    best = max(by, key=lambda s: (round(by[s]["utility"], 9), s == "majority"))
     return {"strategy": best, "k": by[best]["k"], "expected_accuracy": by[best]["expected_accuracy"],
             "by_strategy": by}
 

@@ -377,7 +377,8 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
         "of k recorded sample latencies); tokens count the prompt once (shared prefix) plus k completions.")
 
     d.h(2, "Recommended budget per difficulty bucket")
-    d.p(f"k maximises accuracy(k) − cost·k on the fitted curve, k ≤ {an.k_max}, cost per sample "
+    d.p(f"k maximises accuracy(k) − cost·k on the fitted curve (on the measured points, "
+        f"interpolated in log k, where the fit's R² < 0.9), k ≤ {an.k_max}, cost per sample "
         f"{an.cost_per_sample:.2e}. Buckets by {an.bucket_by.replace('_', ' ')}.")
     rows = []
     for b in [*an.buckets, g]:

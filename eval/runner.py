@@ -116,6 +116,30 @@ class EvalRunner:
         self.samples = 0
         self.recorded = 0
 
+    def _samples(self, cands, scores, gold: str) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        samples = []
+        for i, (c, s) in enumerate(zip(cands, scores)):
+            ans = extract(c.text, self.ds.kind)
+            rec: dict[str, Any] = {"i": i, "seed": c.settings.seed}
+            if cfg.keep_text:
+                rec["text"] = c.text
+            mlp = c.mean_logprob
+            slp = c.sum_logprob
+            rec.update({
+                "answer": ans,
+                "correct": grade(ans, gold),
+                "tokens": c.num_tokens,
+                "finish": c.finish_reason,
+                "mean_logprob": None if mlp is None else round(mlp, 6),
+                "sum_logprob": None if slp is None else round(slp, 4),
+                "latency_s": round((c.finished_at or 0.0) - (c.started_at or 0.0), 4),
+            })
+            if s is not None:
+                rec["score"] = round(float(s), 6)
+            samples.append(rec)
+        return samples
+
     async def solve(self, p: dict[str, Any]) -> dict[str, Any]:
         from ttscale.engine import SamplingSettings
         from ttscale.scorers import with_answer
@@ -138,26 +162,8 @@ class EvalRunner:
         scores: Sequence[float | None] = [None] * len(cands)
         if self.verifier is not None:
             scores = await self.verifier.score([with_answer(prompt, self.policy, c.text) for c in cands])
-        samples = []
-        for i, (c, s) in enumerate(zip(cands, scores)):
-            ans = extract(c.text, self.ds.kind)
-            rec: dict[str, Any] = {"i": i, "seed": c.settings.seed}
-            if cfg.keep_text:
-                rec["text"] = c.text
-            mlp = c.mean_logprob
-            slp = c.sum_logprob
-            rec.update({
-                "answer": ans,
-                "correct": grade(ans, p["answer"]),
-                "tokens": c.num_tokens,
-                "finish": c.finish_reason,
-                "mean_logprob": None if mlp is None else round(mlp, 6),
-                "sum_logprob": None if slp is None else round(slp, 4),
-                "latency_s": round((c.finished_at or 0.0) - (c.started_at or 0.0), 4),
-            })
-            if s is not None:
-                rec["score"] = round(float(s), 6)
-            samples.append(rec)
+        # Grading (math-verify) is CPU work: off the event loop, so the engine keeps being fed.
+        samples = await asyncio.to_thread(self._samples, cands, scores, p["answer"])
         out: dict[str, Any] = {"id": p["id"]}
         for key in ("level", "subject"):
             if key in p:
