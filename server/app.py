@@ -184,26 +184,34 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
 
     app.state.in_flight += 1
     t0 = time.perf_counter()
-    status = "ok"
+    state = {"status": "ok"}
+    work = asyncio.create_task(strategy.run(ctx))
+
+    def settle(task: asyncio.Task) -> None:
+        # After the strategy's own cleanup (engine requests finished or aborted, tokens booked).
+        if not task.cancelled() and task.exception() is not None:
+            state["status"] = type(task.exception()).__name__
+        app.state.in_flight -= 1
+        metrics.requests.labels("chat" if chat else "completions", strategy.name, state["status"]).inc()
+        metrics.count_tokens(ctx.usage)
+
+    work.add_done_callback(settle)
+    gone = asyncio.create_task(_wait_disconnect(request))
     try:
-        work = asyncio.create_task(strategy.run(ctx))
-        gone = asyncio.create_task(_wait_disconnect(request))
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if work not in done:  # the client left: stop every engine request of it
-            status = "disconnected"
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-            metrics.disconnects.inc()
-            return Response(status_code=499)
-        gone.cancel()
-        result = work.result()
-    except TTScaleError as e:
-        status = type(e).__name__
+    except asyncio.CancelledError:  # the server gave up on this request (client gone)
+        state["status"] = "disconnected"
+        metrics.disconnects.inc()
+        work.cancel()  # its cleanup aborts every engine request; no await under a cancelled scope
         raise
     finally:
-        app.state.in_flight -= 1
-        metrics.requests.labels("chat" if chat else "completions", strategy.name, status).inc()
-        metrics.count_tokens(ctx.usage)
+        gone.cancel()
+    if work not in done:  # the client left: stop every engine request of it
+        state["status"] = "disconnected"
+        metrics.disconnects.inc()
+        work.cancel()
+        return Response(status_code=499)
+    result = work.result()  # raises the strategy's error, mapped to HTTP by the handlers
     metrics.observe(strategy.name, result.info, time.perf_counter() - t0)
     return JSONResponse(_response(result, ctx, meta, time.perf_counter() - t0))
 

@@ -85,7 +85,9 @@ async def test_draft_target_accepts_resamples_and_takes_over():
         {"alpha": 0.3, "chunk_tokens": 8, "max_resamples": 1, "draft": "d"}).run(ctx)
     info = r.info
     assert info["answer"] == "15"
-    assert info["accepted"] > 0 and info["decisions"] == info["accepted"] + info["rejected"]
+    assert info["calibration_chunks"] == 4  # every chain's first chunk
+    assert info["accepted"] > 0 and info["decisions"] + 4 == info["accepted"] + info["rejected"]
+    assert info["rejected"] > 0 and info["takeovers"] > 0  # garbled chunks: the target wrote them
     tb = info["tokens_by_model"]
     assert tb["d"] > 0
     assert ctx.usage.of("d").completion_tokens >= tb["d"]

@@ -26,11 +26,17 @@ class OnlineConformal:
         at_least = len(self._seen) - bisect.bisect_left(self._seen, s)
         return (1 + at_least) / (len(self._seen) + 1)
 
-    def test(self, score: float) -> tuple[float, bool]:
-        """p-value of ``score`` against the scores so far, whether to reject it; then learn it."""
+    def calibrate(self, scores) -> None:
+        """Set the calibration array (e.g. from a calibration phase)."""
+        self._seen = sorted(s if self.higher_is_worse else -s for s in scores)
+
+    def test(self, score: float, *, learn: bool = True) -> tuple[float, bool]:
+        """p-value of ``score`` against the scores so far and whether to reject it; with
+        ``learn`` the score then joins the calibration array (online calibration)."""
         p = self.p_value(score)
         reject = len(self._seen) >= self.warmup and p <= self.alpha
-        bisect.insort(self._seen, score if self.higher_is_worse else -score)
+        if learn:
+            bisect.insort(self._seen, score if self.higher_is_worse else -score)
         self.decisions += 1
         self.rejections += int(reject)
         return p, reject

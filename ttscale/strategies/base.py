@@ -167,6 +167,9 @@ class Strategy(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     supports_auto: ClassVar[bool] = False  # takes "budget": "auto" / {"target_accuracy": ...}
+    # Same request, same seed, same answer. False only where the method is asynchronous by
+    # design and its decisions depend on the order in which candidates arrive.
+    deterministic: ClassVar[bool] = True
     # The options' keys that are not strategy options but request-level ttscale fields.
     summary: ClassVar[str] = ""
 

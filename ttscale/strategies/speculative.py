@@ -68,6 +68,9 @@ class SpeculativeRejection(ParallelStrategy):
     summary = "best-of-N that aborts weak partial candidates early (verifier + online conformal test)"
     Options = SpecRejOptions
     supports_auto = False
+    # A candidate's checkpoint test uses the scores of those that reached the checkpoint before
+    # it: no barrier, so the decisions depend on arrival order (the samples themselves are seeded).
+    deterministic = False
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o: SpecRejOptions = self.options  # type: ignore[assignment]
@@ -189,7 +192,12 @@ class DraftTarget(ParallelStrategy):
         verifier = None
         if o.select == "verifier":
             verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
-        test = OnlineConformal(o.alpha, warmup=n)  # the chains' first chunks calibrate
+        # Label-free calibration: every chain's first draft chunk is scored and accepted; their
+        # perplexities form the calibration array, fixed from then on, so later decisions don't
+        # depend on the order in which chains arrive.
+        test = OnlineConformal(o.alpha)
+        calibrated = asyncio.Event()
+        first_chunks: dict[int, float] = {}
         target_sem = asyncio.Semaphore(o.target_concurrency)
         max_total = ctx.settings.max_tokens
         t_chunk = o.target_chunk_tokens or o.chunk_tokens
@@ -262,7 +270,14 @@ class DraftTarget(ParallelStrategy):
                     score = await ppl(ch, c)
                     if score is None:
                         return
-                    _, reject = test.test(score)
+                    if not calibrated.is_set():  # this chain's first chunk: calibration
+                        first_chunks[ch.index] = score
+                        if len(first_chunks) == n:
+                            test.calibrate([first_chunks[i] for i in sorted(first_chunks)])
+                            calibrated.set()
+                        reject = False
+                    else:
+                        _, reject = test.test(score, learn=False)
                     await ctx.progress({"type": "chunk", "chain": ch.index, "ppl": round(score, 4),
                                         "rejected": reject, "attempt": attempt})
                     if not reject:
@@ -282,11 +297,22 @@ class DraftTarget(ParallelStrategy):
                 if ch.finish_reason is not None or extract_answer(ch.text) is not None:
                     ch.finish_reason = ch.finish_reason or "stop"
                     break
+                await calibrated.wait()  # only the first chunk waits: for the calibration array
             else:
                 ch.finish_reason = "length"
             ch.finished_at = time.perf_counter()
 
-        tasks = [asyncio.create_task(run_chain(ch)) for ch in chains]
+        async def guarded(ch: _Chain) -> None:
+            try:
+                await run_chain(ch)
+            finally:
+                if not calibrated.is_set() and ch.index not in first_chunks:
+                    first_chunks[ch.index] = math.nan  # a chain that ended early must not block the rest
+                    if len(first_chunks) == n:
+                        test.calibrate([v for _, v in sorted(first_chunks.items()) if math.isfinite(v)])
+                        calibrated.set()
+
+        tasks = [asyncio.create_task(guarded(ch)) for ch in chains]
         ctx.samples_used += n
         try:
             timeout = ctx.time_left()
@@ -329,7 +355,8 @@ class DraftTarget(ParallelStrategy):
             "alpha": o.alpha, "draft": draft.name, "target": target.name,
             "accepted": sum(ch.accepted for ch in chains), "rejected": sum(ch.rejected for ch in chains),
             "takeovers": sum(ch.takeovers for ch in chains),
-            "decisions": test.decisions,
+            "calibration_chunks": sum(1 for v in first_chunks.values() if math.isfinite(v)),
+            "decisions": test.decisions,  # conformal tests after calibration
             "rejection_rate": round(test.rejection_rate, 6),
             "tokens_by_model": {draft.name: sum(ch.draft_tokens for ch in chains),
                                 target.name: sum(ch.target_tokens for ch in chains),
