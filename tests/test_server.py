@@ -145,7 +145,9 @@ def test_deadline_answers_with_what_exists(client, long_tokens):
     assert tts["stop_reason"] == "deadline"
     assert tts["elapsed_ms"] < 20_000
     assert all(c.finish_reason == "length" for c in r.choices)
-    assert tts["usage"]["aborted_tokens"] == r.usage.completion_tokens
+    # the aborted candidates' tokens are counted, and what they wrote is returned
+    assert tts["usage"]["aborted_tokens"] == r.usage.completion_tokens > 0
+    assert all(c.message.content for c in r.choices)
 
 
 BAD = [

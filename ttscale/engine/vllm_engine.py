@@ -35,6 +35,8 @@ from ttscale.errors import (
 
 log = logging.getLogger(__name__)
 
+ABORT_DRAIN_S = 2.0  # how long an aborted fan-out waits for the engine's final outputs
+
 
 def has_cuda() -> bool:
     try:
@@ -324,6 +326,11 @@ class _VLLMFanout(Fanout):
         if running:
             try:
                 await self._llm.abort(running)
+                # Each abort answers with a final output holding the tokens generated so far
+                # (the only output a final-only request gets): let the readers book it.
+                pending = [t for t in self._tasks if not t.done()]
+                if pending:
+                    await asyncio.wait(pending, timeout=ABORT_DRAIN_S)
             except Exception:  # engine already gone
                 pass
         for t in self._tasks:
