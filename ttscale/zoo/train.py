@@ -18,7 +18,12 @@ from the policy's body and trained with BCE on the policy's own samples
 (T=0.8 on training problems, never on arith500), labelled by the
 correctness of the final answer.  Half of the training inputs are truncated
 prefixes of a sample, labelled with the sample's final correctness, so the
-verifier also scores partial solutions.
+verifier also scores partial solutions.  Optional terms: ``--pairwise W``, a
+Bradley-Terry loss between distinct right and wrong samples of one problem
+(so that the score ranks the samples of a problem, not only problems by
+difficulty), and ``--step-aux W``, a dense BCE of the same score head at
+every line end on whether all ``a op b = c`` steps so far are right (checked
+in Python), which teaches the model to check each step it reads.
 """
 
 from __future__ import annotations
@@ -332,7 +337,7 @@ def cmd_sample(a) -> None:
             if tasks.signature(r["problem"]) not in excl:
                 recs.append(r)
     log(f"sampling {len(recs)} problems x {a.n}")
-    comps = sample(model, [T.format_prompt(r["problem"]) for r in recs], a.n, seed=a.seed + 1)
+    comps = sample(model, [T.format_prompt(r["problem"]) for r in recs], a.n, seed=a.seed + 1, batch=a.batch)
     n_ok = 0
     with open(a.out, "w") as fh:
         for r, cs in zip(recs, comps):
@@ -371,6 +376,25 @@ def _truncate(completion: str, rng: random.Random) -> str:
     return completion[:cut]
 
 
+def step_labels(solution: str) -> list[tuple[int, float]]:
+    """(character index of each complete line's newline, 1.0 if every step line up to and
+    including it is arithmetically right, else 0.0): the dense step-checking target."""
+    out, ok, pos = [], 1.0, 0
+    lines = solution.split("\n")
+    for line in lines[:-1]:  # lines followed by a newline (complete)
+        m = _STEP.fullmatch(line)
+        if m:
+            x, op, y, z = int(m[1]), m[2], int(m[3]), int(m[4])
+            v = x + y if op == "+" else x - y if op == "-" else x * y if op == "*" else (
+                x // y if y and x % y == 0 else None)
+            if v != z:
+                ok = 0.0
+        pos += len(line)
+        out.append((pos, ok))
+        pos += 1
+    return out
+
+
 def train_verifier(a) -> None:
     import torch
     import torch.nn.functional as F
@@ -398,6 +422,17 @@ def train_verifier(a) -> None:
             outcome.setdefault(r["id"], set()).add(bool(r["correct"]))
         rows = [r for r in rows if len(outcome[r["id"]]) == 2]
     dev_rows = [json.loads(x) for x in open(a.dev_samples)] if a.dev_samples else []
+    # within-problem ranking data: distinct completions per problem (correct samples of one
+    # problem are often the identical string), problems with both outcomes only, sorted for
+    # reproducibility
+    groups: list[tuple[str, list[str], list[str]]] = []
+    if a.pairwise > 0:
+        by_id: dict = {}
+        for r in rows:
+            g = by_id.setdefault(r["id"], (r["problem"], {}, {}))
+            (g[1] if r["correct"] else g[2])[r["completion"]] = None
+        groups = [(p_, list(c_), list(w_)) for _, (p_, c_, w_) in sorted(by_id.items()) if c_ and w_]
+        log(f"verifier: {len(groups)} problems with right and wrong samples for the pairwise loss")
     log(f"verifier: arch={arch} params={n_params(model):,}; {len(rows)} samples "
         f"(acc {sum(r['correct'] for r in rows) / len(rows):.3f}), dev {len(dev_rows)}")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.1)
@@ -451,7 +486,22 @@ def train_verifier(a) -> None:
     best = None
     for step in range(1, a.steps + 1):
         items, labels = [], []
-        for r in rng.sample(rows, a.batch):
+        n_pair = a.batch // 2 if a.pairwise > 0 else 0
+        pairs: list[tuple[int, int]] = []
+        while len(items) < n_pair:
+            p_, cs, ws = groups[rng.randrange(len(groups))]
+            k_c = min(len(cs), rng.randint(1, a.group - 1))
+            k_w = min(len(ws), a.group - k_c)
+            c_idx = list(range(len(items), len(items) + k_c))
+            for comp in rng.sample(cs, k_c):
+                items.append((p_, comp))
+                labels.append(1.0)
+            w_idx = list(range(len(items), len(items) + k_w))
+            for comp in rng.sample(ws, k_w):
+                items.append((p_, comp))
+                labels.append(0.0)
+            pairs += [(i, j) for i in c_idx for j in w_idx]
+        for r in rng.sample(rows, a.batch - len(items)):
             comp = r["completion"]
             if rng.random() < a.prefix_frac:
                 comp = _truncate(comp, rng)
@@ -460,8 +510,29 @@ def train_verifier(a) -> None:
         ids, att = batchify(items)
         y = torch.tensor(labels, device=dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logit = model(input_ids=ids, attention_mask=att).logits[:, 0].float()
+            hid = model.model(input_ids=ids, attention_mask=att).last_hidden_state
+            tok_logit = model.score(hid)[..., 0].float()  # the score head at every position
+        last = att.sum(1) - 1
+        logit = tok_logit[torch.arange(len(items), device=dev), last]  # last-token pooling
         loss = F.binary_cross_entropy_with_logits(logit, y)
+        if pairs:
+            pi = torch.tensor(pairs, device=dev)
+            # Bradley-Terry: P(correct sample outranks wrong sample of the same problem)
+            loss = loss + a.pairwise * F.softplus(logit[pi[:, 1]] - logit[pi[:, 0]]).mean()
+        if a.step_aux > 0:
+            # dense step checking: at each line end, were all steps so far right?
+            bi, ti, sl = [], [], []
+            for j, (p_, comp) in enumerate(items):
+                off = len(T.encode(T.format_prompt(p_)))
+                for pos, ok in step_labels(comp):
+                    bi.append(j)
+                    ti.append(off + pos)
+                    sl.append(ok)
+            if bi:
+                aux = F.binary_cross_entropy_with_logits(
+                    tok_logit[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)],
+                    torch.tensor(sl, device=dev))
+                loss = loss + a.step_aux * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -469,19 +540,24 @@ def train_verifier(a) -> None:
         sched.step()
         if step % 100 == 0:
             log(f"verifier step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
-        if step % a.eval_every == 0 or step == a.steps:
+        out_of_time = bool(a.max_minutes) and time.time() - t0 > 60 * a.max_minutes
+        if step % a.eval_every == 0 or step == a.steps or out_of_time:
             res = dev_eval()
             hist.append({"step": step, **res})
             log(f"verifier EVAL step {step}: {json.dumps(res)}")
             if a.keep_best and res and (best is None or res["best_of_group"] > best[0]):
                 best = (res["best_of_group"], step,
                         {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if out_of_time:
+            log(f"verifier: stopping at step {step} (--max-minutes)")
+            break
     if a.keep_best and best is not None:
         model.load_state_dict(best[2])
         log(f"verifier: keeping step {best[1]} (dev best-of-group {best[0]:.3f})")
     info = {"kind": "verifier", "arch": list(arch), "params": n_params(model), "seed": a.seed,
-            "steps": a.steps, "batch": a.batch, "lr": a.lr, "prefix_frac": a.prefix_frac,
+            "steps": step, "batch": a.batch, "lr": a.lr, "prefix_frac": a.prefix_frac,
             "train_samples": len(rows), "mixed_only": a.mixed_only, "init": "policy body",
+            "pairwise": a.pairwise, "group": a.group, "step_aux": a.step_aux, "pair_problems": len(groups),
             "kept_step": best[1] if (a.keep_best and best) else a.steps, "dev_history": hist,
             "train_seconds": round(time.time() - t0, 1)}
     save_model(model, a.out, info)
@@ -553,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--problems", type=int, default=6000)
     s.add_argument("--n", type=int, default=8)
     s.add_argument("--dev", action="store_true", help="sample the dev set instead")
+    s.add_argument("--batch", type=int, default=2048, help="sequences per generate call")
     s.add_argument("--out", required=True)
     v = sub.add_parser("verifier")
     v.add_argument("--seed", type=int, default=0)
@@ -567,6 +644,13 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--eval-every", type=int, default=250)
     v.add_argument("--mixed-only", action="store_true")
     v.add_argument("--keep-best", action="store_true", help="keep the step with the best dev best-of-n")
+    v.add_argument("--pairwise", type=float, default=0.0,
+                   help="weight of a within-problem Bradley-Terry loss (half of each batch: groups of "
+                        "distinct right and wrong samples of one problem); BCE stays on")
+    v.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long")
+    v.add_argument("--group", type=int, default=4, help="samples per problem in a pairwise group")
+    v.add_argument("--step-aux", type=float, default=0.0,
+                   help="weight of a dense BCE at each line end: were all steps so far arithmetically right")
     se = sub.add_parser("select")
     se.add_argument("runs", nargs="+")
     ex = sub.add_parser("export")
