@@ -16,16 +16,30 @@ Q = [{"role": "user", "content": "q"}]
 
 
 def test_p_value_vectors():
-    t = OnlineConformal(alpha=0.25)
+    t = OnlineConformal(alpha=0.25, smoothed=False)
     for s in [1.0, 2.0, 3.0]:
         t.test(s)
     assert t.p_value(10.0) == pytest.approx(1 / 4)  # worse than all three: (1 + 0) / 4
     assert t.p_value(2.5) == pytest.approx(2 / 4)
     assert t.p_value(0.0) == pytest.approx(4 / 4)
     assert t.test(10.0) == (pytest.approx(0.25), True)
-    lo = OnlineConformal(alpha=0.5, higher_is_worse=False)
+    lo = OnlineConformal(alpha=0.5, higher_is_worse=False, smoothed=False)
     lo.test(5.0)
     assert lo.test(1.0)[1] is True  # lower is worse here
+    assert t.p_value(2.0, u=0.5) == pytest.approx((2 + 0.5 * 2) / 5)  # ties share the randomised mass
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5])
+def test_smoothed_rate_is_alpha_even_with_ties(alpha):
+    rng = random.Random(2)
+    t = OnlineConformal(alpha=alpha, seed=3)
+    for _ in range(4000):
+        t.test(float(rng.randint(0, 2)))  # three distinct values: heavy ties
+    assert abs(t.rejection_rate - alpha) < 0.03, t.rejection_rate
+    plain = OnlineConformal(alpha=alpha, smoothed=False)
+    for _ in range(4000):
+        plain.test(float(rng.randint(0, 2)))
+    assert plain.rejection_rate < alpha - 0.05  # ties make the plain p-value conservative
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.25, 0.4, 0.5])
@@ -55,9 +69,10 @@ async def test_speculative_rejection_aborts_weak_partials():
     info = r.info
     assert info["answer"] == "0" and info["rejected"] >= 4
     assert info["decisions"] >= info["rejected"] and 0 < info["rejection_rate"] <= 0.6
-    for c in r.candidates:
-        if c.aborted:  # rejected early: far short of its full length
-            assert c.num_tokens < 60 and "bad" in c.text
+    aborted = [c for c in r.candidates if c.aborted]
+    assert all(c.num_tokens < 60 for c in aborted)  # rejected early: far short of full length
+    bad = sum("bad" in c.text for c in aborted)
+    assert bad > len(aborted) - bad  # the weak ones are the ones mostly rejected
     assert pol.num_running == 0
 
 

@@ -76,7 +76,8 @@ class SpeculativeRejection(ParallelStrategy):
         o: SpecRejOptions = self.options  # type: ignore[assignment]
         k = self.planned(ctx)
         verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
-        tests = {cp: OnlineConformal(o.alpha) for cp in o.checkpoints}
+        seed = ctx.settings.seed
+        tests = {cp: OnlineConformal(o.alpha, seed=None if seed is None else seed + cp) for cp in o.checkpoints}
         next_cp: dict[int, int] = {}
         judging: set[asyncio.Task] = set()
         rejected: list[Candidate] = []
@@ -195,7 +196,7 @@ class DraftTarget(ParallelStrategy):
         # Label-free calibration: every chain's first draft chunk is scored and accepted; their
         # perplexities form the calibration array, fixed from then on, so later decisions don't
         # depend on the order in which chains arrive.
-        test = OnlineConformal(o.alpha)
+        test = OnlineConformal(o.alpha, smoothed=False)  # continuous perplexities: ties are rare; order-free
         calibrated = asyncio.Event()
         first_chunks: dict[int, float] = {}
         target_sem = asyncio.Semaphore(o.target_concurrency)
