@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ttscale.scorers import ScorerOptions, make_scorer
+from ttscale.scorers import ScorerOptions
 from ttscale.strategies import register
 from ttscale.strategies.base import RunContext, StrategyResult
-from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, best_by_score
+from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, best_by_score
 
 
 class BestOfNOptions(ParallelOptions, ScorerOptions):
@@ -21,11 +21,5 @@ class BestOfN(ParallelStrategy):
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o: BestOfNOptions = self.options  # type: ignore[assignment]
-        self.planned(ctx)
-        scorer = make_scorer(o, ctx)
-        sampler, cands, adapt = await self.draw(ctx, logprobs=scorer.logprobs,
-                                                scoring_cost=scorer.scoring_cost(ctx))
-        pool = await Pool.build(cands)
-        scores = await scorer.score(ctx, cands)
-        selected = best_by_score(cands, scores)
-        return self.result(ctx, sampler, pool, selected, scores=scores, extra={"scorer": o.scorer, **adapt})
+        sampler, pool, scores, extra = await self.draw_scored(ctx, o)
+        return self.result(ctx, sampler, pool, best_by_score(pool.cands, scores), scores=scores, extra=extra)

@@ -122,6 +122,17 @@ class ParallelStrategy(Strategy):
             return sampler, cands, {}
         return await self._waves(ctx, logprobs=logprobs, scoring_cost=scoring_cost)
 
+    async def draw_scored(self, ctx: RunContext, opts) -> tuple[Sampler, Pool, list[float], dict[str, Any]]:
+        """Draw the candidates and score them with the scorer ``opts`` names."""
+        from ttscale.scorers import make_scorer
+
+        self.planned(ctx)
+        scorer = make_scorer(opts, ctx)
+        sampler, cands, adapt = await self.draw(ctx, logprobs=scorer.logprobs,
+                                                scoring_cost=scorer.scoring_cost(ctx))
+        pool = await Pool.build(cands)
+        return sampler, pool, await scorer.score(ctx, cands), {"scorer": opts.scorer, **adapt}
+
     async def _waves(self, ctx: RunContext, *, logprobs, scoring_cost):
         from ttscale.adaptive import decide
 

@@ -6,7 +6,7 @@ import math
 from typing import Literal
 
 from ttscale.answers import cluster_answers, extract_answer
-from ttscale.scorers import ScorerOptions, make_scorer
+from ttscale.scorers import ScorerOptions
 from ttscale.selection import vote
 from ttscale.strategies import register
 from ttscale.strategies.base import RunContext, StrategyResult
@@ -64,15 +64,11 @@ class WeightedMajority(ParallelStrategy):
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o: WeightedOptions = self.options  # type: ignore[assignment]
-        self.planned(ctx)
-        scorer = make_scorer(o, ctx)
-        sampler, cands, adapt = await self.draw(ctx, logprobs=scorer.logprobs,
-                                                scoring_cost=scorer.scoring_cost(ctx))
-        pool = await Pool.build(cands)
-        scores = await scorer.score(ctx, cands)
+        sampler, pool, scores, extra = await self.draw_scored(ctx, o)
+        cands = pool.cands
         weights = [math.exp(s) if o.scorer == "logprob" else max(float(s), 0.0) for s in scores]
         weights = [0.0 if not math.isfinite(w) else w for w in weights]
         v = vote(pool.clusters, weights, tie_scores=scores,
                  finish_order=[c.finished_at or math.inf for c in cands])
         return self.result(ctx, sampler, pool, v.representative, scores=scores, cluster_scores=v.scores,
-                           extra={"scorer": o.scorer, "vote_share": round(v.share, 6), **adapt})
+                           extra={"vote_share": round(v.share, 6), **extra})
