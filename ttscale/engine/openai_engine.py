@@ -107,9 +107,9 @@ class OpenAIEngine(Engine):
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
         return _HTTPFanout(self, prompt, list(settings), request_id or new_request_id())
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, path: str, body: dict[str, Any], *, base: str | None = None) -> dict[str, Any]:
         try:
-            r = await self.client.post(f"{self.base_url}{path}", json=body)
+            r = await self.client.post(f"{base or self.base_url}{path}", json=body)
         except httpx.HTTPError as e:
             raise EngineUnavailableError(f"upstream {self.base_url} failed: {e}") from e
         if r.status_code >= 400:
@@ -128,13 +128,8 @@ class OpenAIEngine(Engine):
                 body["input"] = p
             else:
                 body["messages"] = p
-            try:
-                r = await self.client.post(f"{root}/classify", json=body)
-            except httpx.HTTPError as e:
-                raise EngineUnavailableError(f"upstream {self.base_url} failed: {e}") from e
-            if r.status_code >= 400:
-                raise _upstream_error(r.status_code, r.text)
-            out.append(float(r.json()["data"][0]["probs"][0]))
+            data = await self._post("/classify", body, base=root)
+            out.append(float(data["data"][0]["probs"][0]))
         return out
 
     async def prompt_logprobs(self, prompt: PromptInput, *, start: int = 0,
