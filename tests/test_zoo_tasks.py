@@ -126,3 +126,50 @@ def test_noisy_solution_stays_consistent():
         s = noisy_solution(r["solution"], 0.5, rng)
         assert s.split("\n")[-1].startswith("\\boxed{")
         assert tasks.extract_answer(s) is not None
+
+
+@pytest.mark.parametrize("unit", ["step", "digit", "size"])
+def test_noisy_solution_units_keep_later_steps_consistent(unit):
+    import random
+    from ttscale.zoo.train import noisy_solution, step_labels
+    rng = random.Random(1)
+    n_wrong = 0
+    for r in itertools.islice(tasks.training_stream(seed=4), 300):
+        s = noisy_solution(r["solution"], 0.3, rng, unit)
+        assert tasks.extract_answer(s) is not None
+        labels = [ok for _, ok in step_labels(s)]
+        # a slip makes exactly its own line wrong; every later line computes from the
+        # slipped value, so "all right so far" drops once and never recovers
+        assert labels == sorted(labels, reverse=True)
+        wrong = not tasks.is_correct(s, r["answer"])
+        n_wrong += wrong
+        if wrong:
+            assert 0.0 in labels
+    assert 50 < n_wrong < 300
+
+
+def test_digit_slips_grow_with_result_length():
+    import random
+    from ttscale.zoo.train import noisy_solution
+    rng = random.Random(2)
+
+    def wrong_rate(level, unit):
+        recs = tasks.generate(200, level, 9, prefix="x")
+        return sum(not tasks.is_correct(noisy_solution(r["solution"], 0.05, rng, unit), r["answer"])
+                   for r in recs) / len(recs)
+
+    # per-digit slips: long solutions (level 5) go wrong far more often than level 1
+    assert wrong_rate(5, "digit") > 3 * wrong_rate(1, "digit")
+    # "size" raises the per-digit rate of long results further, not that of short ones
+    assert wrong_rate(5, "size") > wrong_rate(5, "digit")
+
+
+def test_dense_labels_mark_the_first_wrong_digit():
+    from ttscale.zoo.train import dense_labels
+    s = "12 + 5 = 17\n17 * 3 = 41\n41 - 1 = 40\n\\boxed{40}"
+    got = [(s[p], ok) for p, ok in dense_labels(s)]
+    assert got == [("1", 1.0), ("7", 1.0), ("\n", 1.0),   # 17 is right
+                   ("4", 0.0), ("1", 0.0), ("\n", 0.0),   # 17 * 3 = 51, not 41
+                   ("\n", 0.0)]                           # later lines stay wrong
+    s2 = "12 + 5 = 17\n17 * 3 = 54\n\\boxed{54}"
+    assert [ok for _, ok in dense_labels(s2)][3:5] == [1.0, 0.0]  # "5" right, "4" wrong
