@@ -76,6 +76,26 @@ async def test_speculative_rejection_aborts_weak_partials():
     assert pol.num_running == 0
 
 
+async def test_speculative_rejection_reports_progress_without_rejections():
+    # every candidate is good: nothing is rejected, yet a streaming client still sees the
+    # checkpoint decisions and each finished sample
+    pol = FakeEngine("p", respond=lambda prompt, s: "good " * 20 + "\\boxed{1}", tick_s=0.002)
+    ver = FakeEngine("v", role="score", scorer=lambda t: 0.9)
+    ctx = _ctx(ModelPool([pol, ver]), pol, 4)
+    events = []
+
+    async def on_progress(ev):
+        events.append(ev)
+
+    ctx.on_progress = on_progress
+    r = await get_strategy("speculative_rejection").from_request(
+        {"alpha": 0.1, "checkpoints": [10], "min_survivors": 4}).run(ctx)
+    assert r.info["rejected"] == 0
+    kinds = [e["type"] for e in events]
+    assert [e["samples_done"] for e in events if e["type"] == "sample"] == [1, 2, 3, 4]
+    assert "reject" not in kinds and kinds.count("accept") >= 1
+
+
 async def test_draft_target_accepts_resamples_and_takes_over():
     solution = "12 + 7 = 19\n19 - 4 = 15\n\\boxed{15}"
 

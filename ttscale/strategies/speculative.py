@@ -96,10 +96,20 @@ class SpeculativeRejection(ParallelStrategy):
                 await sampler.abort(c)
                 await ctx.progress({"type": "reject", "checkpoint": cp, "score": round(s, 4),
                                     "live": alive()})
+            else:
+                await ctx.progress({"type": "accept", "checkpoint": cp, "score": round(s, 4),
+                                    "live": alive()})
 
-        def on_event(ev: CandidateEvent) -> None:
+        n_done = 0
+
+        async def on_event(ev: CandidateEvent) -> None:
+            nonlocal n_done
             c = ev.candidate
             if ev.finished:
+                if not c.aborted:
+                    n_done += 1
+                    await ctx.progress({"type": "sample", "samples_done": n_done, "samples_planned": k,
+                                        "tokens": c.num_tokens, "live": alive()})
                 return
             i = next_cp.get(id(c), 0)
             if i < len(o.checkpoints) and c.num_tokens >= o.checkpoints[i]:
