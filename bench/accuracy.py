@@ -33,6 +33,9 @@ SUITES = {
     "strategies": [
         ("majority@16", {"strategy": "majority", "budget": {"samples": 16}}),
         ("best_of_16 (verifier)", {"strategy": "best_of_n", "budget": {"samples": 16}}),
+        ("best_of_16 (logprob mean)", {"strategy": "best_of_n", "budget": {"samples": 16}, "scorer": "logprob"}),
+        ("best_of_16 (logprob min)", {"strategy": "best_of_n", "budget": {"samples": 16}, "scorer": "logprob",
+                                      "logprob": "min"}),
         ("majority@4", {"strategy": "majority", "budget": {"samples": 4}}),
         ("majority@8", {"strategy": "majority", "budget": {"samples": 8}}),
         ("rpc@4", {"strategy": "perplexity_consistency", "budget": {"samples": 4}}),

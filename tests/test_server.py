@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import socket
+import time
 
 import httpx
 import openai
@@ -250,8 +251,10 @@ def test_dropped_client_without_stream_aborts_engine_requests(server, long_token
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    try:  # leave only once the engine is working on it
+    try:  # leave only once the engine is working on it (and has had time for a first token,
+        # so that the aborted tokens' accounting is exercised too, even on a loaded machine)
         assert wait_until(lambda: server.health()["engine_requests_running"] > 0, 60)
+        time.sleep(2.0)
     finally:
         sock.close()
     assert wait_until(lambda: _engine_idle(server), 15), server.health()
