@@ -427,6 +427,14 @@ def _truncate(completion: str, rng: random.Random) -> str:
     return completion[:cut]
 
 
+def _true_result(m: re.Match) -> str:
+    """The right result of a written step ``a op b = c`` as a string ("" if there is none)."""
+    x, op, y = int(m[1]), m[2], int(m[3])
+    v = x + y if op == "+" else x - y if op == "-" else x * y if op == "*" else (
+        x // y if y and x % y == 0 else None)
+    return str(v) if v is not None and v >= 0 else ""
+
+
 def step_labels(solution: str) -> list[tuple[int, float]]:
     """(character index of each complete line's newline, 1.0 if every step line up to and
     including it is arithmetically right, else 0.0): the dense step-checking target."""
@@ -435,10 +443,7 @@ def step_labels(solution: str) -> list[tuple[int, float]]:
     for line in lines[:-1]:  # lines followed by a newline (complete)
         m = _STEP.fullmatch(line)
         if m:
-            x, op, y, z = int(m[1]), m[2], int(m[3]), int(m[4])
-            v = x + y if op == "+" else x - y if op == "-" else x * y if op == "*" else (
-                x // y if y and x % y == 0 else None)
-            if v != z:
+            if _true_result(m) != m[4]:
                 ok = 0.0
         pos += len(line)
         out.append((pos, ok))
@@ -455,10 +460,7 @@ def dense_labels(solution: str) -> list[tuple[int, float]]:
     for line in lines[:-1]:
         m = _STEP.fullmatch(line)
         if m and ok:
-            x, op, y, z = int(m[1]), m[2], int(m[3]), m[4]
-            v = x + y if op == "+" else x - y if op == "-" else x * y if op == "*" else (
-                x // y if y and x % y == 0 else None)
-            true = str(v) if v is not None and v >= 0 else ""
+            z, true = m[4], _true_result(m)
             start = pos + m.start(4)
             for j in range(len(z)):
                 good = ok if z[:j + 1] == true[:j + 1] else 0.0
