@@ -71,17 +71,22 @@ def run(
     typer.echo(json.dumps(summary))
 
 
+# analysis options shared by `fit` and `report`
+CostOpt = Annotated[float, typer.Option(
+    help="Cost of 1000 generated tokens in units of the value of one correct answer.")]
+NBootOpt = Annotated[int, typer.Option(help="Bootstrap resamples.")]
+RpcDrawsOpt = Annotated[int, typer.Option(help="Random k-subsets per problem and k for RPC (0: skip RPC).")]
+RpcPruneOpt = Annotated[bool, typer.Option(help="RPC with reasoning pruning (a mixture fit per subset: slow).")]
+
+
 @app.command()
 def fit(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ttscale eval run`.")],
     out: Annotated[Path | None, typer.Option(help="Write the analysis JSON here (default <run>/fit.json).")] = None,
-    cost_per_1k_tokens: Annotated[float, typer.Option(
-        help="Cost of 1000 generated tokens in units of the value of one correct answer.")] = 0.05,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
-    rpc_draws: Annotated[int, typer.Option(
-        help="Random k-subsets per problem and k for RPC (0: skip RPC).")] = 2,
-    rpc_prune: Annotated[bool, typer.Option(
-        help="RPC with reasoning pruning (a mixture fit per subset: slow).")] = False,
+    cost_per_1k_tokens: CostOpt = 0.05,
+    n_boot: NBootOpt = 1000,
+    rpc_draws: RpcDrawsOpt = 2,
+    rpc_prune: RpcPruneOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Metrics vs k with bootstrap CIs and the fits (coverage power law, ceilings, saturation)."""
@@ -103,13 +108,10 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Report directory (default <run>/report).")] = None,
     profile: Annotated[Path | None, typer.Option(
         help="Also copy the budget profile JSON here (e.g. eval/profiles/<model>.json).")] = None,
-    cost_per_1k_tokens: Annotated[float, typer.Option(
-        help="Cost of 1000 generated tokens in units of the value of one correct answer.")] = 0.05,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
-    rpc_draws: Annotated[int, typer.Option(
-        help="Random k-subsets per problem and k for RPC (0: skip RPC).")] = 2,
-    rpc_prune: Annotated[bool, typer.Option(
-        help="RPC with reasoning pruning (a mixture fit per subset: slow).")] = False,
+    cost_per_1k_tokens: CostOpt = 0.05,
+    n_boot: NBootOpt = 1000,
+    rpc_draws: RpcDrawsOpt = 2,
+    rpc_prune: RpcPruneOpt = False,
     command: Annotated[str | None, typer.Option(help="Command line shown in the report.")] = None,
 ) -> None:
     """Self-contained HTML report, Markdown report and the budget profile (profile.json)."""
