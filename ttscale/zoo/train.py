@@ -103,7 +103,8 @@ def _slip(c: int, q: float, unit: str, rng: random.Random) -> int:
     return int("".join(ds))
 
 
-def noisy_solution(solution: str, q: float, rng: random.Random, unit: str = "step") -> str:
+def noisy_solution(solution: str, q: float, rng: random.Random, unit: str = "step",
+                   floor_div: bool = False) -> str:
     """Simulated slips; later steps compute consistently from the wrong value.
 
     ``unit="step"``: each step's result has, with probability ``q``, one digit
@@ -113,7 +114,9 @@ def noisy_solution(solution: str, q: float, rng: random.Random, unit: str = "ste
     as "digit" with the per-digit rate ``q * (1 + 0.15 * max(0, digits - 3))``.
 
     Returns the clean solution when a slip would make a later step invalid
-    (negative result or inexact division).
+    (negative result, division by zero, or an inexact division unless
+    ``floor_div``, which writes the floored quotient instead, as a careless
+    solver would).
     """
     if q <= 0:
         return solution
@@ -133,7 +136,7 @@ def noisy_solution(solution: str, q: float, rng: random.Random, unit: str = "ste
         elif op == "*":
             c = a * b
         else:
-            if b == 0 or a % b:
+            if b == 0 or (a % b and not floor_div):
                 return solution
             c = a // b
         if c < 0:
@@ -150,7 +153,7 @@ def noisy_solution(solution: str, q: float, rng: random.Random, unit: str = "ste
     return "\n".join(out + [f"\\boxed{{{ans}}}"])
 
 
-def _stream_examples(seed: int, noise: float = 0.0, unit: str = "step"):
+def _stream_examples(seed: int, noise: float = 0.0, unit: str = "step", floor_div: bool = False):
     """Endless (input_ids, labels) for causal-LM training; excludes eval and dev."""
     dev = frozenset(tasks.signature(r["problem"]) for r in dev_set())
     rng = random.Random(f"noise:{seed}")
@@ -158,12 +161,13 @@ def _stream_examples(seed: int, noise: float = 0.0, unit: str = "step"):
         if tasks.signature(rec["problem"]) in dev:
             continue
         p = T.encode(T.format_prompt(rec["problem"]))
-        sol = noisy_solution(rec["solution"], noise, rng, unit) if noise > 0 else rec["solution"]
+        sol = noisy_solution(rec["solution"], noise, rng, unit, floor_div) if noise > 0 else rec["solution"]
         s = T.encode(sol) + [T.EOS_ID]
         yield p + s, [-100] * len(p) + s
 
 
-def _make_loader(seed: int, batch: int, workers: int, noise: float = 0.0, unit: str = "step"):
+def _make_loader(seed: int, batch: int, workers: int, noise: float = 0.0, unit: str = "step",
+                 floor_div: bool = False):
     import torch
     from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -172,7 +176,7 @@ def _make_loader(seed: int, batch: int, workers: int, noise: float = 0.0, unit: 
             wi = get_worker_info()
             wid = wi.id if wi is not None else 0
             torch.set_num_threads(1)
-            return _stream_examples(seed * 1000 + wid + 1, noise, unit)
+            return _stream_examples(seed * 1000 + wid + 1, noise, unit, floor_div)
 
     def collate(items):
         n = max(len(x) for x, _ in items)
@@ -191,7 +195,8 @@ def _make_loader(seed: int, batch: int, workers: int, noise: float = 0.0, unit: 
 
 # ----------------------------------------------------------------------------- models
 
-def llama_config(arch: tuple[int, int, int, int, int], classifier: bool = False):
+def llama_config(arch: tuple[int, int, int, int, int], classifier: bool = False,
+                 attention_bias: bool = False):
     from transformers import LlamaConfig
 
     layers, hidden, inter, heads, kv = arch
@@ -200,7 +205,7 @@ def llama_config(arch: tuple[int, int, int, int, int], classifier: bool = False)
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
         max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, rope_theta=10000.0,
         tie_word_embeddings=not classifier, bos_token_id=T.BOS_ID, eos_token_id=T.EOS_ID,
-        pad_token_id=T.PAD_ID, attention_bias=False, mlp_bias=False,
+        pad_token_id=T.PAD_ID, attention_bias=attention_bias, mlp_bias=False,
     )
     if classifier:
         cfg.num_labels = 1
@@ -322,7 +327,7 @@ def train_lm(kind: str, a) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.1)
     warm = a.warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    loader = _make_loader(a.seed, a.batch, a.workers, a.noise, a.noise_unit)
+    loader = _make_loader(a.seed, a.batch, a.workers, a.noise, a.noise_unit, a.floor_div)
     dev_recs = dev_set()
     t0 = time.time()
     history = []
@@ -355,6 +360,7 @@ def train_lm(kind: str, a) -> None:
                            str(Path(a.ckpt_dir) / f"step{step}.pt"))
                 (Path(a.ckpt_dir) / "history.json").write_text(json.dumps(
                     {"kind": kind, "arch": list(arch), "lr": a.lr, "noise": a.noise, "noise_unit": a.noise_unit,
+                     "floor_div": a.floor_div,
                      "init": a.init,
                      "batch": a.batch,
                      "seed": a.seed, "history": history}, indent=1))
@@ -362,7 +368,8 @@ def train_lm(kind: str, a) -> None:
             break
     info = {"kind": kind, "arch": list(arch), "params": n_params(model), "seed": a.seed, "steps": step,
             "batch": a.batch, "lr": a.lr, "warmup": warm, "noise": a.noise,
-            "noise_unit": a.noise_unit, "init": a.init, "train_seconds": round(time.time() - t0, 1),
+            "noise_unit": a.noise_unit, "floor_div": a.floor_div, "init": a.init,
+            "train_seconds": round(time.time() - t0, 1),
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
             "dev_history": history}
     save_model(model, a.out, info)
@@ -419,6 +426,37 @@ def auroc(scores, labels) -> float:
     return float((ranks[y].sum() - npos * (npos + 1) / 2) / (npos * nneg))
 
 
+def init_previous_token_heads(layer, config, heads: int, sharpness: float = 12.0) -> None:
+    """Make the first ``heads`` attention heads of ``layer`` attend to the previous position.
+
+    The query and key of those heads are constant biases (their weights are zeroed), chosen
+    so that after the rotary embedding ``q_m . k_n = A * sum_i cos((n - m + 1) * theta_i)``,
+    which peaks at ``n = m - 1``.  Value, output and MLP weights stay as initialised and are
+    trained: the layer then sees, at every token, the body's final state at the token
+    before, which holds the policy's prediction of this token.  A verifier needs that to
+    tell a written digit from the expected one; learning the attention pattern from a random
+    start is slow.
+    """
+    import torch
+
+    d = config.head_dim if getattr(config, "head_dim", None) else config.hidden_size // config.num_attention_heads
+    theta = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))  # (d/2,)
+    q = torch.full((d,), 1.0, dtype=torch.float64)
+    # k = R(1) q in the rotate-half layout: pairs (i, i + d/2) rotated by theta_i
+    c, s_ = torch.cos(inv), torch.sin(inv)
+    k = torch.cat([q[: d // 2] * c - q[d // 2:] * s_, q[d // 2:] * c + q[: d // 2] * s_])
+    scale = math.sqrt(sharpness * math.sqrt(d) / float((1 - torch.cos(inv)).sum()))
+    attn = layer.self_attn
+    with torch.no_grad():
+        for h in range(heads):
+            sl = slice(h * d, (h + 1) * d)
+            attn.q_proj.weight[sl].zero_()
+            attn.k_proj.weight[sl].zero_()
+            attn.q_proj.bias[sl] = (q * scale).to(attn.q_proj.bias.dtype)
+            attn.k_proj.bias[sl] = (k * scale).to(attn.k_proj.bias.dtype)
+
+
 def _truncate(completion: str, rng: random.Random) -> str:
     """A random strict prefix of a completion (cut at a line end or inside a line)."""
     if len(completion) < 2:
@@ -473,6 +511,25 @@ def dense_labels(solution: str) -> list[tuple[int, float]]:
     return out
 
 
+def expected_digits(solution: str) -> list[tuple[int, str]]:
+    """(character index, the digit that belongs there) for each digit of each step's result,
+    up to and including the first wrong one of that line: what a careful reader expects to
+    see at that position, given the operands as written."""
+    out, pos = [], 0
+    lines = solution.split("\n")
+    for line in lines[:-1]:
+        m = _STEP.fullmatch(line)
+        if m:
+            z, true = m[4], _true_result(m)
+            start = pos + m.start(4)
+            for j in range(min(len(z), len(true))):
+                out.append((start + j, true[j]))
+                if z[j] != true[j]:
+                    break
+        pos += len(line) + 1
+    return out
+
+
 def _synthetic_stream(seed: int, q: float):
     """Fresh training problems with simulated per-digit slips: (problem, solution, correct)."""
     dev = frozenset(tasks.signature(r["problem"]) for r in dev_set())
@@ -480,7 +537,7 @@ def _synthetic_stream(seed: int, q: float):
     for rec in tasks.training_stream(VERIFIER_DATA_SEED_OFFSET * 2 + seed):
         if tasks.signature(rec["problem"]) in dev:
             continue
-        sol = noisy_solution(rec["solution"], q, rng, "digit")
+        sol = noisy_solution(rec["solution"], q, rng, "digit", floor_div=True)
         yield rec["problem"], sol, float(tasks.is_correct(sol, rec["answer"]))
 
 
@@ -498,11 +555,28 @@ def train_verifier(a) -> None:
             c.num_key_value_heads)
     n_body = arch[0]
     arch = (n_body + a.extra_layers,) + arch[1:]
-    model = LlamaForSequenceClassification(llama_config(arch, classifier=True))
+    prev_heads = a.prev_token_heads if a.extra_layers else 0
+    model = LlamaForSequenceClassification(llama_config(arch, classifier=True, attention_bias=bool(prev_heads)))
     missing, unexpected = model.model.load_state_dict(base.model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("layers.") and int(k.split(".")[1]) >= n_body
-                                  for k in missing), (missing, unexpected)
+    assert not unexpected and all(
+        (k.startswith("layers.") and int(k.split(".")[1]) >= n_body) or k.endswith("_proj.bias")
+        for k in missing), (missing, unexpected)
+    if prev_heads:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    getattr(layer.self_attn, proj).bias.zero_()
+        init_previous_token_heads(model.model.layers[n_body], model.config, prev_heads)
     torch.nn.init.normal_(model.score.weight, std=0.02)
+    # --expect-aux: a training-only head, started from the policy's output layer, that reads
+    # the same hidden state as the score head and predicts the digit that belongs at this
+    # position (the policy predicts it one position earlier); dropped when saving
+    expect_head = None
+    if a.expect_aux > 0:
+        expect_head = torch.nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        with torch.no_grad():
+            expect_head.weight.copy_(base.get_output_embeddings().weight)
+        expect_head.to(dev)
     if a.freeze_body:
         # the policy's own layers stay as they are (they already predict every digit); the
         # extra layers and the head learn to compare what was written with what was expected
@@ -534,7 +608,10 @@ def train_verifier(a) -> None:
         log(f"verifier: {len(groups)} problems with right and wrong samples for the pairwise loss")
     log(f"verifier: arch={arch} params={n_params(model):,}; {len(rows)} samples "
         f"(acc {sum(r['correct'] for r in rows) / len(rows):.3f}), dev {len(dev_rows)}")
-    opt = torch.optim.AdamW([p_ for p_ in model.parameters() if p_.requires_grad], lr=a.lr,
+    params = [p_ for p_ in model.parameters() if p_.requires_grad]
+    if expect_head is not None:
+        params += list(expect_head.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr,
                             betas=(0.9, 0.98), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * max(0.0, 0.5 * (1 + math.cos(math.pi * s / a.steps))))
@@ -640,13 +717,28 @@ def train_verifier(a) -> None:
                     tok_logit[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)],
                     torch.tensor(sl, device=dev))
                 loss = loss + a.step_aux * aux
+        if expect_head is not None:
+            bi, ti, tgt = [], [], []
+            for j, (p_, comp) in enumerate(items):
+                off = len(T.encode(T.format_prompt(p_)))
+                for pos, digit in expected_digits(comp):
+                    bi.append(j)
+                    ti.append(off + pos)
+                    tgt.append(T.encode(digit)[0])
+            if bi:
+                h_sel = hid[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)]  # final norm applied
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    ex_logits = expect_head(h_sel).float()
+                ex_loss = F.cross_entropy(ex_logits, torch.tensor(tgt, device=dev))
+                loss = loss + a.expect_aux * ex_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0:
-            log(f"verifier step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+            extra = f" expect {ex_loss.item():.4f}" if expect_head is not None and bi else ""
+            log(f"verifier step {step} loss {loss.item():.4f}{extra} {time.time() - t0:.0f}s")
         out_of_time = (bool(a.max_minutes) and time.time() - t0 > 60 * a.max_minutes) or step == a.stop_at
         if step % a.eval_every == 0 or step == a.steps or out_of_time:
             res = dev_eval()
@@ -666,6 +758,7 @@ def train_verifier(a) -> None:
             "train_samples": len(rows), "mixed_only": a.mixed_only, "init": "policy body",
             "pairwise": a.pairwise, "group": a.group, "step_aux": a.step_aux, "pair_problems": len(groups),
             "digit_aux": a.digit_aux, "extra_layers": a.extra_layers, "freeze_body": a.freeze_body,
+            "prev_token_heads": prev_heads, "expect_aux": a.expect_aux,
             "synthetic": a.synthetic, "synthetic_q": a.synthetic_q,
             "kept_step": best[1] if (a.keep_best and best) else a.steps, "dev_history": hist,
             "train_seconds": round(time.time() - t0, 1)}
@@ -704,7 +797,7 @@ def export(a) -> None:
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     step = int(Path(a.ckpt).stem.removeprefix("step"))
     hist = [h for h in meta["history"] if h["step"] <= step]
-    for k in ("lr", "noise", "noise_unit", "batch", "seed"):
+    for k in ("lr", "noise", "noise_unit", "floor_div", "batch", "seed"):
         if k in meta:
             hist_meta = meta[k]
             a.info = json.dumps({**json.loads(a.info or "{}"), k: hist_meta})
@@ -730,6 +823,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--noise", type=float, default=0.0,
                        help="probability of a simulated slip (per step or per digit, --noise-unit)")
         p.add_argument("--noise-unit", choices=("step", "digit", "size"), default="step")
+        p.add_argument("--floor-div", action="store_true",
+                       help="after a slip, an inexact division writes the floored quotient (instead "
+                            "of dropping the slips of that solution)")
         p.add_argument("--init", default=None, help="continue from a model directory or a --ckpt-dir checkpoint")
         p.add_argument("--eval-every", type=int, default=0)  # noqa
         p.add_argument("--eval-n", type=int, default=16)
@@ -766,8 +862,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of a dense BCE at each line end: were all steps so far arithmetically right")
     v.add_argument("--digit-aux", action="store_true",
                    help="with --step-aux: also label every digit of every step's result")
+    v.add_argument("--expect-aux", type=float, default=0.0,
+                   help="weight of a training-only loss: predict, at each result digit, the digit "
+                        "that belongs there (teaches the reader to hold the expected digit where it "
+                        "can compare it with the written one)")
     v.add_argument("--extra-layers", type=int, default=0, help="layers added on top of the policy body")
     v.add_argument("--freeze-body", action="store_true", help="train only the extra layers, norm and head")
+    v.add_argument("--prev-token-heads", type=int, default=0,
+                   help="with --extra-layers: start this many heads of the first extra layer as "
+                        "previous-token heads (adds attention biases to the architecture)")
     v.add_argument("--synthetic", type=float, default=0.0,
                    help="share of each batch drawn from fresh problems with simulated slips")
     v.add_argument("--synthetic-q", type=float, default=0.04, help="per-digit slip rate of those")
