@@ -71,6 +71,33 @@ def run(
     typer.echo(json.dumps(summary))
 
 
+@app.command()
+def rescore(
+    run_dir: Annotated[Path, typer.Argument(help="A run recorded with completion texts.")],
+    verifier: Annotated[str, typer.Option(
+        help="Scoring model: embedded name, local directory, or NAME=http://host:port.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New run directory.")],
+    concurrency: Annotated[int, typer.Option(help="Problems in flight.")] = 4,
+    data_dir: Annotated[str | None, typer.Option(
+        help="Directory of the named sets (default $TTSCALE_DATA_DIR, else ../shared/data).")] = None,
+    kv_cache_gib: Annotated[float | None, typer.Option(help="CPU: KV cache GiB.")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="vLLM max_num_seqs.")] = None,
+    force: Annotated[bool, typer.Option(help="Continue an output directory with a different configuration.")] = False,
+) -> None:
+    """Score a run's recorded samples with another verifier (no sample is redrawn; resumable)."""
+    from ttscale.eval.runner import rescore_sync
+    from ttscale.eval.store import ConfigMismatch
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        summary = rescore_sync(run_dir, out, verifier, data_dir=data_dir, concurrency=concurrency,
+                               kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs, force=force)
+    except (ConfigMismatch, FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(json.dumps(summary))
+
+
 # analysis options shared by `fit` and `report`
 CostOpt = Annotated[float, typer.Option(
     help="Cost of 1000 generated tokens in units of the value of one correct answer.")]

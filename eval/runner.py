@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ttscale.eval.data import Dataset, extract, grade, load_dataset
-from ttscale.eval.store import RunStore
+from ttscale.eval.data import KNOWN_SETS, Dataset, extract, grade, load_dataset
+from ttscale.eval.store import RunStore, load_run
 
 
 @dataclass(frozen=True)
@@ -255,4 +255,74 @@ def run_sync(cfg: RunConfig, out_dir: str | Path, **kw: Any) -> dict[str, Any]:
     return asyncio.run(EvalRunner(cfg, out_dir, **kw).run())
 
 
-__all__ = ["EvalRunner", "RunConfig", "asdict", "problem_seed", "run_sync", "sample_seed"]
+async def rescore(src: str | Path, out_dir: str | Path, verifier: str, *, data_dir: str | None = None,
+                  concurrency: int = 4, kv_cache_gib: float | None = None, max_num_seqs: int | None = None,
+                  engine=None, force: bool = False) -> dict[str, Any]:
+    """Score the recorded samples of run ``src`` with another ``verifier`` into ``out_dir``.
+
+    The samples (texts, answers, grades, tokens) are copied; only ``score`` is new, read by
+    the verifier exactly as ``run --verifier`` would have read it.  No sample is redrawn, so
+    verifiers can be compared on the same samples.  Resumable like ``run``.
+    """
+    from ttscale.engine import build_engine, parse_model_arg
+    from ttscale.scorers import with_answer
+
+    src, out_dir = Path(src), Path(out_dir)
+    if src.resolve() == out_dir.resolve():
+        raise ValueError("rescore writes a new run directory: --out must differ from the source run")
+    manifest, records = load_run(src)
+    if not manifest.get("keep_text", True) or any("text" not in s for r in records for s in r["samples"]):
+        raise ValueError(f"{src} was recorded without completion texts (--no-text): nothing to score")
+    name = manifest["dataset"]
+    spec = name if name in KNOWN_SETS or name.startswith("hf:") else manifest.get("dataset_source") or name
+    ds = load_dataset(spec, data_dir=data_dir, limit=manifest.get("limit"))
+    if ds.fingerprint() != manifest.get("dataset_fingerprint"):
+        raise ValueError(f"dataset {manifest['dataset']!r} differs from the one {src} was drawn on")
+    problems = {p["id"]: p["problem"] for p in ds.problems}
+    new = {**manifest, "verifier": verifier, "rescored_from": str(src),
+           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    store = RunStore(out_dir)
+    done = store.open(new, force=force)
+    todo = [r for r in records if r["id"] not in done]
+    own = engine is None
+    if own:
+        opts: dict[str, Any] = {}
+        if kv_cache_gib:
+            opts["kv_cache_gib"] = kv_cache_gib
+        if max_num_seqs:
+            opts["max_num_seqs"] = max_num_seqs
+        engine = build_engine(replace(parse_model_arg(verifier), role="score"), **opts)
+        await engine.start()
+    t0 = time.perf_counter()
+    n_samples = 0
+    try:
+        queue: asyncio.Queue = asyncio.Queue()
+        for r in todo:
+            queue.put_nowait(r)
+
+        async def worker() -> None:
+            nonlocal n_samples
+            while not queue.empty():
+                r = queue.get_nowait()
+                prompt = chat_prompt(problems[r["id"]])
+                scores = await engine.score([with_answer(prompt, None, s["text"]) for s in r["samples"]])
+                store.append({**r, "samples": [{**s, "score": round(float(x), 6)}
+                                               for s, x in zip(r["samples"], scores)]})
+                n_samples += len(scores)
+
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    finally:
+        store.close()
+        if own:
+            await engine.close()
+    return {"run_dir": str(out_dir), "source": str(src), "problems": len(records),
+            "resumed_with": len(done), "rescored": len(todo), "samples": n_samples,
+            "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def rescore_sync(src: str | Path, out_dir: str | Path, verifier: str, **kw: Any) -> dict[str, Any]:
+    return asyncio.run(rescore(src, out_dir, verifier, **kw))
+
+
+__all__ = ["EvalRunner", "RunConfig", "asdict", "problem_seed", "rescore", "rescore_sync", "run_sync",
+           "sample_seed"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import POLICY
+from conftest import POLICY, VERIFIER
 
 pytestmark = pytest.mark.vllm
 
@@ -74,3 +74,26 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path):
         rec = json.loads(line)
         assert [s["i"] for s in rec["samples"]] == list(range(K))
         assert all(s["finish"] in ("stop", "length") for s in rec["samples"])
+
+
+def test_rescore_with_the_real_verifier_matches_the_run(tmp_path):
+    """`eval rescore` reads the recorded samples as `eval run --verifier` does: same scores."""
+    src, out = tmp_path / "src", tmp_path / "rescored"
+    run = [sys.executable, "-m", "ttscale.cli", "eval", "run", "arith500", "--model", POLICY,
+           "--verifier", VERIFIER, "--limit", "3", "-k", "3", "--max-tokens", "256", "--out", str(src), "--quiet"]
+    res = subprocess.run(run, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([sys.executable, "-m", "ttscale.cli", "eval", "rescore", str(src), "--verifier", VERIFIER,
+                          "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["samples"] == 9
+    from ttscale.eval.store import load_run
+
+    _, a = load_run(src)
+    _, b = load_run(out)
+    a_by = {r["id"]: r for r in a}
+    assert len(b) == 3
+    for r in b:
+        for s, t in zip(r["samples"], a_by[r["id"]]["samples"]):
+            assert s["text"] == t["text"] and s["correct"] == t["correct"]
+            assert abs(s["score"] - t["score"]) < 2e-2

@@ -113,3 +113,55 @@ def test_runner_records_everything_and_resumes_after_cancel(tmp_path):
     strip = lambda r: [(s["seed"], s["text"], s["score"]) for s in r["samples"]]  # noqa: E731
     ref_by = {r["id"]: strip(r) for r in ref_recs}
     assert all(strip(r) == ref_by[r["id"]] for r in recs)
+
+
+def test_rescore_scores_the_recorded_samples_and_resumes(tmp_path):
+    from ttscale.eval.runner import rescore
+    data = tmp_path / "set.jsonl"
+    _write_set(data, 8)
+    src = tmp_path / "src"
+    asyncio.run(_runner(src, data).run())
+    _, src_recs = load_run(src / "run")
+
+    # the verifier the run used reads the same inputs again: identical scores
+    same = asyncio.run(rescore(src / "run", tmp_path / "same", "fake-v", engine=FakeEngine("fake-v", role="score")))
+    assert same["rescored"] == 8 and same["samples"] == 8 * 6
+    _, recs = load_run(tmp_path / "same")
+    assert {r["id"]: r for r in recs} == {r["id"]: r for r in src_recs}
+
+    # another verifier: only the scores change, and they are that verifier's on those texts
+    other = FakeEngine("len", role="score", scorer=lambda text: len(text) / 1000)
+    asyncio.run(rescore(src / "run", tmp_path / "other", "len", engine=other))
+    manifest, recs = load_run(tmp_path / "other")
+    assert manifest["verifier"] == "len" and manifest["rescored_from"] == str(src / "run")
+    by = {r["id"]: r for r in src_recs}
+    changed = 0
+    for r in recs:
+        old = by[r["id"]]["samples"]
+        assert [{k: v for k, v in s.items() if k != "score"} for s in r["samples"]] == \
+               [{k: v for k, v in s.items() if k != "score"} for s in old]
+        changed += sum(a["score"] != b["score"] for a, b in zip(r["samples"], old))
+        assert all(0 < s["score"] < 1 for s in r["samples"])
+    assert changed > 0
+
+    # resumable: a second call finds everything done
+    again = asyncio.run(rescore(src / "run", tmp_path / "other", "len", engine=other))
+    assert again["resumed_with"] == 8 and again["rescored"] == 0
+    assert len((tmp_path / "other" / "problems.jsonl").read_text().splitlines()) == 8
+
+
+def test_rescore_refuses_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from ttscale.eval.cli import app
+    data = tmp_path / "set.jsonl"
+    _write_set(data, 3)
+    cfg = RunConfig(dataset=str(data), model="fake", k=2, keep_text=False)
+    asyncio.run(EvalRunner(cfg, tmp_path / "notext", policy=FakeEngine("fake"), progress=False).run())
+    runner = CliRunner()
+    res = runner.invoke(app, ["rescore", str(tmp_path / "notext"), "--verifier", "v", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--no-text" in res.output
+    res = runner.invoke(app, ["rescore", str(tmp_path / "notext"), "--verifier", "v", "--out", str(tmp_path / "notext")])
+    assert res.exit_code == 2 and "must differ" in res.output
+    res = runner.invoke(app, ["rescore", str(tmp_path / "missing"), "--verifier", "v", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "not a run directory" in res.output
