@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -178,4 +179,6 @@ if __name__ == "__main__":
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--max-tokens", type=int, default=320)
     ap.add_argument("--concurrency", type=int, default=4)
+    # a terminated bench unwinds like Ctrl-C, so the server it started is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     asyncio.run(main(ap.parse_args()))
