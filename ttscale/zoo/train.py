@@ -28,14 +28,22 @@ in Python), which teaches the model to check each step it reads; with
 ``--synthetic F`` draws a share F of each batch from fresh training problems
 with simulated per-digit slips (unlimited right and wrong solutions of the
 same kind the policy produces); ``--extra-layers N --freeze-body`` adds N new
-layers on a frozen copy of the policy.
+layers on a frozen copy of the policy.  A verifier that checks digits needs those
+layers: the policy's expectation of a digit sits in its last layer at the position
+*before* the digit, so only a later layer can compare it with the digit written.
+``--prev-token-heads H`` starts H heads of the first new layer attending to the
+previous position, and ``--expect-aux W`` adds a training-only loss on the digit that
+belongs at each result digit; with both, the new layers learn the comparison (the
+shipped verifier's recipe).
 
 Slips (``--noise``, ``--noise-unit``): the policy learns to make occasional
 independent arithmetic slips from training solutions that contain them (later
 steps compute consistently from the slipped value).  ``step``: one digit of a
 step's result with probability q; ``digit``: every digit of every result with
 probability q, so long computations (high levels) fail more often; ``size``:
-as ``digit`` with a rate that grows with the result's length.
+as ``digit`` with a rate that grows with the result's length.  ``--floor-div``: a
+slip upstream of an inexact division is kept and the division floored (otherwise the
+solution falls back to its clean version, which spares long division chains).
 """
 
 from __future__ import annotations
