@@ -538,6 +538,19 @@ def expected_digits(solution: str) -> list[tuple[int, str]]:
     return out
 
 
+def _token_targets(items, label_fn) -> tuple[list[int], list[int], list]:
+    """(batch rows, token positions, targets) of ``label_fn(completion)``'s (character index,
+    target) pairs for (problem, completion) items; one token per character after the prompt."""
+    bi, ti, out = [], [], []
+    for j, (p_, comp) in enumerate(items):
+        off = len(T.encode(T.format_prompt(p_)))
+        for pos, target in label_fn(comp):
+            bi.append(j)
+            ti.append(off + pos)
+            out.append(target)
+    return bi, ti, out
+
+
 def _synthetic_stream(seed: int, q: float):
     """Fresh training problems with simulated per-digit slips: (problem, solution, correct)."""
     dev = frozenset(tasks.signature(r["problem"]) for r in dev_set())
@@ -712,27 +725,15 @@ def train_verifier(a) -> None:
         if a.step_aux > 0:
             # dense step checking: at each line end (and with --digit-aux at each result
             # digit), was everything so far right?
-            label_fn = dense_labels if a.digit_aux else step_labels
-            bi, ti, sl = [], [], []
-            for j, (p_, comp) in enumerate(items):
-                off = len(T.encode(T.format_prompt(p_)))
-                for pos, ok in label_fn(comp):
-                    bi.append(j)
-                    ti.append(off + pos)
-                    sl.append(ok)
+            bi, ti, sl = _token_targets(items, dense_labels if a.digit_aux else step_labels)
             if bi:
                 aux = F.binary_cross_entropy_with_logits(
                     tok_logit[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)],
                     torch.tensor(sl, device=dev))
                 loss = loss + a.step_aux * aux
         if expect_head is not None:
-            bi, ti, tgt = [], [], []
-            for j, (p_, comp) in enumerate(items):
-                off = len(T.encode(T.format_prompt(p_)))
-                for pos, digit in expected_digits(comp):
-                    bi.append(j)
-                    ti.append(off + pos)
-                    tgt.append(T.encode(digit)[0])
+            bi, ti, tgt = _token_targets(items, expected_digits)
+            tgt = [T.encode(d)[0] for d in tgt]
             if bi:
                 h_sel = hid[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)]  # final norm applied
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
