@@ -83,15 +83,20 @@ def chat_prompt(problem: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": problem}]
 
 
+def _engine_opts(kv_cache_gib: float | None, max_num_seqs: int | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if kv_cache_gib:
+        opts["kv_cache_gib"] = kv_cache_gib
+    if max_num_seqs:
+        opts["max_num_seqs"] = max_num_seqs
+    return opts
+
+
 def build_engines(cfg: RunConfig):
     """(policy, verifier or None) for the configured models; not started."""
     from ttscale.engine import build_engine, parse_model_arg
 
-    opts: dict[str, Any] = {}
-    if cfg.kv_cache_gib:
-        opts["kv_cache_gib"] = cfg.kv_cache_gib
-    if cfg.max_num_seqs:
-        opts["max_num_seqs"] = cfg.max_num_seqs
+    opts = _engine_opts(cfg.kv_cache_gib, cfg.max_num_seqs)
     policy = build_engine(parse_model_arg(cfg.model), **opts)
     verifier = None
     if cfg.verifier:
@@ -286,12 +291,8 @@ async def rescore(src: str | Path, out_dir: str | Path, verifier: str, *, data_d
     todo = [r for r in records if r["id"] not in done]
     own = engine is None
     if own:
-        opts: dict[str, Any] = {}
-        if kv_cache_gib:
-            opts["kv_cache_gib"] = kv_cache_gib
-        if max_num_seqs:
-            opts["max_num_seqs"] = max_num_seqs
-        engine = build_engine(replace(parse_model_arg(verifier), role="score"), **opts)
+        engine = build_engine(replace(parse_model_arg(verifier), role="score"),
+                              **_engine_opts(kv_cache_gib, max_num_seqs))
         await engine.start()
     t0 = time.perf_counter()
     n_samples = 0

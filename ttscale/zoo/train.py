@@ -481,19 +481,23 @@ def _true_result(m: re.Match) -> str:
     return str(v) if v is not None and v >= 0 else ""
 
 
+def _complete_lines(solution: str):
+    """(character index of the line's start, line, its ``a op b = c`` match or None) for every
+    line followed by a newline."""
+    pos = 0
+    for line in solution.split("\n")[:-1]:
+        yield pos, line, _STEP.fullmatch(line)
+        pos += len(line) + 1
+
+
 def step_labels(solution: str) -> list[tuple[int, float]]:
     """(character index of each complete line's newline, 1.0 if every step line up to and
     including it is arithmetically right, else 0.0): the dense step-checking target."""
-    out, ok, pos = [], 1.0, 0
-    lines = solution.split("\n")
-    for line in lines[:-1]:  # lines followed by a newline (complete)
-        m = _STEP.fullmatch(line)
-        if m:
-            if _true_result(m) != m[4]:
-                ok = 0.0
-        pos += len(line)
-        out.append((pos, ok))
-        pos += 1
+    out, ok = [], 1.0
+    for pos, line, m in _complete_lines(solution):
+        if m and _true_result(m) != m[4]:
+            ok = 0.0
+        out.append((pos + len(line), ok))
     return out
 
 
@@ -501,10 +505,8 @@ def dense_labels(solution: str) -> list[tuple[int, float]]:
     """(character index, 1.0 if nothing is wrong up to and including it): at every digit of
     every step's result (its prefix agrees with the true result of the written operands) and
     at every line end (as :func:`step_labels`).  The score head learns "no slip so far"."""
-    out, ok, pos = [], 1.0, 0
-    lines = solution.split("\n")
-    for line in lines[:-1]:
-        m = _STEP.fullmatch(line)
+    out, ok = [], 1.0
+    for pos, line, m in _complete_lines(solution):
         if m and ok:
             z, true = m[4], _true_result(m)
             start = pos + m.start(4)
@@ -513,9 +515,7 @@ def dense_labels(solution: str) -> list[tuple[int, float]]:
                 out.append((start + j, good))
             if z != true:
                 ok = 0.0
-        pos += len(line)
-        out.append((pos, ok))
-        pos += 1
+        out.append((pos + len(line), ok))
     return out
 
 
@@ -523,10 +523,8 @@ def expected_digits(solution: str) -> list[tuple[int, str]]:
     """(character index, the digit that belongs there) for each digit of each step's result,
     up to and including the first wrong one of that line: what a careful reader expects to
     see at that position, given the operands as written."""
-    out, pos = [], 0
-    lines = solution.split("\n")
-    for line in lines[:-1]:
-        m = _STEP.fullmatch(line)
+    out = []
+    for pos, _, m in _complete_lines(solution):
         if m:
             z, true = m[4], _true_result(m)
             start = pos + m.start(4)
@@ -534,16 +532,15 @@ def expected_digits(solution: str) -> list[tuple[int, str]]:
                 out.append((start + j, true[j]))
                 if z[j] != true[j]:
                     break
-        pos += len(line) + 1
     return out
 
 
-def _token_targets(items, label_fn) -> tuple[list[int], list[int], list]:
+def _token_targets(items, offsets, label_fn) -> tuple[list[int], list[int], list]:
     """(batch rows, token positions, targets) of ``label_fn(completion)``'s (character index,
-    target) pairs for (problem, completion) items; one token per character after the prompt."""
+    target) pairs for (problem, completion) items whose completions start at token
+    ``offsets[j]``; one token per character."""
     bi, ti, out = [], [], []
-    for j, (p_, comp) in enumerate(items):
-        off = len(T.encode(T.format_prompt(p_)))
+    for j, ((_, comp), off) in enumerate(zip(items, offsets)):
         for pos, target in label_fn(comp):
             bi.append(j)
             ti.append(off + pos)
@@ -722,17 +719,19 @@ def train_verifier(a) -> None:
             pi = torch.tensor(pairs, device=dev)
             # Bradley-Terry: P(correct sample outranks wrong sample of the same problem)
             loss = loss + a.pairwise * F.softplus(logit[pi[:, 1]] - logit[pi[:, 0]]).mean()
+        # where each completion starts in its token sequence (one token per character)
+        offsets = [len(T.encode(T.format_prompt(p_))) for p_, _ in items]
         if a.step_aux > 0:
             # dense step checking: at each line end (and with --digit-aux at each result
             # digit), was everything so far right?
-            bi, ti, sl = _token_targets(items, dense_labels if a.digit_aux else step_labels)
+            bi, ti, sl = _token_targets(items, offsets, dense_labels if a.digit_aux else step_labels)
             if bi:
                 aux = F.binary_cross_entropy_with_logits(
                     tok_logit[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)],
                     torch.tensor(sl, device=dev))
                 loss = loss + a.step_aux * aux
         if expect_head is not None:
-            bi, ti, tgt = _token_targets(items, expected_digits)
+            bi, ti, tgt = _token_targets(items, offsets, expected_digits)
             tgt = [T.encode(d)[0] for d in tgt]
             if bi:
                 h_sel = hid[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)]  # final norm applied
