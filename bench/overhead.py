@@ -1,5 +1,6 @@
 """Server overhead: tokens/s of K samples through the ttscale server vs. the same work sent
-straight to the engine (vLLM ``AsyncLLM``, ``n=K``), in one run, phases interleaved.
+straight to the engine (vLLM ``AsyncLLM``, ``n=K``), in one run, phases interleaved (the order
+alternates between rounds).
 
     python bench/overhead.py [--model ttscale-arith] [--k 16] [--prompts 32] [--rounds 3]
     python bench/overhead.py --strategy majority     # majority@K through the server vs raw n=K
@@ -98,9 +99,18 @@ async def main(a: argparse.Namespace) -> None:
         await server_phase(srv.v1, spec.name, prompts[:2], a.k, a.max_tokens, a.concurrency, a.strategy)
         rows = []
         for r in range(a.rounds):
-            raw_tok, raw_s = await raw_phase(engine, prompts, a.k, a.max_tokens, a.concurrency, lp)
-            srv_tok, srv_s = await server_phase(srv.v1, spec.name, prompts, a.k, a.max_tokens, a.concurrency,
-                                                a.strategy)
+            # A-B, B-A, A-B ...: a slow drift of the machine's load does not favour one side
+            async def raw():
+                return await raw_phase(engine, prompts, a.k, a.max_tokens, a.concurrency, lp)
+
+            async def server():
+                return await server_phase(srv.v1, spec.name, prompts, a.k, a.max_tokens, a.concurrency,
+                                          a.strategy)
+
+            if r % 2 == 0:
+                (raw_tok, raw_s), (srv_tok, srv_s) = await raw(), await server()
+            else:
+                (srv_tok, srv_s), (raw_tok, raw_s) = await server(), await raw()
             rows.append((raw_tok / raw_s, srv_tok / srv_s, raw_tok, srv_tok))
             print(f"round {r}: engine {raw_tok} tok in {raw_s:.2f}s = {raw_tok / raw_s:,.0f} tok/s | "
                   f"server {srv_tok} tok in {srv_s:.2f}s = {srv_tok / srv_s:,.0f} tok/s | "
@@ -110,6 +120,7 @@ async def main(a: argparse.Namespace) -> None:
         print(json.dumps({"bench": "overhead", "strategy": a.strategy, "model": spec.name, "k": a.k, "prompts": len(prompts),
                           "max_tokens": a.max_tokens, "same_tokens": same,
                           "ratio_median": round(statistics.median(ratios), 3),
+                          "ratio_geomean": round(statistics.geometric_mean(ratios), 3),
                           "ratios": [round(x, 3) for x in ratios]}))
     finally:
         await engine.close()

@@ -152,7 +152,16 @@ class VLLMEngine(Engine):
     async def close(self) -> None:
         if self._llm is not None:
             llm, self._llm = self._llm, None
+            # Stop the output reader first: left running, it sees the engine process go away
+            # and logs an EngineDeadError for an orderly shutdown.
+            handler = getattr(llm, "output_handler", None)
+            if isinstance(handler, asyncio.Task) and not handler.done():
+                handler.cancel()
+                await asyncio.wait([handler], timeout=5)
             await asyncio.to_thread(llm.shutdown)
+            # AsyncLLM.__del__ calls shutdown() again, at interpreter exit when module globals
+            # are gone (a TypeError traceback); it has nothing left to do.
+            llm.shutdown = lambda *args, **kwargs: None
 
     @property
     def llm(self):
