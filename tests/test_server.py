@@ -275,3 +275,28 @@ def test_strategies_listing(server):
     data = httpx.get(server.v1 + "/strategies", timeout=10).json()["data"]
     assert "none" in {d["id"] for d in data}
     json.dumps(data)
+
+
+def _http_get(sock: socket.socket, path: str) -> bytes:
+    """One HTTP/1.1 request on an open connection; the status line, or b'' if the server closed it."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return b""
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head.split(b"\r\n", 1)[0]
+
+
+def test_idle_connection_outlives_client_pools(server):
+    """An idle keep-alive connection stays open longer than httpx keeps it in its pool (5 s), so the
+    OpenAI SDK never reuses a connection the server is closing at that moment."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        assert b" 200" in _http_get(s, "/health")
+        time.sleep(6.5)
+        assert b" 200" in _http_get(s, "/health")

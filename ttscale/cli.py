@@ -50,6 +50,10 @@ def serve(
              "default: the profile shipped for it, if any.")] = None,
     seed: Annotated[int, typer.Option(help="Engine seed.")] = 0,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+    keep_alive: Annotated[float, typer.Option(
+        help="Seconds an idle client connection stays open. Longer than the pools of common clients "
+             "(httpx, which the OpenAI SDK uses, drops idle connections after 5 s), so a client never "
+             "sends a request on a connection the server is closing at that moment.")] = 75.0,
 ) -> None:
     """Start the OpenAI-compatible server."""
     import uvicorn
@@ -66,7 +70,8 @@ def serve(
             raise typer.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--budget-profile")
         profiles[name] = path
     api = create_app(pool, max_concurrent_requests=max_concurrent_requests, profiles=profiles)
-    uvicorn.run(api, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+    uvicorn.run(api, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5,
+                timeout_keep_alive=keep_alive)
 
 
 @app.command("models")
