@@ -79,6 +79,20 @@ def tokens_of(tts: dict) -> int:
     return total
 
 
+def model_ids(names: list[str]) -> dict[str, str]:
+    """Which weights a result was measured with: the first 12 hex digits of each model's
+    safetensors SHA-256."""
+    import hashlib
+
+    from ttscale.models import resolve_model
+
+    out = {}
+    for n in names:
+        f = Path(resolve_model(n)) / "model.safetensors"
+        out[n] = hashlib.sha256(f.read_bytes()).hexdigest()[:12] if f.is_file() else "?"
+    return out
+
+
 async def main(a: argparse.Namespace) -> None:
     import openai
 
@@ -156,7 +170,8 @@ async def main(a: argparse.Namespace) -> None:
             row["mean_rejection_rate"] = sum(rates) / len(rates)
         rows.append(row)
     out = {"suite": a.suite, "levels": a.levels, "problems": len(probs), "temperature": a.temperature,
-           "baseline": base, "rows": rows, "wall_s": time.perf_counter() - t0}
+           "baseline": base, "rows": rows, "wall_s": time.perf_counter() - t0,
+           "models": model_ids(["ttscale-arith", "ttscale-arith-verifier", "ttscale-arith-draft"])}
     dest = ROOT / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{a.suite}.json").write_text(json.dumps(out, indent=1))
