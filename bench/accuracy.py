@@ -79,6 +79,10 @@ def tokens_of(tts: dict) -> int:
     return total
 
 
+# the server's models (policy first: the default), also named in each result file
+MODELS = ["ttscale-arith", "ttscale-arith-verifier", "ttscale-arith-draft"]
+
+
 def model_ids(names: list[str]) -> dict[str, str]:
     """Which weights a result was measured with: the first 12 hex digits of each model's
     safetensors SHA-256."""
@@ -103,7 +107,7 @@ async def main(a: argparse.Namespace) -> None:
     probs = problems(a.levels, a.per_level)
     methods = SUITES[a.suite]
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ttscale-bench-{a.suite}.log"
-    srv = start_server(["ttscale-arith", "ttscale-arith-verifier", "ttscale-arith-draft"], log)
+    srv = start_server(MODELS, log)
     client = openai.AsyncOpenAI(base_url=srv.v1, api_key="x", max_retries=0, timeout=900)
     sem = asyncio.Semaphore(a.concurrency)
     res: dict[str, dict[str, list]] = {m: {"correct": [], "tokens": [], "seconds": [], "samples": []}
@@ -171,7 +175,7 @@ async def main(a: argparse.Namespace) -> None:
         rows.append(row)
     out = {"suite": a.suite, "levels": a.levels, "problems": len(probs), "temperature": a.temperature,
            "baseline": base, "rows": rows, "wall_s": time.perf_counter() - t0,
-           "models": model_ids(["ttscale-arith", "ttscale-arith-verifier", "ttscale-arith-draft"])}
+           "models": model_ids(MODELS)}
     dest = ROOT / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{a.suite}.json").write_text(json.dumps(out, indent=1))

@@ -97,16 +97,16 @@ async def main(a: argparse.Namespace) -> None:
         lp = 0 if a.strategy == "majority" else None
         await raw_phase(engine, prompts[:2], a.k, a.max_tokens, a.concurrency, lp)
         await server_phase(srv.v1, spec.name, prompts[:2], a.k, a.max_tokens, a.concurrency, a.strategy)
+
+        async def raw():
+            return await raw_phase(engine, prompts, a.k, a.max_tokens, a.concurrency, lp)
+
+        async def server():
+            return await server_phase(srv.v1, spec.name, prompts, a.k, a.max_tokens, a.concurrency, a.strategy)
+
         rows = []
         for r in range(a.rounds):
             # A-B, B-A, A-B ...: a slow drift of the machine's load does not favour one side
-            async def raw():
-                return await raw_phase(engine, prompts, a.k, a.max_tokens, a.concurrency, lp)
-
-            async def server():
-                return await server_phase(srv.v1, spec.name, prompts, a.k, a.max_tokens, a.concurrency,
-                                          a.strategy)
-
             if r % 2 == 0:
                 (raw_tok, raw_s), (srv_tok, srv_s) = await raw(), await server()
             else:

@@ -71,8 +71,8 @@ def _chargeable(tts: dict, options: dict) -> int:
     return total
 
 
-def _aborted(tts: dict) -> list[dict]:
-    return [s for s in tts["samples"] if s["finish_reason"] == "abort"]
+def _aborted(tts: dict) -> bool:
+    return any(s["finish_reason"] == "abort" for s in tts["samples"])
 
 
 def _finished_tokens(tts: dict) -> list[int]:
