@@ -43,7 +43,7 @@ def run(
     concurrency: Annotated[int, typer.Option(help="Problems in flight.")] = 8,
     limit: Annotated[int | None, typer.Option(help="Only this many problems, spread over the set.")] = None,
     data_dir: Annotated[str | None, typer.Option(
-        help="Directory of the named sets (default $TTSCALE_DATA_DIR, else ../shared/data).")] = None,
+        help="Directory of <name>.jsonl files replacing the packaged sets (default $TTSCALE_DATA_DIR).")] = None,
     keep_text: Annotated[bool, typer.Option("--keep-text/--no-text",
                                             help="Store completion texts.")] = True,
     kv_cache_gib: Annotated[float | None, typer.Option(help="CPU: KV cache GiB per model.")] = None,
@@ -79,7 +79,7 @@ def rescore(
     out: Annotated[Path, typer.Option("--out", "-o", help="New run directory.")],
     concurrency: Annotated[int, typer.Option(help="Problems in flight.")] = 4,
     data_dir: Annotated[str | None, typer.Option(
-        help="Directory of the named sets (default $TTSCALE_DATA_DIR, else ../shared/data).")] = None,
+        help="Directory of <name>.jsonl files replacing the packaged sets (default $TTSCALE_DATA_DIR).")] = None,
     kv_cache_gib: Annotated[float | None, typer.Option(help="CPU: KV cache GiB.")] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="vLLM max_num_seqs.")] = None,
     force: Annotated[bool, typer.Option(help="Continue an output directory with a different configuration.")] = False,

@@ -5,10 +5,10 @@ shared data directory); ``level`` and ``subject`` are used for per-group metrics
 
 Names resolve as follows:
 
-* ``arith500``: the set packaged with ttscale (``ttscale/eval/datasets/arith500.jsonl``);
-* ``math500``, ``aime24``, ``aime25``, ``amc23``, ``gsm8k``: ``<data dir>/<name>.jsonl``, the data
-  directory being ``--data-dir``, else ``$TTSCALE_DATA_DIR``, else the first existing
-  ``../shared/data`` relative to the working directory or the repository;
+* ``arith500``, ``math500``, ``aime24``, ``aime25``, ``amc23``, ``gsm8k``: the sets packaged with
+  ttscale (``ttscale/eval/datasets/<name>.jsonl``; sources and licences in the README there), or
+  ``<data dir>/<name>.jsonl`` when a data directory is given (``--data-dir`` or
+  ``$TTSCALE_DATA_DIR``);
 * a path ending in ``.jsonl`` / ``.json``: that file;
 * ``hf:OWNER/NAME[:SPLIT]`` (or any other ``OWNER/NAME``): a Hugging Face dataset, loaded with
   ``datasets`` (``pip install ttscale[hf]``); the problem / answer columns are guessed from
@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PACKAGED = {"arith500": Path(__file__).resolve().parent / "datasets" / "arith500.jsonl"}
+_DATASETS = Path(__file__).resolve().parent / "datasets"
 SHARED_SETS = ("math500", "aime24", "aime25", "amc23", "gsm8k")
-KNOWN_SETS = (*PACKAGED, *SHARED_SETS)
+PACKAGED = {name: _DATASETS / f"{name}.jsonl" for name in ("arith500", *SHARED_SETS)}
+KNOWN_SETS = tuple(PACKAGED)
 
 _PROBLEM_FIELDS = ("problem", "question", "prompt", "input", "Problem", "Question")
 _ANSWER_FIELDS = ("answer", "final_answer", "solution", "target", "Answer", "output")
@@ -53,15 +54,10 @@ class Dataset:
 
 
 def default_data_dir() -> Path | None:
+    """``$TTSCALE_DATA_DIR``, if set: a directory of ``<name>.jsonl`` files that replace the
+    packaged sets of those names."""
     env = os.environ.get("TTSCALE_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[1]
-    for base in (Path.cwd(), repo):
-        cand = (base / ".." / "shared" / "data").resolve()
-        if cand.is_dir():
-            return cand
-    return None
+    return Path(env).expanduser() if env else None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -107,14 +103,13 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, limit:
     path: Path | None = None
     name = spec
     if spec in PACKAGED:
-        path = PACKAGED[spec]
-    elif spec in SHARED_SETS:
         base = Path(data_dir).expanduser() if data_dir else default_data_dir()
-        if base is None or not (base / f"{spec}.jsonl").is_file():
-            raise FileNotFoundError(
-                f"dataset {spec!r}: no {spec}.jsonl in the data directory "
-                f"({base or 'none found'}); pass --data-dir or set TTSCALE_DATA_DIR")
-        path = base / f"{spec}.jsonl"
+        if base is not None:
+            if not (base / f"{spec}.jsonl").is_file():
+                raise FileNotFoundError(f"dataset {spec!r}: no {spec}.jsonl in the data directory {base}")
+            path = base / f"{spec}.jsonl"
+        else:
+            path = PACKAGED[spec]
     elif spec.endswith((".jsonl", ".json")) or Path(spec).is_file():
         path = Path(spec).expanduser()
         name = path.stem
