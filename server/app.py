@@ -68,9 +68,12 @@ def create_app(pool: ModelPool, *, max_concurrent_requests: int = 256,
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = app.state.ready
+        # 200 only while every engine is up: a supervisor restarts a server whose engine died.
+        alive = pool.alive
+        ok = app.state.ready and all(alive.values())
+        status = "ok" if ok else ("starting" if not app.state.ready else "engine_down")
         return JSONResponse(
-            {"status": "ok" if ok else "starting", "models": pool.names,
+            {"status": status, "models": pool.names, "engines": {n: "up" if a else "down" for n, a in alive.items()},
              "engine_requests_running": pool.num_running, "requests_in_flight": app.state.in_flight},
             status_code=200 if ok else 503)
 
@@ -80,7 +83,10 @@ def create_app(pool: ModelPool, *, max_concurrent_requests: int = 256,
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(e, app.state.profiles) for e in pool]}
+        cards = [_model_card(e, app.state.profiles) for e in pool]
+        cards += [{**_model_card(pool.get(name), app.state.profiles), "id": alias, "root": name}
+                  for alias, name in pool.aliases.items()]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:

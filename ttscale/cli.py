@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -20,58 +21,145 @@ def default_model_args() -> list[str]:
 
 
 def build_pool(models: list[str] | None, *, dtype: str = "auto", max_model_len: int | None = None,
-               kv_cache_gib: float | None = None, enforce_eager: bool | None = None, seed: int = 0):
-    from ttscale.engine import ModelPool, build_engine, parse_model_arg
+               kv_cache_gib: float | None = None, enforce_eager: bool | None = None, seed: int = 0,
+               engine_args: dict[str, Any] | None = None, config: dict[str, Any] | None = None):
+    """The served models: ``models`` (command-line ``--model`` values; default the embedded
+    family) or a config file's ``models``, each with the vLLM ``engine_args`` given for all and
+    its own on top.
 
-    specs = [parse_model_arg(m) for m in (models or default_model_args())]
-    return ModelPool(build_engine(s, dtype=dtype, max_model_len=max_model_len,
-                                  kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager, seed=seed)
-                     for s in specs)
+    ``gpu_memory_utilization`` given for all models is the GPU share of the whole server, split
+    by the memory plan; set per model (config file) it is that engine's own share.
+    """
+    from ttscale.engine import ModelPool, build_engine, parse_model_arg, with_engine_options
+    from ttscale.engine.options import parse_engine_mapping
+
+    common = dict(engine_args or {})
+    specs = []
+    if config and config.get("models"):
+        if models:
+            raise typer.BadParameter("give models either with --model / MODEL or in the config file",
+                                     param_hint="--model")
+        common = {**parse_engine_mapping(config.get("engine"), where="the config's engine"), **common}
+        for i, m in enumerate(config["models"]):
+            if isinstance(m, str):
+                specs.append((parse_model_arg(m), {}))
+                continue
+            src = m.get("url") or m["path"]
+            spec = parse_model_arg(f"{m['name']}={src}" if m.get("name") else str(src))
+            if m.get("upstream_model"):
+                from dataclasses import replace
+
+                spec = replace(spec, upstream_model=m["upstream_model"])
+            if m.get("role"):
+                if m["role"] not in ("generate", "score"):
+                    raise typer.BadParameter(f"models[{i}].role must be generate or score", param_hint="--config")
+                from dataclasses import replace
+
+                spec = replace(spec, role=m["role"])
+            specs.append((spec, parse_engine_mapping(m.get("engine"), where=f"the config's models[{i}]")))
+    else:
+        if config and config.get("engine"):
+            common = {**parse_engine_mapping(config["engine"], where="the config's engine"), **common}
+        specs = [(parse_model_arg(m), {}) for m in (models or default_model_args())]
+    in_process = [s for s, _ in specs if not s.is_upstream]
+    share = None
+    if len(in_process) > 1 and "gpu_memory_utilization" in common:
+        share = float(common.pop("gpu_memory_utilization"))
+    if "served_model_name" in common and len(specs) > 1:
+        raise typer.BadParameter("--served-model-name names one model; with several use NAME=PATH",
+                                 param_hint="--served-model-name")
+    engines, aliases = [], {}
+    for spec, own in specs:
+        spec = with_engine_options(spec, {**common, **own})
+        engines.append(build_engine(spec, dtype=dtype, max_model_len=max_model_len,
+                                    kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager, seed=seed))
+        aliases.update({a: spec.name for a in spec.aliases})
+    return ModelPool(engines, gpu_share=share, aliases=aliases)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
+    ctx: typer.Context,
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m",
         help="Model to serve: an embedded name (ttscale-arith, ttscale-arith-draft, "
              "ttscale-arith-verifier), a local Hugging Face directory, NAME=DIR, or "
              "NAME=http://host:port[@upstream-id] for an OpenAI-compatible upstream. Repeat for "
-             "several; the first generating model is the default. Default: the embedded family.")] = None,
+             "several; the first generating model is the default. A first bare argument "
+             "(`ttscale serve DIR`) is taken as a model too. Default: the embedded family.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML or JSON file: models with per-model vLLM engine options "
+             "(see ttscale.engine.options).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
-    dtype: Annotated[str, typer.Option(help="Weights dtype for vLLM (auto, float32, bfloat16, ...).")] = "auto",
-    max_model_len: Annotated[int | None, typer.Option(help="Context length cap.")] = None,
     kv_cache_gib: Annotated[float | None, typer.Option(help="CPU: KV cache GiB per model.")] = None,
     eager: Annotated[bool | None, typer.Option("--eager/--compile",
-                                               help="Skip / use torch.compile (default: eager on CPU).")] = None,
+                                               help="Skip / use torch.compile and CUDA graphs "
+                                                    "(default: eager on CPU, compiled on GPU).")] = None,
     max_concurrent_requests: Annotated[int, typer.Option(help="Beyond this, requests get 429.")] = 256,
     budget_profile: Annotated[list[str] | None, typer.Option(
         help="NAME=PATH: budget profile (from `ttscale eval report`) for adaptive budgets of model NAME; "
              "default: the profile shipped for it, if any.")] = None,
-    seed: Annotated[int, typer.Option(help="Engine seed.")] = 0,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
     keep_alive: Annotated[float, typer.Option(
         help="Seconds an idle client connection stays open. Longer than the pools of common clients "
              "(httpx, which the OpenAI SDK uses, drops idle connections after 5 s), so a client never "
              "sends a request on a connection the server is closing at that moment.")] = 75.0,
+    help_engine: Annotated[bool, typer.Option("--help-engine", help="Show vLLM's engine options and exit.")] = False,
 ) -> None:
-    """Start the OpenAI-compatible server."""
-    import uvicorn
+    """Start the OpenAI-compatible server.
 
-    from ttscale.server import create_app
+    Every other option is a vLLM engine option (`--tensor-parallel-size 2`,
+    `--gpu-memory-utilization 0.5`, `--max-num-seqs 64`, `--quantization awq`, `--kv-cache-dtype fp8`,
+    `--served-model-name`, `--trust-remote-code`, ...: see --help-engine), applied to every model
+    served in-process.
+    """
+    from ttscale.engine.options import engine_help, load_config, parse_engine_cli
+    from ttscale.errors import ConfigError
 
+    if help_engine:
+        typer.echo(engine_help())
+        raise typer.Exit()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pool = build_pool(model, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                      enforce_eager=eager, seed=seed)
+    try:
+        engine_args, bare = parse_engine_cli(list(ctx.args))  # `ttscale serve MODEL [vLLM options]`
+        models = bare + list(model or [])
+        cfg = load_config(config) if config is not None else None
+        pool = build_pool(models or None, kv_cache_gib=kv_cache_gib, enforce_eager=eager,
+                          engine_args=engine_args, config=cfg)
+    except ConfigError as e:
+        typer.echo(f"Error: {e.message}", err=True)
+        raise typer.Exit(2) from None
     profiles = {}
     for item in budget_profile or []:
         name, sep, path = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--budget-profile")
         profiles[name] = path
+    run_server(pool, host=host, port=port, log_level=log_level, keep_alive=keep_alive,
+               max_concurrent_requests=max_concurrent_requests, profiles=profiles)
+
+
+def run_server(pool, *, host: str, port: int, log_level: str, keep_alive: float,
+               max_concurrent_requests: int, profiles: dict[str, str]) -> None:
+    """Serve ``pool``; a startup failure of the engines (e.g. models that do not fit the GPU)
+    ends the process with a one-paragraph error, not a traceback."""
+    import uvicorn
+
+    from ttscale.errors import ConfigError
+    from ttscale.server import create_app
+
     api = create_app(pool, max_concurrent_requests=max_concurrent_requests, profiles=profiles)
-    uvicorn.run(api, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5,
-                timeout_keep_alive=keep_alive)
+    server = uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level=log_level.lower(),
+                                           timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive))
+    try:
+        pool.plan()  # the GPU memory plan, before anything starts: a clear error if it cannot fit
+    except ConfigError as e:
+        typer.echo(f"Error: {e.message}", err=True)
+        raise typer.Exit(2) from None
+    server.run()
+    if not server.started:  # an engine failed to start (logged above)
+        raise typer.Exit(3)
 
 
 @app.command("models")

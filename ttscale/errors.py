@@ -60,6 +60,12 @@ class EngineUnavailableError(TTScaleError):
     code = "engine_unavailable"
 
 
+class ConfigError(TTScaleError):
+    """The server's or an engine's configuration is unusable (bad option, models that do not fit)."""
+
+    code = "config_error"
+
+
 class UpstreamError(TTScaleError):
     """An OpenAI-compatible upstream answered with an error."""
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from ttscale.engine.base import (
     Candidate,
@@ -26,6 +26,7 @@ from ttscale.errors import ModelNotFoundError, ModelRoleError
 __all__ = [
     "Candidate", "CandidateEvent", "Engine", "Fanout", "ModelPool", "ModelSpec", "PromptInput",
     "SamplingSettings", "build_engine", "new_request_id", "parse_model_arg", "perplexity",
+    "with_engine_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class ModelSpec:
     source: str  # embedded name, local directory, or upstream base URL
     upstream_model: str | None = None  # for an upstream source: its model id
     role: Literal["generate", "score"] | None = None  # None: detect from the checkpoint
+    engine: tuple[tuple[str, Any], ...] = ()  # vLLM engine arguments of this model (by field name)
+    aliases: tuple[str, ...] = ()  # further names the model answers to
 
     @property
     def is_upstream(self) -> bool:
@@ -60,7 +63,21 @@ def parse_model_arg(arg: str) -> ModelSpec:
     return ModelSpec(name=served, source=source)
 
 
+def with_engine_options(spec: ModelSpec, options: dict[str, Any]) -> ModelSpec:
+    """``spec`` with vLLM engine ``options`` over its own; ``served_model_name`` renames it
+    (the first name; the others become aliases)."""
+    merged = {**dict(spec.engine), **options}
+    names = merged.pop("served_model_name", None)
+    if isinstance(names, str):
+        names = [names]
+    if names:
+        spec = replace(spec, name=names[0], aliases=tuple(names[1:]))
+    return replace(spec, engine=tuple(merged.items()))
+
+
 def build_engine(spec: ModelSpec, **vllm_options) -> Engine:
+    """An engine for ``spec``; ``vllm_options`` are :class:`VLLMOptions` fields (the spec's own
+    engine arguments override them)."""
     if spec.is_upstream:
         from ttscale.engine.openai_engine import OpenAIEngine
 
@@ -70,21 +87,40 @@ def build_engine(spec: ModelSpec, **vllm_options) -> Engine:
     from ttscale.models import resolve_model
 
     path = resolve_model(spec.source)
-    return VLLMEngine(spec.name, path, role=spec.role, options=VLLMOptions(**vllm_options))
+    extra = dict(vllm_options.pop("extra", ()))
+    extra.update(dict(spec.engine))
+    return VLLMEngine(spec.name, path, role=spec.role,
+                      options=VLLMOptions(**vllm_options, extra=tuple(extra.items())))
 
 
 class ModelPool:
     """The models a server (or eval run) has loaded, addressed by name."""
 
-    def __init__(self, engines: Iterable[Engine] = ()):
+    def __init__(self, engines: Iterable[Engine] = (), *, gpu_share: float | None = None,
+                 aliases: dict[str, str] | None = None):
+        """``gpu_share``: the part of the GPU all in-process engines together may take (split
+        by the memory plan); ``aliases`` maps further names to served models."""
         self._engines: dict[str, Engine] = {}
+        self._aliases: dict[str, str] = {}
+        self.gpu_share = gpu_share
         for e in engines:
             self.add(e)
+        for alias, name in (aliases or {}).items():
+            self.alias(alias, name)
 
     def add(self, engine: Engine) -> None:
-        if engine.name in self._engines:
+        if engine.name in self._engines or engine.name in self._aliases:
             raise ValueError(f"two models named {engine.name!r}")
         self._engines[engine.name] = engine
+
+    def alias(self, alias: str, name: str) -> None:
+        if alias in self._engines or alias in self._aliases:
+            raise ValueError(f"two models named {alias!r}")
+        self._aliases[alias] = name
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
 
     @property
     def names(self) -> list[str]:
@@ -94,7 +130,7 @@ class ModelPool:
         return iter(self._engines.values())
 
     def __contains__(self, name: str) -> bool:
-        return name in self._engines
+        return name in self._engines or name in self._aliases
 
     @property
     def default(self) -> Engine:
@@ -107,7 +143,7 @@ class ModelPool:
         if name is None:
             eng = self.default if role in (None, "generate") else self.first(role)
         else:
-            eng = self._engines.get(name)
+            eng = self._engines.get(self._aliases.get(name, name))
             if eng is None:
                 raise ModelNotFoundError(
                     f"model {name!r} is not served here (served: {', '.join(self._engines) or 'none'})",
@@ -123,10 +159,26 @@ class ModelPool:
                 return e
         raise ModelNotFoundError(f"no model with role {role!r} is loaded", param="model")
 
+    def plan(self) -> None:
+        """Split the GPU between the in-process engines (no-op on CPU); raises ``ConfigError``
+        naming the models and numbers when they do not fit."""
+        from ttscale.engine.vllm_engine import plan_engines
+
+        plan_engines(list(self._engines.values()), share=self.gpu_share)
+        self._planned = True
+
     async def start(self) -> None:
-        # One at a time: engine start-up is CPU-heavy and parallel starts only contend.
+        if not getattr(self, "_planned", False):
+            self.plan()
+        # One at a time: engine start-up is CPU-heavy and parallel starts only contend; on a
+        # shared GPU each engine also checks the memory left by the ones before it.
         for e in self._engines.values():
             await e.start()
+
+    @property
+    def alive(self) -> dict[str, bool]:
+        """Per model: started and running (a dead engine process reads False)."""
+        return {n: e.alive for n, e in self._engines.items()}
 
     async def close(self) -> None:
         await asyncio.gather(*(e.close() for e in self._engines.values()), return_exceptions=True)

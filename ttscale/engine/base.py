@@ -230,6 +230,11 @@ class Engine(abc.ABC):
         """Requests the engine itself still holds (0 once everything finished or aborted)."""
         return 0
 
+    @property
+    def alive(self) -> bool:
+        """Ready to serve (an in-process engine: started, its process not dead)."""
+        return True
+
 
 def new_request_id(prefix: str = "ttscale") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"

@@ -85,6 +85,10 @@ class OpenAIEngine(Engine):
         return self._open_streams
 
     @property
+    def alive(self) -> bool:
+        return self._client is not None
+
+    @property
     def can_render(self) -> bool:
         return self._tokenizer is not None
 

@@ -9,6 +9,7 @@ can be aborted on its own: the engine stops its work and frees its slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from ttscale.engine.base import (
     new_request_id,
 )
 from ttscale.errors import (
+    ConfigError,
     EngineUnavailableError,
     InvalidRequestError,
     ModelRoleError,
@@ -49,16 +51,52 @@ def has_cuda() -> bool:
 
 @dataclass(frozen=True)
 class VLLMOptions:
-    """Engine settings; ``None`` means 'pick for this machine'."""
+    """Engine settings; ``None`` means 'pick for this machine'.
+
+    ``extra`` holds vLLM engine arguments by field name (``tensor_parallel_size``,
+    ``kv_cache_dtype``, ...), as set by the user on the command line or in a config file
+    (:mod:`ttscale.engine.options`); they override ttscale's own picks.
+    """
 
     dtype: str = "auto"
     max_model_len: int | None = None
     kv_cache_gib: float | None = None  # CPU: KV cache size per engine (VLLM_CPU_KVCACHE_SPACE)
-    gpu_memory_utilization: float | None = None
+    gpu_memory_utilization: float | None = None  # default: from the GPU memory plan
     enforce_eager: bool | None = None  # default: eager on CPU (fast start), compiled on GPU
     max_num_seqs: int | None = None
     seed: int = 0
     extra: tuple[tuple[str, Any], ...] = ()
+
+    def engine_args(self) -> dict[str, Any]:
+        """The vLLM arguments the user chose (named fields first, ``extra`` over them)."""
+        out: dict[str, Any] = {}
+        if self.dtype != "auto":
+            out["dtype"] = self.dtype
+        for key in ("max_model_len", "gpu_memory_utilization", "enforce_eager", "max_num_seqs"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out.update(dict(self.extra))
+        return out
+
+
+# -- the one place where vLLM versions differ ------------------------------------------------------
+# Supported: vLLM 0.26 (CUDA build) to 0.32 (CPU build, vllm-cpu). Everything version-dependent
+# that ttscale touches goes through these helpers.
+
+def _vllm_version() -> tuple[int, ...]:
+    import vllm
+
+    parts = []
+    for p in str(getattr(vllm, "__version__", "0")).split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _use_spawn() -> None:
+    """Engine processes start with ``spawn``: a forked child cannot use CUDA once the parent
+    touched it, and vLLM's CPU build spawns anyway (what ``vllm serve`` sets too)."""
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 def _to_params(s: SamplingSettings, *, max_tokens: int, stream: bool):
@@ -92,8 +130,10 @@ class VLLMEngine(Engine):
         self.path = Path(path)
         self.options = options or VLLMOptions()
         self.role = role or detect_role(self.path)
+        self.planned_memory: float | None = None  # gpu_memory_utilization from the GPU plan
         self._llm = None
         self._tokenizer = None
+        self._running = 0  # engine requests of this adapter not yet finished
         self.max_model_len = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -102,24 +142,21 @@ class VLLMEngine(Engine):
             return
         from transformers import AutoTokenizer
 
-        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(self.path))
+        args = self.options.engine_args()
+        tok_kw = {k: args[k] for k in ("trust_remote_code", "revision") if k in args}
+        if "tokenizer_revision" in args:
+            tok_kw["revision"] = args["tokenizer_revision"]
+        self._tokenizer = await asyncio.to_thread(
+            AutoTokenizer.from_pretrained, str(args.get("tokenizer") or self.path), **tok_kw)
         self._llm = await asyncio.to_thread(self._build)
         self.max_model_len = int(self._llm.model_config.max_model_len)
 
-    def _build(self):
+    def engine_kwargs(self, *, gpu: bool | None = None) -> dict[str, Any]:
+        """The ``AsyncEngineArgs`` this engine starts with: ttscale's picks for this machine and
+        role, then the user's vLLM options over them."""
         opts = self.options
-        gpu = has_cuda()
-        if not gpu:
-            # The CPU build sizes its KV cache from this variable, read when the engine
-            # process starts; each engine gets its own value.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(opts.kv_cache_gib or 1)
-            # vLLM's CPU build pins each engine's threads to the same first cores ("auto"), so
-            # a policy, its verifier and its draft would share one core while others idle.
-            # Leave placement to the OS unless the user chose a binding.
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+        gpu = has_cuda() if gpu is None else gpu
+        user = opts.engine_args()
         kwargs: dict[str, Any] = dict(
             model=str(self.path),
             tokenizer=str(self.path),
@@ -127,25 +164,45 @@ class VLLMEngine(Engine):
             dtype=_pick_dtype(opts.dtype, self.path, gpu),
             seed=opts.seed,
             enable_prefix_caching=self.role == "generate",
-            enforce_eager=(not gpu) if opts.enforce_eager is None else opts.enforce_eager,
-            gpu_memory_utilization=opts.gpu_memory_utilization or (0.85 if gpu else 0.5),
+            enforce_eager=not gpu,
+            gpu_memory_utilization=self.planned_memory or (0.9 if gpu else 0.5),
             disable_log_stats=True,
             max_logprobs=20,
         )
-        if opts.max_model_len:
-            kwargs["max_model_len"] = opts.max_model_len
         if not gpu and self.role == "generate":
             # vLLM's CPU worker crashes ("CPU Generator does not use offset") when a seeded
             # request's prefill is split over steps; whole-prompt prefills avoid that path.
-            ctx = opts.max_model_len or _config_value(self.path, "max_position_embeddings") or 8192
+            ctx = user.get("max_model_len") or _config_value(self.path, "max_position_embeddings") or 8192
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(int(ctx), 8192)
-        if opts.max_num_seqs:
-            kwargs["max_num_seqs"] = opts.max_num_seqs
-        kwargs.update(dict(opts.extra))
-        log.info("starting vLLM engine %s (%s) from %s", self.name, kwargs["runner"], self.path)
+        kwargs.update(user)
+        if "served_model_name" in kwargs:  # the pool serves the names; vLLM's copy is only a label
+            kwargs.pop("served_model_name")
+        return kwargs
+
+    def _build(self):
+        gpu = has_cuda()
+        _use_spawn()
+        if not gpu:
+            # The CPU build sizes its KV cache from this variable, read when the engine
+            # process starts; each engine gets its own value.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.options.kv_cache_gib or 1)
+            # vLLM's CPU build pins each engine's threads to the same first cores ("auto"), so
+            # a policy, its verifier and its draft would share one core while others idle.
+            # Leave placement to the OS unless the user chose a binding.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = self.engine_kwargs(gpu=gpu)
+        log.info("starting vLLM engine %s (%s) from %s: %s", self.name, kwargs["runner"], self.path,
+                 {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer", "runner")})
         t0 = time.perf_counter()
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        try:
+            engine_args = AsyncEngineArgs(**kwargs)
+        except TypeError as e:  # an option this vLLM does not know
+            raise ConfigError(f"model {self.name!r}: {e}") from None
+        llm = AsyncLLM.from_engine_args(engine_args)
         log.info("engine %s ready in %.1f s", self.name, time.perf_counter() - t0)
         return llm
 
@@ -176,8 +233,22 @@ class VLLMEngine(Engine):
         return self._tokenizer
 
     @property
+    def alive(self) -> bool:
+        """Started and its engine process has not died."""
+        return self._llm is not None and not self._llm.errored
+
+    @property
     def num_running(self) -> int:
-        return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+        # Counted here: AsyncLLM's own count is not public API in every supported vLLM.
+        return self._running
+
+    @contextlib.contextmanager
+    def _tracked(self, n: int = 1):
+        self._running += n
+        try:
+            yield
+        finally:
+            self._running -= n
 
     # -- prompts --------------------------------------------------------------------------
     def render(self, prompt: PromptInput, *, add_generation_prompt: bool = True,
@@ -231,9 +302,10 @@ class VLLMEngine(Engine):
             ids = self.render(p, add_generation_prompt=False)
             ids = ids[-(self.max_model_len or len(ids)):]  # keep the end: the answer matters
             last = None
-            async for out in llm.encode({"prompt_token_ids": ids}, PoolingParams(task="classify"),
-                                        f"{rid}-{i}"):
-                last = out
+            with self._tracked():
+                async for out in llm.encode({"prompt_token_ids": ids}, PoolingParams(task="classify"),
+                                            f"{rid}-{i}"):
+                    last = out
             data = last.outputs.data
             return float(data.reshape(-1)[0])
 
@@ -254,9 +326,10 @@ class VLLMEngine(Engine):
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         last = None
         try:
-            async for out in self.llm.generate({"prompt_token_ids": ids}, params,
-                                               request_id or new_request_id("plp")):
-                last = out
+            with self._tracked():
+                async for out in self.llm.generate({"prompt_token_ids": ids}, params,
+                                                   request_id or new_request_id("plp")):
+                    last = out
         except Exception as e:
             raise _map_error(e, self.name) from e
         plp = last.prompt_logprobs or []
@@ -294,28 +367,23 @@ class _VLLMFanout(Fanout):
                 c.top_logprobs = []
         c.started_at = time.perf_counter()
         try:
-            async for out in self._llm.generate({"prompt_token_ids": self._ids}, self._params[i],
-                                                self._rids[i]):
-                o = out.outputs[0]
-                new = list(o.token_ids)
-                c.text += o.text
-                c.token_ids.extend(new)
-                c.token_count += len(new)
-                if want_lp and o.logprobs:
-                    for tok, entry in zip(new, o.logprobs):
-                        c.logprobs.append(float(entry[tok].logprob) if tok in entry else float("nan"))
-                        if top_k:
-                            top = sorted(((t, float(lp.logprob)) for t, lp in entry.items()
-                                          if lp.rank is not None and lp.rank <= top_k),
-                                         key=lambda x: -x[1])
-                            c.top_logprobs.append(top)
-                if out.finished:
-                    c.finish_reason = o.finish_reason or "stop"  # type: ignore[assignment]
-                    c.stop_reason = o.stop_reason
-                    c.finished_at = time.perf_counter()
-                self._emit(CandidateEvent(c, o.text, len(new), c.finished))
-                if c.finished:
-                    return
+            with self._engine._tracked():
+                async for out in self._llm.generate({"prompt_token_ids": self._ids}, self._params[i],
+                                                    self._rids[i]):
+                    o = out.outputs[0]
+                    new = list(o.token_ids)
+                    c.text += o.text
+                    c.token_ids.extend(new)
+                    c.token_count += len(new)
+                    if want_lp and o.logprobs:
+                        _book_logprobs(c, new, o.logprobs, top_k)
+                    if out.finished:
+                        c.finish_reason = o.finish_reason or "stop"  # type: ignore[assignment]
+                        c.stop_reason = o.stop_reason
+                        c.finished_at = time.perf_counter()
+                    self._emit(CandidateEvent(c, o.text, len(new), c.finished))
+                    if c.finished:
+                        return
         except asyncio.CancelledError:
             raise
         except Exception as e:  # engine died, validation error ...
@@ -352,6 +420,19 @@ class _VLLMFanout(Fanout):
                 c.finished_at = time.perf_counter()
 
 
+def _book_logprobs(c: Candidate, new: list[int], logprobs, top_k: int) -> None:
+    """Append the sampled tokens' log-probs (and the top ``top_k`` alternatives) to ``c``."""
+    if not top_k:
+        c.logprobs.extend([float(entry[tok].logprob) if tok in entry else float("nan")
+                           for tok, entry in zip(new, logprobs)])
+        return
+    for tok, entry in zip(new, logprobs):
+        c.logprobs.append(float(entry[tok].logprob) if tok in entry else float("nan"))
+        top = sorted(((t, float(lp.logprob)) for t, lp in entry.items()
+                      if lp.rank is not None and lp.rank <= top_k), key=lambda x: -x[1])
+        c.top_logprobs.append(top)
+
+
 def _map_error(e: BaseException, name: str) -> TTScaleError:
     cls = type(e).__name__
     if cls in ("EngineDeadError", "EngineGenerateError"):
@@ -359,6 +440,26 @@ def _map_error(e: BaseException, name: str) -> TTScaleError:
     if cls in ("VLLMValidationError", "ValueError", "VLLMClientError"):
         return InvalidRequestError(str(e))
     return TTScaleError(f"{cls}: {e}")
+
+
+def plan_engines(engines: Sequence[Engine], *, share: float | None = None) -> None:
+    """Give each in-process engine on a GPU its ``gpu_memory_utilization`` from the memory plan
+    (:mod:`ttscale.engine.memory`); raises ``ConfigError`` when the models do not fit. No-op
+    without a GPU or for a single engine whose share the user set."""
+    from ttscale.engine.memory import DEFAULT_SHARE, device_memory, need_of, plan_gpu_memory
+
+    local = [e for e in engines if isinstance(e, VLLMEngine) and e._llm is None]
+    if not local or not has_cuda():
+        return
+    mem = device_memory()
+    if mem is None:
+        return
+    free, total = mem
+    needs = [need_of(e.name, e.role, e.path, e.options.engine_args()) for e in local]
+    plan = plan_gpu_memory(needs, total, share=share or DEFAULT_SHARE, free_bytes=free)
+    for e in local:
+        e.planned_memory = plan.fractions[e.name]
+    log.info("%s", plan.describe())
 
 
 SMALL_CHECKPOINT_BYTES = 1 << 30

@@ -1,0 +1,166 @@
+"""`ttscale serve` takes vLLM's own engine options (command line and config file, per model),
+and /health tells the truth about its engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import httpx
+import openai
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+import ttscale.cli as cli
+from conftest import DRAFT, POLICY, VERIFIER, start_server, wait_until
+from ttscale.engine.options import parse_engine_cli, parse_engine_mapping, to_tokens
+from ttscale.errors import ConfigError
+
+
+def test_command_line_words_go_through_vllms_parser():
+    opts, bare = parse_engine_cli(["--tensor-parallel-size", "2", "/models/m", "--enforce-eager",
+                                   "--kv-cache-dtype", "fp8", "--served-model-name", "a", "b",
+                                   "--hf-overrides", '{"rope_theta": 1e6}'])
+    assert bare == ["/models/m"]
+    assert opts == {"tensor_parallel_size": 2, "enforce_eager": True, "kv_cache_dtype": "fp8",
+                    "served_model_name": ["a", "b"], "hf_overrides": {"rope_theta": 1e6}}
+
+
+@pytest.mark.parametrize("words,needle", [
+    (["--max-num-seqs", "many"], "--max-num-seqs"),
+    (["--no-such-option", "1"], "--no-such-option"),
+    (["--kv-cache-dtype", "int3"], "--kv-cache-dtype"),
+    (["a", "b"], "unrecognized"),
+    (["--model", "x"], "--model is set by ttscale"),
+])
+def test_bad_engine_options_are_named(words, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_engine_cli(words)
+    assert needle in e.value.message
+
+
+def test_config_mappings_are_typed_like_the_command_line():
+    opts = parse_engine_mapping({"max_num_seqs": 64, "enforce_eager": True, "enable_prefix_caching": False,
+                                 "served_model_name": ["x"], "gpu_memory_utilization": 0.25,
+                                 "hf_overrides": {"a": 1}}, where="test")
+    assert opts == {"max_num_seqs": 64, "enforce_eager": True, "enable_prefix_caching": False,
+                    "served_model_name": ["x"], "gpu_memory_utilization": 0.25, "hf_overrides": {"a": 1}}
+    assert "--no-enable-prefix-caching" in to_tokens({"enable_prefix_caching": False}, where="test")
+    with pytest.raises(ConfigError, match="unknown vLLM engine option 'max_num_seq'"):
+        parse_engine_mapping({"max_num_seq": 1}, where="test")
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "run_server", lambda pool, **kw: seen.update(pool=pool, **kw))
+    return seen
+
+
+def test_serve_model_argument_and_options_in_any_order(captured):
+    r = CliRunner().invoke(cli.app, ["serve", "--max-num-seqs", "8", POLICY, "--port", "9",
+                                     "--served-model-name", "pol", "pol2"])
+    assert r.exit_code == 0, r.output
+    pool = captured["pool"]
+    assert pool.names == ["pol"] and pool.aliases == {"pol2": "pol"} and captured["port"] == 9
+    (eng,) = list(pool)
+    assert eng.options.engine_args()["max_num_seqs"] == 8
+    assert "served_model_name" not in eng.engine_kwargs(gpu=False)
+
+
+def test_a_share_for_several_models_is_split_by_the_plan(captured):
+    r = CliRunner().invoke(cli.app, ["serve", "--gpu-memory-utilization", "0.5", "--max-model-len", "512"])
+    assert r.exit_code == 0, r.output
+    pool = captured["pool"]
+    assert pool.gpu_share == 0.5 and len(pool.names) == 3
+    for e in pool:
+        args = e.options.engine_args()
+        assert args["max_model_len"] == 512 and "gpu_memory_utilization" not in args
+
+
+def test_config_file_per_model_options(tmp_path, captured):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"""
+engine: {{max_model_len: 640}}
+models:
+  - {{name: pol, path: {POLICY}, engine: {{max_num_seqs: 12, max_model_len: 700}}}}
+  - {{name: ver, path: {VERIFIER}, role: score}}
+""")
+    r = CliRunner().invoke(cli.app, ["serve", "--config", str(cfg), "--enforce-eager"])
+    assert r.exit_code == 0, r.output
+    pol, ver = list(captured["pool"])
+    assert pol.name == "pol" and ver.name == "ver" and ver.role == "score"
+    assert pol.options.engine_args() == {"max_model_len": 700, "max_num_seqs": 12, "enforce_eager": True}
+    assert ver.options.engine_args() == {"max_model_len": 640, "enforce_eager": True}
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("models: [{name: a, path: x, engine: {max_num_seq: 1}}]", "unknown vLLM engine option 'max_num_seq'"),
+    ("models: [{name: a}]", "needs a 'path'"),
+    ("modles: []", "unknown key 'modles'"),
+    ("models: [{name: a, path: x, engine: {max_num_seqs: lots}}]", "--max-num-seqs"),
+    ("[1, 2", "not valid YAML"),
+])
+def test_bad_config_files_fail_with_a_clear_message(tmp_path, captured, text, needle):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    r = CliRunner().invoke(cli.app, ["serve", "--config", str(cfg)])
+    assert r.exit_code == 2 and needle in r.output, r.output
+    assert "pool" not in captured
+
+
+def test_help_engine_prints_vllms_options():
+    r = CliRunner().invoke(cli.app, ["serve", "--help-engine"])
+    assert r.exit_code == 0 and "--tensor-parallel-size" in r.output and "--kv-cache-dtype" in r.output
+
+
+# -- a real server started from a config file ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def configured(tmp_path_factory):
+    d = tmp_path_factory.mktemp("configured")
+    cfg = d / "serve.json"
+    cfg.write_text(json.dumps({"models": [
+        {"name": "pol", "path": POLICY, "engine": {"max_model_len": 384, "served_model_name": ["pol", "pol-alias"]}},
+        {"name": "drf", "path": DRAFT, "engine": {"max_model_len": 256, "max_num_seqs": 4}},
+    ]}))
+    srv = start_server([], d / "server.log", "--config", str(cfg), "--max-num-seqs", "16")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.server
+@pytest.mark.vllm
+def test_config_file_options_reach_the_engines(configured):
+    cards = {c["id"]: c for c in httpx.get(configured.v1 + "/models", timeout=10).json()["data"]}
+    assert cards["pol"]["max_model_len"] == 384 and cards["drf"]["max_model_len"] == 256
+    assert cards["pol-alias"]["root"] == "pol"
+    client = openai.OpenAI(base_url=configured.v1, api_key="unused", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model="pol-alias", max_tokens=16, seed=1,
+                                       messages=[{"role": "user", "content": "What is 2 + 3?"}])
+    assert r.model == "pol" and r.usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError) as e:  # the configured context length holds
+        client.completions.create(model="drf", prompt="1 + 1 = ", max_tokens=300)
+    assert e.value.body["param"] == "max_tokens"
+
+
+@pytest.mark.server
+@pytest.mark.vllm
+def test_health_goes_503_when_an_engine_process_dies(configured):
+    h = configured.health()
+    assert h["status"] == "ok" and h["engines"] == {"pol": "up", "drf": "up"}
+    server = psutil.Process(configured.proc.pid)
+    cores = [p for p in server.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or
+             "EngineCore" in p.name()]
+    assert cores, [(p.name(), p.cmdline()) for p in server.children(recursive=True)]
+    victim = cores[-1]
+    os.kill(victim.pid, signal.SIGKILL)
+
+    def down() -> bool:
+        r = httpx.get(configured.url + "/health", timeout=10)
+        return r.status_code == 503 and r.json()["status"] == "engine_down"
+
+    assert wait_until(down, 60), configured.health()
+    assert "down" in configured.health()["engines"].values()

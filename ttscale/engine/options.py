@@ -1,0 +1,166 @@
+"""vLLM engine options, taken from vLLM's own engine-argument definitions.
+
+``ttscale serve MODEL --tensor-parallel-size 2 --max-num-seqs 64`` passes every option ttscale
+does not define itself to vLLM's ``AsyncEngineArgs`` parser, so the accepted names, types,
+choices and help are those of the installed vLLM. A config file (YAML or JSON) gives options
+per model; its values go through the same parser::
+
+    models:
+      - name: qwen
+        path: /models/qwen2.5-1.5b-instruct
+        engine: {max_num_seqs: 128, kv_cache_dtype: fp8}
+      - name: prm
+        path: /models/prm
+        role: score
+        engine: {gpu_memory_utilization: 0.08}
+    engine: {max_model_len: 8192}          # every model
+
+Only options the user set are returned: ttscale fills in what it picks per machine, and vLLM
+the rest. vLLM is imported on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ttscale.errors import ConfigError
+
+# Engine arguments ttscale sets itself from the model spec; setting them as options is an error.
+OWNED = frozenset({"model", "runner"})
+
+
+@lru_cache(maxsize=1)
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(
+        FlexibleArgumentParser(prog="ttscale serve", description="vLLM engine options"))
+    defaults = vars(parser.parse_args([]))
+    return parser, defaults
+
+
+def engine_help() -> str:
+    """vLLM's own help text of its engine options (what ``ttscale serve --help-engine`` prints)."""
+    return _parser()[0].format_help()
+
+
+def parse_engine_args(tokens: list[str], *, where: str = "the command line") -> dict[str, Any]:
+    """The engine options that ``tokens`` (command-line words) set, by vLLM field name.
+
+    Raises :class:`ConfigError` naming the offending option, with vLLM's own message.
+    """
+    options, positionals = parse_engine_cli(tokens, where=where, positionals=0)
+    return options
+
+
+def parse_engine_cli(tokens: list[str], *, where: str = "the command line",
+                     positionals: int = 1) -> tuple[dict[str, Any], list[str]]:
+    """Like :func:`parse_engine_args`, also returning up to ``positionals`` bare words (the
+    ``MODEL`` of ``ttscale serve MODEL --opt ...``, wherever it stands)."""
+    if not tokens:
+        return {}, []
+    parser, defaults = _parser()
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parsed, rest = parser.parse_known_args(tokens)
+            bare = [t for t in rest if not t.startswith("-")]
+            if len(bare) != len(rest) or len(bare) > positionals:
+                parser.error("unrecognized arguments: " + " ".join(rest))
+            ns = vars(parsed)
+    except SystemExit:
+        msg = err.getvalue().strip().splitlines()
+        raise ConfigError(f"bad vLLM engine option in {where}: {msg[-1] if msg else ' '.join(tokens)}",
+                          param=next((t for t in tokens if t.startswith("-")), None)) from None
+    explicit = {k: v for k, v in ns.items() if v != defaults.get(k)}
+    owned = OWNED & set(explicit)
+    if owned:
+        raise ConfigError(f"--{sorted(owned)[0].replace('_', '-')} is set by ttscale from the model "
+                          f"argument; give the model as MODEL or --model NAME=PATH", param=sorted(owned)[0])
+    return explicit, bare
+
+
+def to_tokens(options: dict[str, Any], *, where: str) -> list[str]:
+    """Command-line words for a mapping of options (config files), so they are parsed, typed and
+    checked by vLLM's parser exactly as on the command line."""
+    parser, _ = _parser()
+    actions = {s: a for a in parser._actions for s in a.option_strings}  # noqa: SLF001
+    words: list[str] = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        action = actions.get(flag)
+        if action is None:
+            raise ConfigError(f"unknown vLLM engine option {key!r} in {where}", param=str(key))
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            if isinstance(action, argparse.BooleanOptionalAction):
+                words.append(flag if value else "--no-" + flag[2:])
+            elif action.nargs == 0:  # store_true
+                if value:
+                    words.append(flag)
+            else:
+                words += [flag, str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+                words += [flag, *(json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in value)]
+            else:
+                words += [flag, json.dumps(value)]
+        elif isinstance(value, dict):
+            words += [flag, json.dumps(value)]
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+def parse_engine_mapping(options: dict[str, Any] | None, *, where: str) -> dict[str, Any]:
+    if not options:
+        return {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: engine options must be a mapping, got {type(options).__name__}")
+    return parse_engine_args(to_tokens(options, where=where), where=where)
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON serve config (see the module docstring)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}", param="--config") from None
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}",
+                          param="--config") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping at the top", param="--config")
+    unknown = set(data) - {"models", "engine", "server"}
+    if unknown:
+        raise ConfigError(f"config file {p}: unknown key {sorted(unknown)[0]!r} "
+                          "(expected models, engine, server)", param="--config")
+    models = data.get("models") or []
+    if not isinstance(models, list):
+        raise ConfigError(f"config file {p}: 'models' must be a list", param="--config")
+    for i, m in enumerate(models):
+        if isinstance(m, str):
+            continue
+        if not isinstance(m, dict) or not ({"path", "url"} & set(m)):
+            raise ConfigError(f"config file {p}: models[{i}] needs a 'path' (or 'url')", param="--config")
+        bad = set(m) - {"name", "path", "url", "upstream_model", "role", "engine"}
+        if bad:
+            raise ConfigError(f"config file {p}: models[{i}] has unknown key {sorted(bad)[0]!r}",
+                              param="--config")
+    return data
