@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 __all__ = [
     "MAX_SYMBOLIC_CHARS",
+    "AnswerClusters",
     "answer_key",
     "cluster_answers",
     "equivalent",
@@ -403,6 +404,80 @@ def equivalent(a: str, b: str) -> bool:
         return False
 
 
+class AnswerClusters:
+    """Incremental :func:`cluster_answers`: add answers one at a time (as samples finish) and
+    read the clusters at any point, for the cost of comparing each new distinct answer with the
+    ones before it, instead of re-clustering everything at every sample.
+
+    Same partition and numbering as :func:`cluster_answers` of the answers added so far. Not
+    thread-safe: one request's samples are added from one place.
+    """
+
+    def __init__(self) -> None:
+        self.answers: list[str | None] = []
+        self._keys: list[str | None] = []
+        self._index: dict[str, int] = {}  # key -> position among the distinct keys
+        self._texts: list[str] = []  # first answer text of each distinct key
+        self._parent: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def _find(self, i: int) -> int:
+        parent = self._parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def add(self, answer: str | None) -> None:
+        self.answers.append(answer)
+        text = None if answer is None or not str(answer).strip() else str(answer).strip()
+        key = None if text is None else answer_key(text)
+        self._keys.append(key)
+        if key is None or key in self._index:
+            return
+        j = len(self._texts)
+        self._index[key] = j
+        self._texts.append(text)  # type: ignore[arg-type]
+        self._parent.append(j)
+        for i in range(j):
+            ri, rj = self._find(i), self._find(j)
+            if ri == rj:
+                continue
+            a, b = self._texts[i], text
+            if equivalent(a, b) or equivalent(b, a):
+                self._parent[max(ri, rj)] = min(ri, rj)
+
+    def extend(self, answers: Sequence[str | None]) -> AnswerClusters:
+        for a in answers:
+            self.add(a)
+        return self
+
+    def ids(self) -> list[int | None]:
+        """Cluster id per answer (``None``: answerless), numbered by first appearance."""
+        ids: dict[int, int] = {}
+        out: list[int | None] = []
+        for key in self._keys:
+            if key is None:
+                out.append(None)
+                continue
+            root = self._find(self._index[key])
+            if root not in ids:
+                ids[root] = len(ids)
+            out.append(ids[root])
+        return out
+
+    def counts(self) -> list[int]:
+        """Votes per cluster, largest first."""
+        votes: dict[int, int] = {}
+        for key in self._keys:
+            if key is not None:
+                root = self._find(self._index[key])
+                votes[root] = votes.get(root, 0) + 1
+        return sorted(votes.values(), reverse=True)
+
+
 def cluster_answers(answers: Sequence[str | None]) -> list[int | None]:
     """Cluster id per sample; ``None`` for answerless samples.
 
@@ -410,48 +485,7 @@ def cluster_answers(answers: Sequence[str | None]) -> list[int | None]:
     :func:`equivalent` holds in either direction (the relation is closed transitively). Ids are
     numbered 0, 1, 2, ... in order of first appearance.
     """
-    keys: list[str | None] = []
-    for ans in answers:
-        if ans is None or not str(ans).strip():
-            keys.append(None)
-        else:
-            keys.append(answer_key(str(ans).strip()))
-
-    # One representative answer text per distinct key, in first-appearance order.
-    distinct: dict[str, str] = {}
-    for ans, key in zip(answers, keys):
-        if key is not None and key not in distinct:
-            distinct[key] = str(ans).strip()
-    order = list(distinct)
-    parent = list(range(len(order)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(len(order)):
-        for j in range(i + 1, len(order)):
-            ri, rj = find(i), find(j)
-            if ri == rj:
-                continue
-            a, b = distinct[order[i]], distinct[order[j]]
-            if equivalent(a, b) or equivalent(b, a):
-                parent[max(ri, rj)] = min(ri, rj)
-
-    root_of = {key: find(i) for i, key in enumerate(order)}
-    ids: dict[int, int] = {}
-    out: list[int | None] = []
-    for key in keys:
-        if key is None:
-            out.append(None)
-            continue
-        root = root_of[key]
-        if root not in ids:
-            ids[root] = len(ids)
-        out.append(ids[root])
-    return out
+    return AnswerClusters().extend(answers).ids()
 
 
 def _as_int(s: str) -> int | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ttscale.answers import cluster_answers, extract_answer
+from ttscale.answers import AnswerClusters, cluster_answers, extract_answer
 from ttscale.engine import Candidate, CandidateEvent
 from ttscale.errors import InvalidRequestError
 from ttscale.strategies.base import Choice, RunContext, Sampler, Strategy, StrategyOptions, StrategyResult
@@ -29,6 +29,28 @@ class ParallelOptions(StrategyOptions):
     token_cost: float = Field(default=1e-5, ge=0.0, description="accuracy one token is worth")
 
 
+class AnswerTracker:
+    """The answers of a request's finished candidates, extracted and clustered as each one
+    finishes (incrementally, in a worker thread: nothing CPU-heavy runs on the event loop)."""
+
+    def __init__(self) -> None:
+        self.clusters = AnswerClusters()
+        self.answers: dict[int, str | None] = {}  # id(candidate) -> answer
+
+    def _add(self, text: str) -> str | None:
+        answer = extract_answer(text)
+        self.clusters.add(answer)
+        return answer
+
+    async def add(self, cand: Candidate) -> str | None:
+        answer = await asyncio.to_thread(self._add, cand.text)
+        self.answers[id(cand)] = answer
+        return answer
+
+    def counts(self) -> list[int]:
+        return self.clusters.counts()
+
+
 @dataclass
 class Pool:
     """Candidates with their extracted answers and clusters."""
@@ -38,9 +60,16 @@ class Pool:
     clusters: list[int | None] = field(default_factory=list)
 
     @classmethod
-    async def build(cls, cands: Sequence[Candidate]) -> Pool:
-        answers = [extract_answer(c.text) for c in cands]
-        clusters = await asyncio.to_thread(cluster_answers, answers)
+    async def build(cls, cands: Sequence[Candidate], known: dict[int, str | None] | None = None) -> Pool:
+        """Extract and cluster the answers of ``cands`` in a worker thread (math-verify is CPU
+        work); ``known`` maps ``id(candidate)`` to an answer extracted already."""
+        known = known or {}
+
+        def work() -> tuple[list[str | None], list[int | None]]:
+            answers = [known[id(c)] if id(c) in known else extract_answer(c.text) for c in cands]
+            return answers, cluster_answers(answers)
+
+        answers, clusters = await asyncio.to_thread(work)
         return cls(list(cands), answers, clusters)
 
     def cluster_answer(self, cluster: int | None) -> str | None:
@@ -81,10 +110,13 @@ class ParallelStrategy(Strategy):
 
     async def sample(self, ctx: RunContext, k: int, *, logprobs: int | None = None,
                      scoring_cost: Callable[[int], int] | None = None,
-                     should_stop: Callable[[list[Candidate]], bool] | None = None,
-                     settings: list | None = None) -> tuple[Sampler, list[Candidate]]:
-        """Draw k candidates (one fan-out). ``should_stop(finished)`` is asked after each
-        candidate finishes; True aborts the rest (stop reason ``early_stop``)."""
+                     should_stop: Callable[[AnswerTracker, int], bool] | None = None,
+                     settings: list | None = None,
+                     tracker: AnswerTracker | None = None) -> tuple[Sampler, list[Candidate]]:
+        """Draw k candidates (one fan-out). ``should_stop(tracker, remaining)`` is asked after
+        each candidate finishes, its answer tracked; True aborts the rest (stop reason
+        ``early_stop``). Answers are tracked only when something reads them (a stopping rule,
+        a progress listener, or the caller's ``tracker``)."""
         base = ctx.settings
         if logprobs is not None:
             want = logprobs if base.logprobs is None else max(base.logprobs, logprobs)
@@ -93,16 +125,21 @@ class ParallelStrategy(Strategy):
         if logprobs is not None and settings is not None:
             plan = [replace(s, logprobs=base.logprobs) for s in plan]
         sampler = Sampler(ctx, scoring_cost=scoring_cost)
-        finished: list[Candidate] = []
+        finished = 0
+        if tracker is None and (should_stop is not None or ctx.on_progress is not None):
+            tracker = AnswerTracker()
 
         async def on_event(ev: CandidateEvent) -> None:
+            nonlocal finished
             if not ev.finished:
                 return
-            finished.append(ev.candidate)
-            await ctx.progress({"type": "sample", "samples_done": len(finished), "samples_planned": len(plan),
-                                "tokens": ev.candidate.num_tokens,
-                                "answer": extract_answer(ev.candidate.text)})
-            if should_stop is not None and len(finished) < len(plan) and should_stop(finished):
+            finished += 1
+            if tracker is None:
+                return
+            answer = await tracker.add(ev.candidate)
+            await ctx.progress({"type": "sample", "samples_done": finished, "samples_planned": len(plan),
+                                "tokens": ev.candidate.num_tokens, "answer": answer})
+            if should_stop is not None and finished < len(plan) and should_stop(tracker, len(plan) - finished):
                 sampler.stop("early_stop")
 
         cands = await sampler.run(plan, on_event=on_event)
@@ -113,12 +150,14 @@ class ParallelStrategy(Strategy):
 
     async def draw(self, ctx: RunContext, *, logprobs: int | None = None,
                    scoring_cost: Callable[[int], int] | None = None,
-                   should_stop: Callable[[list[Candidate]], bool] | None = None,
+                   should_stop: Callable[[AnswerTracker, int], bool] | None = None,
+                   tracker: AnswerTracker | None = None,
                    ) -> tuple[Sampler, list[Candidate], dict[str, Any]]:
         """The request's candidates: K in one fan-out, or waves under an adaptive budget."""
         if not (ctx.budget.auto or ctx.budget.target_accuracy is not None):
             sampler, cands = await self.sample(ctx, self.planned(ctx), logprobs=logprobs,
-                                               scoring_cost=scoring_cost, should_stop=should_stop)
+                                               scoring_cost=scoring_cost, should_stop=should_stop,
+                                               tracker=tracker)
             return sampler, cands, {}
         return await self._waves(ctx, logprobs=logprobs, scoring_cost=scoring_cost)
 

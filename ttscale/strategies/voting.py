@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from ttscale.answers import cluster_answers, extract_answer
 from ttscale.scorers import ScorerOptions
 from ttscale.selection import vote
 from ttscale.strategies import register
 from ttscale.strategies.base import RunContext, StrategyResult
-from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, decided
+from ttscale.strategies.parallel import AnswerTracker, ParallelOptions, ParallelStrategy, Pool, decided
 
 
 class MajorityOptions(ParallelOptions):
@@ -28,21 +27,16 @@ class Majority(ParallelStrategy):
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o: MajorityOptions = self.options  # type: ignore[assignment]
-        k = self.planned(ctx)
+        self.planned(ctx)
 
-        def should_stop(done) -> bool:
-            if not o.stop_when_decided:
-                return False
-            clusters = cluster_answers([extract_answer(c.text) for c in done])
-            counts: dict[int, int] = {}
-            for c in clusters:
-                if c is not None:
-                    counts[c] = counts.get(c, 0) + 1
-            return decided(sorted(counts.values(), reverse=True), k - len(done))
+        def should_stop(tracker: AnswerTracker, remaining: int) -> bool:
+            return decided(tracker.counts(), remaining)
 
+        tracker = AnswerTracker()
         sampler, cands, adapt = await self.draw(ctx, logprobs=0 if o.tie_break == "logprob" else None,
-                                                should_stop=should_stop)
-        pool = await Pool.build(cands)
+                                                should_stop=should_stop if o.stop_when_decided else None,
+                                                tracker=tracker)
+        pool = await Pool.build(cands, known=tracker.answers)
         v = vote(pool.clusters,
                  tie_scores=[c.sum_logprob or 0.0 for c in cands] if o.tie_break == "logprob" else None,
                  finish_order=[c.finished_at or math.inf for c in cands])
