@@ -8,7 +8,9 @@ PORT   ?= 8000
 ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast bench clean
+GPU_DEPS ?= install
+
+.PHONY: install serve test test-fast test-gpu bench clean
 
 install: $(VENV)/.installed-$(ENGINE)
 
@@ -33,6 +35,14 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not vllm and not server" $(PYTEST_ARGS)
+
+# The end-to-end tests on a GPU host: the GPU-only tests and every server test (one server of the
+# embedded family on the GPU for the session), then the tests that start engines of their own.
+# A staged GPU machine without the venv: `make test-gpu GPU_DEPS= PY=python3` (see README).
+# `-P`: the checkout's ttscale/ must not shadow the installed package.
+test-gpu: $(GPU_DEPS)
+	$(PY) -P -m pytest -q -m "gpu or server" $(PYTEST_ARGS)
+	$(PY) -P -m pytest -q -m "vllm and not server and not gpu" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/overhead.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -19,6 +20,25 @@ POLICY = os.environ.get("TTSCALE_TEST_POLICY", "ttscale-arith")
 VERIFIER = os.environ.get("TTSCALE_TEST_VERIFIER", "ttscale-arith-verifier")
 DRAFT = os.environ.get("TTSCALE_TEST_DRAFT", "ttscale-arith-draft")
 START_TIMEOUT_S = float(os.environ.get("TTSCALE_TEST_START_TIMEOUT", "420"))
+# Further `ttscale serve` options for every test server (e.g. vLLM engine options on a GPU host).
+SERVER_ARGS = shlex.split(os.environ.get("TTSCALE_TEST_SERVER_ARGS", ""))
+# A local Hugging Face model directory for the GPU tests of a real model (skipped when unset).
+REAL_MODEL = os.environ.get("TTSCALE_TEST_REAL_MODEL")
+
+
+def has_cuda() -> bool:
+    from ttscale.engine.vllm_engine import has_cuda as probe
+
+    return probe()
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where a GPU answers (`make test-gpu`); elsewhere they are skipped."""
+    if any("gpu" in item.keywords for item in items) and not has_cuda():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make test-gpu` on a GPU host)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
 
 
 def free_port() -> int:
@@ -65,14 +85,19 @@ class Server:
         self.proc.wait()
 
 
-def start_server(models: list[str], log: Path, *extra: str) -> Server:
+def start_server(models: list[str], log: Path, *extra: str, python_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> Server:
+    """A ttscale server on a free loopback port, ready (/health 200). ``python_args`` go before
+    ``-m ttscale.cli`` (e.g. a profiler: ``("-m", "cProfile", "-o", path)``)."""
     port = free_port()
-    args = [sys.executable, "-m", "ttscale.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    args = [sys.executable, *python_args, "-m", "ttscale.cli", "serve", "--port", str(port),
+            "--log-level", "warning"]
     for m in models:
         args += ["--model", m]
-    args += list(extra)
+    args += SERVER_ARGS + list(extra)
     fh = open(log, "wb")
-    proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     srv = Server(proc, port, log)
     t0 = time.monotonic()
     while time.monotonic() - t0 < START_TIMEOUT_S:
