@@ -37,11 +37,12 @@ test-fast: install
 	$(PY) -m pytest -q -m "not vllm and not server" $(PYTEST_ARGS)
 
 # The end-to-end tests on a GPU host: the GPU-only tests and every server test (one server of the
-# embedded family on the GPU for the session), then the tests that start engines of their own.
+# embedded family, 0.3 of the GPU, for the session; servers of single tests fit beside it), then the
+# tests that start engines of their own.
 # A staged GPU machine without the venv: `make test-gpu GPU_DEPS= PY=python3` (see README).
 # `-P`: the checkout's ttscale/ must not shadow the installed package.
 test-gpu: $(GPU_DEPS)
-	$(PY) -P -m pytest -q -m "gpu or server" $(PYTEST_ARGS)
+	TTSCALE_TEST_SERVER_ARGS="--gpu-memory-utilization 0.3" $(PY) -P -m pytest -q -m "gpu or server" $(PYTEST_ARGS)
 	$(PY) -P -m pytest -q -m "vllm and not server and not gpu" $(PYTEST_ARGS)
 
 bench: install

@@ -90,7 +90,8 @@ def start_server(models: list[str], log: Path, *extra: str, python_args: tuple[s
     """A ttscale server on a free loopback port, ready (/health 200). ``python_args`` go before
     ``-m ttscale.cli`` (e.g. a profiler: ``("-m", "cProfile", "-o", path)``)."""
     port = free_port()
-    args = [sys.executable, *python_args, "-m", "ttscale.cli", "serve", "--port", str(port),
+    # -P: a checkout in the working directory must not shadow the installed package
+    args = [sys.executable, "-P", *python_args, "-m", "ttscale.cli", "serve", "--port", str(port),
             "--log-level", "warning"]
     for m in models:
         args += ["--model", m]
@@ -117,7 +118,9 @@ def start_server(models: list[str], log: Path, *extra: str, python_args: tuple[s
 def server(tmp_path_factory) -> Server:
     """The embedded family (policy, verifier, draft) on one server for the whole session."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    srv = start_server([POLICY, VERIFIER, DRAFT], log)
+    default = (POLICY, VERIFIER, DRAFT) == ("ttscale-arith", "ttscale-arith-verifier", "ttscale-arith-draft")
+    # the default family is what `ttscale serve` with no model arguments serves: start it so
+    srv = start_server([] if default else [POLICY, VERIFIER, DRAFT], log, "--log-level", "info")
     yield srv
     srv.stop()
 

@@ -382,6 +382,13 @@ def answer_key(ans: str) -> str:
 
 
 @lru_cache(maxsize=65536)
+def _is_integer(ans: str) -> bool:
+    """A plain integer (``51``, ``-3``, ``1,000``, ``$7$``, ``51.0``, ``\\frac{102}{2}``)."""
+    value = _numeric_value(ans)
+    return value is not None and value.denominator == 1
+
+
+@lru_cache(maxsize=65536)
 def equivalent(a: str, b: str) -> bool:
     """Whether answer *b* matches gold answer *a* (math-verify ``verify(gold, pred)``).
 
@@ -393,6 +400,8 @@ def equivalent(a: str, b: str) -> bool:
             return False
         if answer_key(a) == answer_key(b):
             return True
+        if _is_integer(a) and _is_integer(b):  # two different integers: no parse needed
+            return False
         gold, pred = _parsed(a), _parsed(b)
         if not gold or not pred:
             return False
@@ -419,6 +428,14 @@ class AnswerClusters:
         self._index: dict[str, int] = {}  # key -> position among the distinct keys
         self._texts: list[str] = []  # first answer text of each distinct key
         self._parent: list[int] = []
+        self._all_integers = True  # every distinct answer so far is a plain integer
+
+    def is_cheap(self, answer: str | None) -> bool:
+        """Whether :meth:`add` of ``answer`` needs no math-verify work (an answerless sample, or
+        an integer among integers): then it costs microseconds, fine on an event loop."""
+        if answer is None or not str(answer).strip():
+            return True
+        return self._all_integers and _is_integer(str(answer).strip())
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -439,6 +456,7 @@ class AnswerClusters:
             return
         j = len(self._texts)
         self._index[key] = j
+        self._all_integers = self._all_integers and _is_integer(text)  # type: ignore[arg-type]
         self._texts.append(text)  # type: ignore[arg-type]
         self._parent.append(j)
         for i in range(j):

@@ -37,13 +37,12 @@ class AnswerTracker:
         self.clusters = AnswerClusters()
         self.answers: dict[int, str | None] = {}  # id(candidate) -> answer
 
-    def _add(self, text: str) -> str | None:
-        answer = extract_answer(text)
-        self.clusters.add(answer)
-        return answer
-
     async def add(self, cand: Candidate) -> str | None:
-        answer = await asyncio.to_thread(self._add, cand.text)
+        answer = extract_answer(cand.text)  # a few string scans
+        if self.clusters.is_cheap(answer):  # integers among integers: microseconds, done here
+            self.clusters.add(answer)
+        else:  # math-verify parses and comparisons: a worker thread
+            await asyncio.to_thread(self.clusters.add, answer)
         self.answers[id(cand)] = answer
         return answer
 

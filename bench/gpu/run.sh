@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU lane: end-to-end tests and benches of ttscale on a GPU machine staged with
+# ../shared/gpu/stage.sh (vLLM 0.26 + Qwen2.5-Coder-1.5B-Instruct; see the README, "GPU hosts").
+# Run from the repository root on that machine, one or more sections per call:
+#   bash bench/gpu/run.sh setup tests        # ~8 min
+#   bash bench/gpu/run.sh bench              # overhead ratios, >= 5 rounds
+#   bash bench/gpu/run.sh gsm8k              # 150 GSM8K questions, majority@16, concurrency 32
+# Sections: setup (vLLM, the model, test wheels in .whl/), tests and engine-tests (make test-gpu),
+# bench, gsm8k, profile. Logs and results go to /tmp/gpu/out, and, on the device
+# tool's machine, into one archive $OUT/gpu-results.tgz (a call brings back at most 8 files).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+OUTDIR=/tmp/gpu/out
+rm -rf "$OUTDIR"; mkdir -p "$OUTDIR"
+pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/gpu-results.tgz" -C "$OUTDIR" . ; }
+trap pack EXIT
+MODEL=/tmp/gpu/models/qwen2.5-coder-1.5b-instruct
+export PYTHONUNBUFFERED=1 TTSCALE_TEST_REAL_MODEL=$MODEL NCCL_NVLS_ENABLE=0
+cd "$REPO"
+# shellcheck disable=SC1091
+source /tmp/gpu/in/device-setup.sh >"$OUTDIR/setup.log" 2>&1 || { cat "$OUTDIR/setup.log"; exit 1; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gpu/extra .whl/*.whl \
+    >>"$OUTDIR/setup.log" 2>&1
+fi
+export PYTHONPATH=/tmp/gpu/extra:$PYTHONPATH
+status=0
+step() {  # step NAME COMMAND...: run, log to $OUTDIR/NAME.log, keep going on failure
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "== $name: $*"
+  "$@" >"$OUTDIR/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s"; tail -n 25 "$OUTDIR/$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+for section in "$@"; do
+  case $section in
+    setup)
+      step model bash /tmp/gpu/in/device-model.sh
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTDIR/gpu.txt" 2>&1
+      python3 -c "import vllm, torch, pytest_asyncio; print('vllm', vllm.__version__, 'torch', torch.__version__)" \
+        >> "$OUTDIR/gpu.txt" 2>&1; cat "$OUTDIR/gpu.txt" ;;
+    tests)  # the GPU tests and every server test; the session server takes 0.3 of the GPU, so the
+            # tests that start servers of their own fit beside it
+      export TTSCALE_TEST_SERVER_ARGS="--gpu-memory-utilization 0.3"
+      step test_server python3 -P -m pytest -q -m "gpu or server" -p no:cacheprovider -rs
+      unset TTSCALE_TEST_SERVER_ARGS ;;
+    engine-tests)
+      step test_engine python3 -P -m pytest -q -m "vllm and not server and not gpu" -p no:cacheprovider ;;
+    bench)
+      (cd /tmp && step bench_overhead python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
+        --prompts 64 --k 16 --max-tokens 256 --concurrency 64 --rounds 5 --phases none,majority,eval \
+        --out "$OUTDIR/overhead-gpu.json") ;;
+    gsm8k)
+      (cd /tmp && step bench_gsm8k python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
+        --prompts 150 --k 16 --max-tokens 1024 --concurrency 32 --rounds 2 --phases majority,majority_es \
+        --out "$OUTDIR/gsm8k-gpu.json") ;;
+    profile)
+      (cd /tmp && step bench_profile python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
+        --prompts 64 --k 16 --max-tokens 512 --concurrency 32 --rounds 1 --phases majority_es \
+        --profile "$OUTDIR/prof" --out "$OUTDIR/profile-gpu.json")
+      python3 -c "import pstats; pstats.Stats('$OUTDIR/prof/server.prof').sort_stats('tottime').print_stats(40)" \
+        > "$OUTDIR/prof/top.txt" 2>&1; rm -f "$OUTDIR/prof/server.prof"; head -80 "$OUTDIR/prof/top.txt" ;;
+    *) echo "unknown section $section"; status=1 ;;
+  esac
+done
+exit $status
