@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DRAFT, POLICY, VERIFIER, wait_until
+from conftest import DRAFT, POLICY, VERIFIER, has_cuda, wait_until
 from ttscale.engine import parse_model_arg
 
 pytestmark = [pytest.mark.server, pytest.mark.vllm]
@@ -220,6 +220,9 @@ def _tokens(server, kind: str) -> float:
 
 
 N_LONG = 16
+# How long the non-streaming client stays once its request runs: long enough for first tokens on a
+# loaded CPU; a GPU writes ~2k tokens per sequence in a few seconds, so there it leaves sooner.
+DROP_AFTER_S = 0.3 if has_cuda() else 2.0
 
 
 def _long_body(stream: bool, max_tokens: int) -> dict:
@@ -254,7 +257,7 @@ def test_dropped_client_without_stream_aborts_engine_requests(server, long_token
     try:  # leave only once the engine is working on it (and has had time for a first token,
         # so that the aborted tokens' accounting is exercised too, even on a loaded machine)
         assert wait_until(lambda: server.health()["engine_requests_running"] > 0, 60)
-        time.sleep(2.0)
+        time.sleep(DROP_AFTER_S)
     finally:
         sock.close()
     assert wait_until(lambda: _engine_idle(server), 15), server.health()

@@ -99,11 +99,21 @@ def _use_spawn() -> None:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
+def detokenizes_in_engine(s: SamplingSettings, *, stream: bool) -> bool:
+    """Whether vLLM turns this candidate's tokens into text as they come. Only where the text is
+    needed while it is generated: a streamed candidate, or stop strings to match. Otherwise the
+    finished token ids are decoded once (one call into the tokenizer), which keeps vLLM's
+    per-token detokenization of the text and of every log-prob entry off the event loop that
+    serves all requests: at GPU speed that Python work, not the GPU, bounds the tokens/s."""
+    return stream or bool(s.stop)
+
+
 def _to_params(s: SamplingSettings, *, max_tokens: int, stream: bool):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
+        detokenize=detokenizes_in_engine(s, stream=stream),
         n=1,
         temperature=s.temperature,
         top_p=s.top_p,
@@ -231,6 +241,10 @@ class VLLMEngine(Engine):
     @property
     def tokenizer(self):
         return self._tokenizer
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of generated tokens, as vLLM's detokenizer writes it (special tokens skipped)."""
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
     @property
     def alive(self) -> bool:
@@ -378,10 +392,13 @@ class _VLLMFanout(Fanout):
                     if want_lp and o.logprobs:
                         _book_logprobs(c, new, o.logprobs, top_k)
                     if out.finished:
+                        if not self._params[i].detokenize:
+                            c.text = self._engine.decode(c.token_ids)
                         c.finish_reason = o.finish_reason or "stop"  # type: ignore[assignment]
                         c.stop_reason = o.stop_reason
                         c.finished_at = time.perf_counter()
-                    self._emit(CandidateEvent(c, o.text, len(new), c.finished))
+                    self._emit(CandidateEvent(c, c.text if not self._params[i].detokenize else o.text,
+                                              len(new), c.finished))
                     if c.finished:
                         return
         except asyncio.CancelledError:
@@ -390,6 +407,8 @@ class _VLLMFanout(Fanout):
             self._fail(_map_error(e, self._engine.name))
             return
         if not c.finished:  # the stream ended without a final output
+            if not self._params[i].detokenize and c.token_ids:
+                c.text = self._engine.decode(c.token_ids)
             c.finish_reason = "abort"
             c.finished_at = time.perf_counter()
             self._emit(CandidateEvent(c, "", 0, True))
