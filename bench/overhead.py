@@ -181,6 +181,30 @@ async def main(a: argparse.Namespace) -> None:
                 return await eval_phase(engine, problems, a)
             return await server_phase(srv.v1, spec.name, problems, a, ph)
 
+        def write(results: dict[str, list[dict]], *, final: bool) -> None:
+            """The summary so far (after every round: a run cut short keeps what it measured)."""
+            summary = {"bench": "overhead", "model": spec.name, "model_path": str(resolve_model(spec.source).name),
+                       "dataset": a.dataset, "k": a.k, "prompts": len(problems), "max_tokens": a.max_tokens,
+                       "concurrency": a.concurrency, "rounds": a.rounds, "server_start_s": round(start_s, 1),
+                       "machine": versions(), "command": "python bench/overhead.py " + " ".join(sys.argv[1:]),
+                       "complete": final, "phases": {}}
+            for ph, rows in results.items():
+                if not rows:
+                    continue
+                ratios = [x["ratio"] for x in rows]
+                summary["phases"][ph] = {
+                    "ratio_median": round(statistics.median(ratios), 3),
+                    "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+                    "ratio_geomean": round(statistics.geometric_mean(ratios), 3),
+                    "time_ratio_median": round(statistics.median(x["time_ratio"] for x in rows), 3),
+                    "engine_tok_s_median": round(statistics.median(x["raw_tokens"] / x["raw_s"] for x in rows)),
+                    "rounds": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()}
+                               for x in rows]}
+            if final:
+                print(json.dumps(summary, indent=1))
+            if a.out:
+                Path(a.out).write_text(json.dumps(summary, indent=1) + "\n")
+
         results: dict[str, list[dict]] = {ph: [] for ph in phases}
         for r in range(a.rounds):
             for ph in phases:
@@ -198,23 +222,8 @@ async def main(a: argparse.Namespace) -> None:
                       f"({raw['tokens'] / raw['seconds']:,.0f} tok/s) | ttscale {tts['tokens']} tok in "
                       f"{tts['seconds']:.2f}s ({tts['tokens'] / tts['seconds']:,.0f} tok/s) | "
                       f"ratio {row['ratio']:.3f} | time x{row['time_ratio']:.3f}", flush=True)
-        summary = {"bench": "overhead", "model": spec.name, "model_path": str(resolve_model(spec.source).name),
-                   "dataset": a.dataset, "k": a.k, "prompts": len(problems), "max_tokens": a.max_tokens,
-                   "concurrency": a.concurrency, "rounds": a.rounds, "server_start_s": round(start_s, 1),
-                   "machine": versions(), "command": "python bench/overhead.py " + " ".join(sys.argv[1:]),
-                   "phases": {}}
-        for ph, rows in results.items():
-            ratios = [x["ratio"] for x in rows]
-            summary["phases"][ph] = {
-                "ratio_median": round(statistics.median(ratios), 3),
-                "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
-                "ratio_geomean": round(statistics.geometric_mean(ratios), 3),
-                "time_ratio_median": round(statistics.median(x["time_ratio"] for x in rows), 3),
-                "engine_tok_s_median": round(statistics.median(x["raw_tokens"] / x["raw_s"] for x in rows)),
-                "rounds": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()} for x in rows]}
-        print(json.dumps(summary, indent=1))
-        if a.out:
-            Path(a.out).write_text(json.dumps(summary, indent=1) + "\n")
+            write(results, final=False)
+        write(results, final=True)
     finally:
         await engine.close()
         srv.stop()

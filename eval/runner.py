@@ -184,10 +184,11 @@ class EvalRunner:
         todo = [p for p in self.ds.problems if p["id"] not in done]
         own = self.policy is None
         if own:
+            from ttscale.engine import ModelPool
+
             self.policy, self.verifier = build_engines(self.cfg)
-            await self.policy.start()
-            if self.verifier is not None:
-                await self.verifier.start()
+            # through the pool: on a GPU the policy and its verifier split the device by the plan
+            await ModelPool([e for e in (self.policy, self.verifier) if e is not None]).start()
         t0 = time.perf_counter()
         try:
             with _Progress(self.progress, len(self.ds.problems), len(done), self.cfg.k) as bar:

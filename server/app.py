@@ -149,13 +149,15 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
     prompt: Any = body.message_dicts() if chat else body.prompt
     ids: list[int] | None = None
     if engine.can_render:  # else an upstream checks lengths itself
+        # tokenised once, in a worker thread: a long prompt must not stall other requests
         if chat:
-            ids = engine.render(prompt, continue_final_message=body.continue_final_message,
-                                add_generation_prompt=body.add_generation_prompt)
+            ids = await asyncio.to_thread(engine.render, prompt,
+                                          continue_final_message=body.continue_final_message,
+                                          add_generation_prompt=body.add_generation_prompt)
             if body.continue_final_message:
                 prompt = ids  # rendered exactly as asked; the engine takes the ids
         else:
-            ids = engine.render(prompt)
+            ids = await asyncio.to_thread(engine.render, prompt)
     ctx_len = engine.max_model_len
     if ctx_len is not None and ids is not None:
         if len(ids) >= ctx_len:
@@ -178,9 +180,11 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
         ignore_eos=body.ignore_eos)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     ctx = RunContext(pool=pool, model=engine, prompt=prompt, settings=settings, n=body.n,
-                     budget=budget, request_id=rid, profile=app.state.profiles.get(engine.name))
+                     budget=budget, request_id=rid, profile=app.state.profiles.get(engine.name),
+                     prompt_ids=ids)
     meta = dict(id=rid, created=int(time.time()), model=engine.name, chat=chat,
                 strategy=strategy.name, return_samples=return_samples, engine=engine,
+                logprobs=body.logprobs_k is not None,
                 echo=(body.prompt if (not chat and getattr(body, "echo", False)) else None))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -219,7 +223,14 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
         return Response(status_code=499)
     result = work.result()  # raises the strategy's error, mapped to HTTP by the handlers
     metrics.observe(strategy.name, result.info, time.perf_counter() - t0)
-    return JSONResponse(_response(result, ctx, meta, time.perf_counter() - t0))
+    # built and serialised in a worker thread: K samples' texts and log-probs make large bodies
+    body_bytes = await asyncio.to_thread(
+        lambda: _dumps(_response(result, ctx, meta, time.perf_counter() - t0)))
+    return Response(body_bytes, media_type="application/json")
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -271,7 +282,8 @@ def _response(result: StrategyResult, ctx: RunContext, meta: dict, seconds: floa
     chat = meta["chat"]
     choices = []
     for ch in result.choices:
-        lp = _logprobs_obj(meta["engine"], ch.candidate, chat)
+        # only when the request asked: strategies draw log-probs for their own use (tie-breaks)
+        lp = _logprobs_obj(meta["engine"], ch.candidate, chat) if meta["logprobs"] else None
         if chat:
             choices.append({"index": ch.index, "message": {"role": "assistant", "content": ch.text},
                             "logprobs": lp, "finish_reason": ch.finish_reason})

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU lane: end-to-end tests and benches of ttscale on a GPU machine staged with
-# ../shared/gpu/stage.sh (vLLM 0.26 + Qwen2.5-Coder-1.5B-Instruct; see the README, "GPU hosts").
+# The GPU lane: end-to-end tests and benches of ttscale on a GPU host (README, "GPU hosts").
+# TTSCALE_GPU_SETUP: a script sourced first that provides vLLM and installs this tree (default: the
+# staged environment's /tmp/gpu/in/device-setup.sh, when present); TTSCALE_GPU_MODEL: the real model.
 # Run from the repository root on that machine, one or more sections per call:
 #   bash bench/gpu/run.sh setup tests        # ~8 min
-#   bash bench/gpu/run.sh bench              # overhead ratios, >= 5 rounds
-#   bash bench/gpu/run.sh gsm8k              # 150 GSM8K questions, majority@16, concurrency 32
+#   bash bench/gpu/run.sh bench              # overhead ratios, 5 rounds (~7 min)
+#   bash bench/gpu/run.sh gsm8k profile      # 150 GSM8K questions, majority@16, concurrency 32 (~5 min);
+#                                            # the server under cProfile (~3 min)
 # Sections: setup (vLLM, the model, test wheels in .whl/), tests and engine-tests (make test-gpu),
 # bench, gsm8k, profile. Logs and results go to /tmp/gpu/out, and, on the device
 # tool's machine, into one archive $OUT/gpu-results.tgz (a call brings back at most 8 files).
@@ -12,18 +14,23 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 OUTDIR=/tmp/gpu/out
 rm -rf "$OUTDIR"; mkdir -p "$OUTDIR"
+# servers of an earlier call that ran out of time (test servers run in sessions of their own)
+pkill -9 -f "[m] ttscale[.]cli serve" 2>/dev/null; pkill -9 -f "[E]ngineCore" 2>/dev/null; sleep 1
 pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/gpu-results.tgz" -C "$OUTDIR" . ; }
 trap pack EXIT
-MODEL=/tmp/gpu/models/qwen2.5-coder-1.5b-instruct
+MODEL=${TTSCALE_GPU_MODEL:-/tmp/gpu/models/qwen2.5-coder-1.5b-instruct}
+SETUP=${TTSCALE_GPU_SETUP:-/tmp/gpu/in/device-setup.sh}
 export PYTHONUNBUFFERED=1 TTSCALE_TEST_REAL_MODEL=$MODEL NCCL_NVLS_ENABLE=0
 cd "$REPO"
-# shellcheck disable=SC1091
-source /tmp/gpu/in/device-setup.sh >"$OUTDIR/setup.log" 2>&1 || { cat "$OUTDIR/setup.log"; exit 1; }
+if [ -f "$SETUP" ]; then
+  # shellcheck disable=SC1090
+  source "$SETUP" >"$OUTDIR/setup.log" 2>&1 || { cat "$OUTDIR/setup.log"; exit 1; }
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gpu/extra .whl/*.whl \
     >>"$OUTDIR/setup.log" 2>&1
 fi
-export PYTHONPATH=/tmp/gpu/extra:$PYTHONPATH
+export PYTHONPATH=/tmp/gpu/extra${PYTHONPATH:+:$PYTHONPATH}
 status=0
 step() {  # step NAME COMMAND...: run, log to $OUTDIR/NAME.log, keep going on failure
   local name=$1; shift
@@ -37,27 +44,27 @@ step() {  # step NAME COMMAND...: run, log to $OUTDIR/NAME.log, keep going on fa
 for section in "$@"; do
   case $section in
     setup)
-      step model bash /tmp/gpu/in/device-model.sh
+      [ -f "$(dirname "$SETUP")/device-model.sh" ] && step model bash "$(dirname "$SETUP")/device-model.sh"
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTDIR/gpu.txt" 2>&1
       python3 -c "import vllm, torch, pytest_asyncio; print('vllm', vllm.__version__, 'torch', torch.__version__)" \
         >> "$OUTDIR/gpu.txt" 2>&1; cat "$OUTDIR/gpu.txt" ;;
     tests)  # the GPU tests and every server test; the session server takes 0.3 of the GPU, so the
             # tests that start servers of their own fit beside it
       export TTSCALE_TEST_SERVER_ARGS="--gpu-memory-utilization 0.3"
-      step test_server python3 -P -m pytest -q -m "gpu or server" -p no:cacheprovider -rs
+      step test_server timeout 520 python3 -P -m pytest -q -m "gpu or server" -p no:cacheprovider -rs
       unset TTSCALE_TEST_SERVER_ARGS ;;
     engine-tests)
-      step test_engine python3 -P -m pytest -q -m "vllm and not server and not gpu" -p no:cacheprovider ;;
+      step test_engine timeout 400 python3 -P -m pytest -q -m "vllm and not server and not gpu" -p no:cacheprovider ;;
     bench)
-      (cd /tmp && step bench_overhead python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
-        --prompts 64 --k 16 --max-tokens 256 --concurrency 64 --rounds 5 --phases none,majority,eval \
-        --out "$OUTDIR/overhead-gpu.json") ;;
+      (cd /tmp && step bench_overhead timeout 560 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" \
+        --dataset gsm8k --prompts 48 --k 16 --max-tokens 256 --concurrency 48 --rounds 5 \
+        --phases none,majority,eval --out "$OUTDIR/overhead-gpu.json") ;;
     gsm8k)
-      (cd /tmp && step bench_gsm8k python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
-        --prompts 150 --k 16 --max-tokens 1024 --concurrency 32 --rounds 2 --phases majority,majority_es \
+      (cd /tmp && step bench_gsm8k timeout 400 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" \
+        --dataset gsm8k --prompts 150 --k 16 --max-tokens 1024 --concurrency 32 --rounds 2 --phases majority \
         --out "$OUTDIR/gsm8k-gpu.json") ;;
     profile)
-      (cd /tmp && step bench_profile python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
+      (cd /tmp && step bench_profile timeout 300 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
         --prompts 64 --k 16 --max-tokens 512 --concurrency 32 --rounds 1 --phases majority_es \
         --profile "$OUTDIR/prof" --out "$OUTDIR/profile-gpu.json")
       python3 -c "import pstats; pstats.Stats('$OUTDIR/prof/server.prof').sort_stats('tottime').print_stats(40)" \

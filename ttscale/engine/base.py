@@ -235,6 +235,9 @@ class Engine(abc.ABC):
         """Ready to serve (an in-process engine: started, its process not dead)."""
         return True
 
+    # Whether a prompt of token ids from :meth:`render` can be sent as it is (no re-rendering).
+    takes_token_ids: bool = False
+
 
 def new_request_id(prefix: str = "ttscale") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"

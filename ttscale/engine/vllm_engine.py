@@ -133,6 +133,8 @@ def _to_params(s: SamplingSettings, *, max_tokens: int, stream: bool):
 class VLLMEngine(Engine):
     """One model served by an in-process ``AsyncLLM``."""
 
+    takes_token_ids = True
+
     def __init__(self, name: str, path: str | os.PathLike, *,
                  role: Literal["generate", "score"] | None = None,
                  options: VLLMOptions | None = None):

@@ -104,6 +104,9 @@ class RunContext:
     # streams and the strategy can stream its answer as it is generated (strategy ``none``).
     on_delta: Callable[[int, str], Awaitable[None]] | None = None
     profile: Any = None  # the policy's budget profile (ttscale.adaptive.Profile), if any
+    # ``prompt`` rendered by ``model`` (tokenised once, off the event loop, by the server);
+    # fan-outs of ``model`` for ``prompt`` take these ids instead of rendering it again
+    prompt_ids: list[int] | None = None
     started: float = field(default_factory=time.monotonic)
     budget_tokens_used: int = 0  # tokens charged against budget.tokens so far
     pending_scoring: int = 0  # tokens held back for scoring finished candidates
@@ -218,7 +221,10 @@ class Sampler:
         self.ctx = ctx
         self.scoring_cost = scoring_cost
         self.engine = engine or ctx.model
-        self.prompt = ctx.prompt if prompt is None else prompt
+        if prompt is None:
+            same = self.engine is ctx.model and ctx.prompt_ids is not None and self.engine.takes_token_ids
+            prompt = ctx.prompt_ids if same else ctx.prompt
+        self.prompt = prompt
         self.candidates: list[Candidate] = []
         self.stop_reason: str = "complete"
         self._fanouts: list[Fanout] = []
