@@ -419,6 +419,12 @@ class _VLLMFanout(Fanout):
         if not self.candidates[index].finished:
             await self._llm.abort(self._rids[index])
 
+    async def abort_all(self) -> None:
+        """One engine call for every candidate still running (an early stop aborts K-1 at once)."""
+        running = [self._rids[c.index] for c in self.candidates if not c.finished]
+        if running:
+            await self._llm.abort(running)
+
     async def aclose(self) -> None:
         running = [self._rids[c.index] for c in self.candidates if not c.finished]
         if running:
