@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -143,6 +144,37 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
     metrics: Metrics = app.state.metrics
     if app.state.in_flight >= app.state.max_concurrent_requests:
         raise OverloadedError(f"more than {app.state.max_concurrent_requests} requests in flight; retry later")
+    slot = _Slot(app.state)  # held from admission: streams and requests still tokenising count too
+    try:
+        return await _admitted(app, request, body, chat=chat, slot=slot)
+    except BaseException:
+        slot.release_unless_owned()
+        raise
+
+
+class _Slot:
+    """One admitted request in ``app.state.in_flight``; released once, by whoever ends it."""
+
+    def __init__(self, state: Any):
+        self.state = state
+        self.held = True
+        self.owned = False  # a running task (or stream) has taken over the release
+        state.in_flight += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.state.in_flight -= 1
+
+    def release_unless_owned(self) -> None:
+        if not self.owned:
+            self.release()
+
+
+async def _admitted(app: FastAPI, request: Request, body: ChatCompletionRequest | CompletionRequest,
+                    *, chat: bool, slot: _Slot):
+    pool: ModelPool = app.state.pool
+    metrics: Metrics = app.state.metrics
     engine = pool.get(body.model, role="generate")
     strategy, budget, return_samples = _parse_ttscale(body.ttscale)
 
@@ -188,11 +220,14 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
                 echo=(body.prompt if (not chat and getattr(body, "echo", False)) else None))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(app, strategy, ctx, meta, include_usage),
-                                 media_type="text/event-stream",
+        gen = _stream(app, strategy, ctx, meta, include_usage, slot)
+        # a stream the server never starts (its client left first) still gives its slot back
+        weakref.finalize(gen, slot.release)
+        slot.owned = True
+        return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    app.state.in_flight += 1
+    slot.owned = True
     t0 = time.perf_counter()
     state = {"status": "ok"}
     work = asyncio.create_task(strategy.run(ctx))
@@ -201,7 +236,7 @@ async def _serve(app: FastAPI, request: Request, body: ChatCompletionRequest | C
         # After the strategy's own cleanup (engine requests finished or aborted, tokens booked).
         if not task.cancelled() and task.exception() is not None:
             state["status"] = type(task.exception()).__name__
-        app.state.in_flight -= 1
+        slot.release()
         metrics.requests.labels("chat" if chat else "completions", strategy.name, state["status"]).inc()
         metrics.count_tokens(ctx.usage)
 
@@ -301,7 +336,7 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 
 async def _stream(app: FastAPI, strategy: Strategy, ctx: RunContext, meta: dict,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+                  include_usage: bool, slot: _Slot) -> AsyncIterator[bytes]:
     metrics: Metrics = app.state.metrics
     chat = meta["chat"]
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -337,7 +372,6 @@ async def _stream(app: FastAPI, strategy: Strategy, ctx: RunContext, meta: dict,
         except BaseException as e:  # noqa: BLE001 - forwarded into the stream
             queue.put_nowait(("error", e))
 
-    app.state.in_flight += 1
     t0 = time.perf_counter()
     status = "ok"
     task = asyncio.create_task(run())
@@ -346,7 +380,7 @@ async def _stream(app: FastAPI, strategy: Strategy, ctx: RunContext, meta: dict,
         # Runs when the strategy task ends, after its engine requests were finished or aborted
         # and booked. Not in the generator's `finally`: on a disconnect the server cancels the
         # generator's scope, and every await there would be cancelled again.
-        app.state.in_flight -= 1
+        slot.release()
         metrics.requests.labels("chat" if chat else "completions", strategy.name, status).inc()
         metrics.count_tokens(ctx.usage)
 

@@ -21,6 +21,8 @@ from ttscale.errors import (
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 1  # what a 429 asks a client to wait
+
 # Most specific first.
 STATUS: list[tuple[type[TTScaleError], int, str]] = [
     (ModelNotFoundError, 404, "not_found_error"),
@@ -49,7 +51,9 @@ def status_of(exc: TTScaleError) -> tuple[int, str]:
 def to_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, TTScaleError):
         status, type_ = status_of(exc)
-        return JSONResponse(error_body(exc.message, type_, exc.param, exc.code), status_code=status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, OverloadedError) else None
+        return JSONResponse(error_body(exc.message, type_, exc.param, exc.code), status_code=status,
+                            headers=headers)
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse(error_body("internal server error", "internal_error", None, "internal_error"),
                         status_code=500)

@@ -40,14 +40,14 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, lt=2**31)
     min_tokens: int = Field(default=0, ge=0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
@@ -69,6 +69,11 @@ class _Common(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s for s in items):
             raise ValueError("stop sequences must be non-empty")
+        for s in items:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("stop sequences must be valid Unicode (no lone surrogates)") from None
         return items
 
 

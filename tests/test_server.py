@@ -166,6 +166,14 @@ BAD = [
     ({"messages": [{"content": "hi"}]}, 400, "messages.0.role"),
     ({"messages": "hello"}, 400, "messages"),
     ({"stop": [""]}, 400, "stop"),
+    ({"stop": ["\ud800"]}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, 400, "messages"),
+    ({"top_k": 10**30}, 400, "top_k"),
+    ({"temperature": float("nan")}, 400, "temperature"),
+    ({"ttscale": {"strategy": "temperature_sweep", "temperatures": [float("nan")]}}, 400,
+     "ttscale.temperatures.0"),
+    ({"ttscale": {"strategy": "majority", "budget": "auto", "token_cost": float("inf")}}, 400,
+     "ttscale.token_cost"),
     ({"ttscale": {"strategy": "no-such-strategy"}}, 400, "ttscale.strategy"),
     ({"ttscale": {"strategy": 7}}, 400, "ttscale.strategy"),
     ({"ttscale": {"budget": {"samples": 0}}}, 400, "ttscale.budget.samples"),
@@ -182,7 +190,10 @@ BAD = [
 def test_bad_requests(server, change, status, param):
     body = {"model": POLICY_NAME, "messages": MSGS, "max_tokens": 8}
     body.update(change)
-    r = httpx.post(server.v1 + "/chat/completions", json=body, timeout=120)
+    # json.dumps escapes lone surrogates (\ud800) and writes NaN / Infinity as JSON5-style literals,
+    # which the server must refuse by name
+    r = httpx.post(server.v1 + "/chat/completions", content=json.dumps(body),
+                   headers={"content-type": "application/json"}, timeout=120)
     assert r.status_code == status, r.text
     if status != 200:
         err = r.json()["error"]

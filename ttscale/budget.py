@@ -16,7 +16,7 @@ from ttscale.errors import InvalidRequestError
 
 
 class Budget(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     samples: int | None = Field(default=None, ge=1, le=4096)
     tokens: int | None = Field(default=None, ge=1)

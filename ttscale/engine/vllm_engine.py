@@ -272,6 +272,7 @@ class VLLMEngine(Engine):
         tok = self._tokenizer
         if tok is None:
             raise EngineUnavailableError(f"model {self.name!r} is not running")
+        _check_encodable(prompt)
         if isinstance(prompt, str):
             return list(tok.encode(prompt, add_special_tokens=True))
         if prompt and isinstance(prompt[0], int):
@@ -445,6 +446,23 @@ class _VLLMFanout(Fanout):
             if not c.finished:
                 c.finish_reason = "abort"
                 c.finished_at = time.perf_counter()
+
+
+def _check_encodable(prompt: PromptInput) -> None:
+    """Text a tokenizer cannot take (a lone UTF-16 surrogate is no Unicode scalar) is the
+    request's fault: a 400 naming the parameter, not a tokenizer TypeError."""
+    if isinstance(prompt, str):
+        texts, param = [prompt], "prompt"
+    elif prompt and isinstance(prompt[0], dict):
+        texts, param = [str(m.get("content") or "") for m in prompt], "messages"  # type: ignore[union-attr]
+    else:
+        return
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(f"{param} holds text that is not valid Unicode "
+                                      f"(position {e.start}: {e.reason})", param=param) from None
 
 
 def _book_logprobs(c: Candidate, new: list[int], logprobs, top_k: int) -> None:

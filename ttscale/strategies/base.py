@@ -25,7 +25,8 @@ from ttscale.errors import BudgetError, InvalidRequestError
 class StrategyOptions(BaseModel):
     """Base of every strategy's options: frozen, unknown keys rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN / infinity are no option's value (they would poison votes and the response's JSON)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 @dataclass
