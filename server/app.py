@@ -159,6 +159,7 @@ class _Slot:
         self.state = state
         self.held = True
         self.owned = False  # a running task (or stream) has taken over the release
+        self.started = False  # a stream's generator has begun (its task releases the slot)
         state.in_flight += 1
 
     def release(self) -> None:
@@ -168,6 +169,10 @@ class _Slot:
 
     def release_unless_owned(self) -> None:
         if not self.owned:
+            self.release()
+
+    def release_unless_started(self) -> None:
+        if not self.started:
             self.release()
 
 
@@ -221,8 +226,9 @@ async def _admitted(app: FastAPI, request: Request, body: ChatCompletionRequest 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = _stream(app, strategy, ctx, meta, include_usage, slot)
-        # a stream the server never starts (its client left first) still gives its slot back
-        weakref.finalize(gen, slot.release)
+        # a stream the server never starts (its client left first) still gives its slot back;
+        # a started one gives it back when its strategy task has ended (``settle``)
+        weakref.finalize(gen, slot.release_unless_started)
         slot.owned = True
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -337,6 +343,7 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 async def _stream(app: FastAPI, strategy: Strategy, ctx: RunContext, meta: dict,
                   include_usage: bool, slot: _Slot) -> AsyncIterator[bytes]:
+    slot.started = True
     metrics: Metrics = app.state.metrics
     chat = meta["chat"]
     obj = "chat.completion.chunk" if chat else "text_completion"

@@ -72,6 +72,17 @@ def test_user_share_is_kept_and_the_rest_fits_around_it(tmp_path):
     assert 0.25 < plan.fractions["b"] <= 0.3
 
 
+def test_weights_are_what_the_loader_reads(tmp_path):
+    d = _qwen_dir(tmp_path, weights_gib=2.0)
+    with open(d / "optimizer.pt", "wb") as f:  # a trainer's leftover: not weights
+        f.truncate(4 * GIB)
+    with open(d / "pytorch_model.bin", "wb") as f:  # the same weights in the other format
+        f.truncate(2 * GIB)
+    assert need_of("m", "generate", d, {}).weight_bytes == 2 * GIB
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 3 * GIB}}))
+    assert need_of("m", "generate", d, {}).weight_bytes == 3 * GIB
+
+
 def test_tensor_parallel_splits_the_weights(tmp_path):
     d = _qwen_dir(tmp_path, weights_gib=8.0)
     one = need_of("m", "generate", d, {})

@@ -19,13 +19,20 @@ from ttscale.engine.options import parse_engine_cli, parse_engine_mapping, to_to
 from ttscale.errors import ConfigError
 
 
-def test_command_line_words_go_through_vllms_parser():
-    opts, bare = parse_engine_cli(["--tensor-parallel-size", "2", "/models/m", "--enforce-eager",
+def test_command_line_words_go_through_vllms_parser(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    opts, bare = parse_engine_cli(["--tensor-parallel-size", "2", str(model), "--enforce-eager",
                                    "--kv-cache-dtype", "fp8", "--served-model-name", "a", "b",
                                    "--hf-overrides", '{"rope_theta": 1e6}'])
-    assert bare == ["/models/m"]
+    assert bare == [str(model)]
     assert opts == {"tensor_parallel_size": 2, "enforce_eager": True, "kv_cache_dtype": "fp8",
                     "served_model_name": ["a", "b"], "hf_overrides": {"rope_theta": 1e6}}
+    # vLLM's own spellings, and values equal to vLLM's defaults, still count as set
+    opts, bare = parse_engine_cli(["/x/first-word-is-the-model", "--max_num_seqs", "4",
+                                   "--gpu-memory-utilization", "0.92", "--no-enforce-eager"])
+    assert bare == ["/x/first-word-is-the-model"]
+    assert opts == {"max_num_seqs": 4, "gpu_memory_utilization": 0.92, "enforce_eager": False}
 
 
 @pytest.mark.parametrize("words,needle", [

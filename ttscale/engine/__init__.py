@@ -21,7 +21,7 @@ from ttscale.engine.base import (
     new_request_id,
     perplexity,
 )
-from ttscale.errors import ModelNotFoundError, ModelRoleError
+from ttscale.errors import ConfigError, ModelNotFoundError, ModelRoleError
 
 __all__ = [
     "Candidate", "CandidateEvent", "Engine", "Fanout", "ModelPool", "ModelSpec", "PromptInput",
@@ -110,12 +110,12 @@ class ModelPool:
 
     def add(self, engine: Engine) -> None:
         if engine.name in self._engines or engine.name in self._aliases:
-            raise ValueError(f"two models named {engine.name!r}")
+            raise ConfigError(f"two models named {engine.name!r}", param="model")
         self._engines[engine.name] = engine
 
     def alias(self, alias: str, name: str) -> None:
         if alias in self._engines or alias in self._aliases:
-            raise ValueError(f"two models named {alias!r}")
+            raise ConfigError(f"two models named {alias!r}", param="served_model_name")
         self._aliases[alias] = name
 
     @property

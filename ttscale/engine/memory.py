@@ -127,9 +127,23 @@ def _floor3(x: float) -> float:
 # -- reading a checkpoint -------------------------------------------------------------------------
 
 def checkpoint_bytes(path: Path) -> int:
-    """Bytes of a model directory's weight files."""
-    return sum(f.stat().st_size for f in Path(path).iterdir()
-               if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    """Bytes of the weights a model directory's loader reads: the safetensors index's total size,
+    else the ``*.safetensors`` files, else ``pytorch_model*.bin`` (as vLLM prefers them; trainer
+    leftovers such as ``optimizer.pt`` are not weights), else any weight file."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+            if total:
+                return int(total)
+        except (OSError, ValueError):
+            pass
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.gguf"):
+        files = [f for f in path.glob(pattern) if f.is_file()]
+        if files:
+            return sum(f.stat().st_size for f in files)
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def _config(path: Path) -> dict:

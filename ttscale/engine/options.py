@@ -62,24 +62,35 @@ def parse_engine_args(tokens: list[str], *, where: str = "the command line") -> 
 
 def parse_engine_cli(tokens: list[str], *, where: str = "the command line",
                      positionals: int = 1) -> tuple[dict[str, Any], list[str]]:
-    """Like :func:`parse_engine_args`, also returning up to ``positionals`` bare words (the
-    ``MODEL`` of ``ttscale serve MODEL --opt ...``, wherever it stands)."""
+    """Like :func:`parse_engine_args`, also returning up to ``positionals`` bare words that name a
+    model (the ``MODEL`` of ``ttscale serve MODEL --opt ...``: the first word, or an existing
+    directory / embedded model name anywhere). The rest goes through vLLM's own parser as it is
+    (``--max_num_seqs``, ``--compilation-config.mode 3`` and ``-O3`` forms included); an option
+    counts as set when it is given, even at vLLM's default value."""
     if not tokens:
         return {}, []
+    from ttscale.models import EMBEDDED_MODELS
+
     parser, defaults = _parser()
+    bare: list[str] = []
+    rest: list[str] = []
+    for i, t in enumerate(tokens):
+        model_like = not t.startswith("-") and (
+            i == 0 or t in EMBEDDED_MODELS or ("/" in t and Path(t).expanduser().is_dir()))
+        if model_like and len(bare) < positionals:
+            bare.append(t)
+        else:
+            rest.append(t)
+    unset = object()
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            parsed, rest = parser.parse_known_args(tokens)
-            bare = [t for t in rest if not t.startswith("-")]
-            if len(bare) != len(rest) or len(bare) > positionals:
-                parser.error("unrecognized arguments: " + " ".join(rest))
-            ns = vars(parsed)
+            ns = vars(parser.parse_args(rest, namespace=argparse.Namespace(**{k: unset for k in defaults})))
     except SystemExit:
         msg = err.getvalue().strip().splitlines()
         raise ConfigError(f"bad vLLM engine option in {where}: {msg[-1] if msg else ' '.join(tokens)}",
                           param=next((t for t in tokens if t.startswith("-")), None)) from None
-    explicit = {k: v for k, v in ns.items() if v != defaults.get(k)}
+    explicit = {k: v for k, v in ns.items() if v is not unset}
     owned = OWNED & set(explicit)
     if owned:
         raise ConfigError(f"--{sorted(owned)[0].replace('_', '-')} is set by ttscale from the model "
@@ -147,10 +158,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
                           param="--config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: expected a mapping at the top", param="--config")
-    unknown = set(data) - {"models", "engine", "server"}
+    unknown = set(data) - {"models", "engine"}
     if unknown:
         raise ConfigError(f"config file {p}: unknown key {sorted(unknown)[0]!r} "
-                          "(expected models, engine, server)", param="--config")
+                          "(expected models, engine)", param="--config")
     models = data.get("models") or []
     if not isinstance(models, list):
         raise ConfigError(f"config file {p}: 'models' must be a list", param="--config")

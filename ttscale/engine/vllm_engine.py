@@ -38,6 +38,7 @@ from ttscale.errors import (
 log = logging.getLogger(__name__)
 
 ABORT_DRAIN_S = 2.0  # how long an aborted fan-out waits for the engine's final outputs
+DECODE_CONTEXT_TOKENS = 6  # prompt tokens a completion is decoded after (as vLLM's detokenizer)
 
 
 def has_cuda() -> bool:
@@ -244,9 +245,22 @@ class VLLMEngine(Engine):
     def tokenizer(self):
         return self._tokenizer
 
-    def decode(self, token_ids: list[int]) -> str:
-        """Text of generated tokens, as vLLM's detokenizer writes it (special tokens skipped)."""
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], *, prompt_ids: Sequence[int] = (), stopped: bool = False) -> str:
+        """Text of generated tokens as vLLM's detokenizer writes it: decoded after the prompt's
+        last tokens (tokenizers that mark word starts give a first word its leading space
+        there), without the stop token of a sequence that ended on one (EOS or a stop token
+        id: ``stopped``), without a trailing incomplete UTF-8 character, special tokens skipped."""
+        tok = self._tokenizer
+        ids = list(token_ids[:-1]) if stopped and token_ids else list(token_ids)
+        kw = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        tail = list(prompt_ids[-DECODE_CONTEXT_TOKENS:])
+        if tail:
+            head = tok.decode(tail, **kw)
+            full = tok.decode(tail + ids, **kw)
+            text = full[len(head):] if full.startswith(head) else tok.decode(ids, **kw)
+        else:
+            text = tok.decode(ids, **kw)
+        return text.rstrip("\ufffd")
 
     @property
     def alive(self) -> bool:
@@ -396,7 +410,8 @@ class _VLLMFanout(Fanout):
                         _book_logprobs(c, new, o.logprobs, top_k)
                     if out.finished:
                         if not self._params[i].detokenize:
-                            c.text = self._engine.decode(c.token_ids)
+                            c.text = self._engine.decode(c.token_ids, prompt_ids=self._ids,
+                                                         stopped=o.finish_reason == "stop")
                         c.finish_reason = o.finish_reason or "stop"  # type: ignore[assignment]
                         c.stop_reason = o.stop_reason
                         c.finished_at = time.perf_counter()
@@ -411,7 +426,7 @@ class _VLLMFanout(Fanout):
             return
         if not c.finished:  # the stream ended without a final output
             if not self._params[i].detokenize and c.token_ids:
-                c.text = self._engine.decode(c.token_ids)
+                c.text = self._engine.decode(c.token_ids, prompt_ids=self._ids)
             c.finish_reason = "abort"
             c.finished_at = time.perf_counter()
             self._emit(CandidateEvent(c, "", 0, True))
