@@ -183,7 +183,8 @@ def need_of(name: str, role: Literal["generate", "score"], path: Path, options: 
     pp = int(options.get("pipeline_parallel_size") or 1)
     weights = checkpoint_bytes(path)
     if str(options.get("dtype", "auto")) in ("float32", "float"):
-        if str(_config(path).get("torch_dtype") or _config(path).get("dtype")) in ("bfloat16", "float16"):
+        cfg = _config(path)
+        if str(cfg.get("torch_dtype") or cfg.get("dtype")) in ("bfloat16", "float16"):
             weights *= 2
     fixed = options.get("gpu_memory_utilization")
     return MemoryNeed(

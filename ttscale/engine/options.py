@@ -56,8 +56,7 @@ def parse_engine_args(tokens: list[str], *, where: str = "the command line") -> 
 
     Raises :class:`ConfigError` naming the offending option, with vLLM's own message.
     """
-    options, positionals = parse_engine_cli(tokens, where=where, positionals=0)
-    return options
+    return parse_engine_cli(tokens, where=where, positionals=0)[0]
 
 
 def parse_engine_cli(tokens: list[str], *, where: str = "the command line",

