@@ -56,7 +56,7 @@ for section in "$@"; do
     engine-tests)
       step test_engine timeout 400 python3 -P -m pytest -q -m "vllm and not server and not gpu" -p no:cacheprovider ;;
     bench)
-      (cd /tmp && step bench_overhead timeout 560 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" \
+      (cd /tmp && step bench_overhead timeout 430 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" \
         --dataset gsm8k --prompts 48 --k 16 --max-tokens 256 --concurrency 48 --rounds 5 \
         --phases none,majority,eval --out "$OUTDIR/overhead-gpu.json") ;;
     gsm8k)
