@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 GPU_DEPS ?= install
 
-.PHONY: install serve test test-fast test-gpu bench clean
+.PHONY: install serve test test-fast test-gpu lint bench clean
 
 install: $(VENV)/.installed-$(ENGINE)
 
@@ -30,10 +30,16 @@ endif
 serve: install
 	$(VENV)/bin/ttscale serve --host $(HOST) --port $(PORT)
 
-test: install
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install
+# Lint and type gate (config in pyproject.toml: [tool.ruff], [tool.mypy]); part of `make test`.
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test-fast: lint
 	$(PY) -m pytest -q -m "not vllm and not server" $(PYTEST_ARGS)
 
 # The end-to-end tests on a GPU host: the GPU-only tests and every server test (one server of the

@@ -35,8 +35,10 @@ SUITES = {
         ("majority@16", {"strategy": "majority", "budget": {"samples": 16}}),
         ("best_of_16 (verifier)", {"strategy": "best_of_n", "budget": {"samples": 16}}),
         ("best_of_16 (logprob mean)", {"strategy": "best_of_n", "budget": {"samples": 16}, "scorer": "logprob"}),
-        ("best_of_16 (logprob min)", {"strategy": "best_of_n", "budget": {"samples": 16}, "scorer": "logprob",
-                                      "logprob": "min"}),
+        (
+            "best_of_16 (logprob min)",
+            {"strategy": "best_of_n", "budget": {"samples": 16}, "scorer": "logprob", "logprob": "min"},
+        ),
         ("majority@4", {"strategy": "majority", "budget": {"samples": 4}}),
         ("majority@8", {"strategy": "majority", "budget": {"samples": 8}}),
         ("rpc@4", {"strategy": "perplexity_consistency", "budget": {"samples": 4}}),
@@ -56,7 +58,7 @@ SUITES = {
 
 
 def problems(levels: list[int], per_level: int) -> list[dict]:
-    rows = [json.loads(line) for line in open(ROOT / "eval" / "datasets" / "arith500.jsonl")]
+    rows = [json.loads(line) for line in (ROOT / "eval" / "datasets" / "arith500.jsonl").read_text().splitlines()]
     out = []
     for lv in levels:
         out += [r for r in rows if r["level"] == lv][:per_level]
@@ -70,7 +72,7 @@ def seed_of(pid: str) -> int:
 def tokens_of(tts: dict) -> int:
     """Completion tokens of every model plus what scoring models read (the budget's tokens)."""
     total = 0
-    for name, m in tts["usage"]["models"].items():
+    for m in tts["usage"]["models"].values():
         total += m["completion_tokens"]
         if m["completion_tokens"] == 0:  # a pure scorer
             total += m["prompt_tokens"]
@@ -110,8 +112,9 @@ async def main(a: argparse.Namespace) -> None:
     srv = start_server(MODELS, log)
     client = openai.AsyncOpenAI(base_url=srv.v1, api_key="x", max_retries=0, timeout=900)
     sem = asyncio.Semaphore(a.concurrency)
-    res: dict[str, dict[str, list]] = {m: {"correct": [], "tokens": [], "seconds": [], "samples": []}
-                                       for m, _ in methods}
+    res: dict[str, dict[str, list]] = {
+        m: {"correct": [], "tokens": [], "seconds": [], "samples": []} for m, _ in methods
+    }
     pass1: list[float] = []
     extra: dict[str, list] = {m: [] for m, _ in methods}
 
@@ -124,9 +127,13 @@ async def main(a: argparse.Namespace) -> None:
             async with sem:
                 t0 = time.perf_counter()
                 r = await client.chat.completions.create(
-                    model="ttscale-arith", messages=[{"role": "user", "content": p["problem"]}],
-                    temperature=a.temperature, seed=seed_of(p["id"]), max_tokens=a.max_tokens,
-                    extra_body={"ttscale": body})
+                    model="ttscale-arith",
+                    messages=[{"role": "user", "content": p["problem"]}],
+                    temperature=a.temperature,
+                    seed=seed_of(p["id"]),
+                    max_tokens=a.max_tokens,
+                    extra_body={"ttscale": body},
+                )
                 dt = time.perf_counter() - t0
             info = r.model_extra["ttscale"]
             res[name]["correct"].append(float(grade(info.get("answer"), p["answer"])))
@@ -142,8 +149,8 @@ async def main(a: argparse.Namespace) -> None:
     try:
         done = 0
         for chunk in range(0, len(probs), a.concurrency * 2):
-            await asyncio.gather(*(one(p) for p in probs[chunk:chunk + a.concurrency * 2]))
-            done += len(probs[chunk:chunk + a.concurrency * 2])
+            await asyncio.gather(*(one(p) for p in probs[chunk : chunk + a.concurrency * 2]))
+            done += len(probs[chunk : chunk + a.concurrency * 2])
             print(f"{done}/{len(probs)} problems, {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     finally:
         await client.close()
@@ -157,15 +164,24 @@ async def main(a: argparse.Namespace) -> None:
     for name, _ in methods:
         r = res[name]
         m, lo, hi = bootstrap_ci(r["correct"])
-        row = {"method": name, "acc": m, "lo": lo, "hi": hi,
-               "tokens_per_problem": sum(r["tokens"]) / len(r["tokens"]),
-               "seconds_per_problem": sum(r["seconds"]) / len(r["seconds"]),
-               "samples_per_problem": sum(r["samples"]) / len(r["samples"])}
+        row = {
+            "method": name,
+            "acc": m,
+            "lo": lo,
+            "hi": hi,
+            "tokens_per_problem": sum(r["tokens"]) / len(r["tokens"]),
+            "seconds_per_problem": sum(r["seconds"]) / len(r["seconds"]),
+            "samples_per_problem": sum(r["samples"]) / len(r["samples"]),
+        }
         if name != base:
             d, dlo, dhi = paired_bootstrap_diff(r["correct"], res[base]["correct"])
-            row.update(diff_vs_base=d, diff_lo=dlo, diff_hi=dhi,
-                       token_ratio=sum(r["tokens"]) / max(1, sum(res[base]["tokens"])),
-                       time_ratio=sum(r["seconds"]) / max(1e-9, sum(res[base]["seconds"])))
+            row.update(
+                diff_vs_base=d,
+                diff_lo=dlo,
+                diff_hi=dhi,
+                token_ratio=sum(r["tokens"]) / max(1, sum(res[base]["tokens"])),
+                time_ratio=sum(r["seconds"]) / max(1e-9, sum(res[base]["seconds"])),
+            )
         if pass1:
             d, dlo, dhi = paired_bootstrap_diff(r["correct"], pass1)
             row.update(diff_vs_pass1=d, diff_vs_pass1_lo=dlo, diff_vs_pass1_hi=dhi)
@@ -173,9 +189,16 @@ async def main(a: argparse.Namespace) -> None:
         if rates:
             row["mean_rejection_rate"] = sum(rates) / len(rates)
         rows.append(row)
-    out = {"suite": a.suite, "levels": a.levels, "problems": len(probs), "temperature": a.temperature,
-           "baseline": base, "rows": rows, "wall_s": time.perf_counter() - t0,
-           "models": model_ids(MODELS)}
+    out = {
+        "suite": a.suite,
+        "levels": a.levels,
+        "problems": len(probs),
+        "temperature": a.temperature,
+        "baseline": base,
+        "rows": rows,
+        "wall_s": time.perf_counter() - t0,
+        "models": model_ids(MODELS),
+    }
     dest = ROOT / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{a.suite}.json").write_text(json.dumps(out, indent=1))
@@ -183,11 +206,17 @@ async def main(a: argparse.Namespace) -> None:
     print("| method | accuracy [95% CI] | vs baseline [CI] | vs pass@1 [CI] | tokens/problem | s/problem | samples |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        f = lambda k: f"{r[k]:+.3f} [{r[k + '_lo']:+.3f}, {r[k + '_hi']:+.3f}]" if k in r else ""
+        vp = (
+            f"{r['diff_vs_pass1']:+.3f} [{r['diff_vs_pass1_lo']:+.3f}, {r['diff_vs_pass1_hi']:+.3f}]"
+            if "diff_vs_pass1" in r
+            else ""
+        )
         vb = f"{r['diff_vs_base']:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]" if "diff_vs_base" in r else ""
-        print(f"| {r['method']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | {vb} | {f('diff_vs_pass1')} | "
-              f"{r.get('tokens_per_problem', float('nan')):.0f} | {r.get('seconds_per_problem', float('nan')):.2f} | "
-              f"{r.get('samples_per_problem', float('nan')):.1f} |")
+        print(
+            f"| {r['method']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | {vb} | {vp} | "
+            f"{r.get('tokens_per_problem', float('nan')):.0f} | {r.get('seconds_per_problem', float('nan')):.2f} | "
+            f"{r.get('samples_per_problem', float('nan')):.1f} |"
+        )
 
 
 if __name__ == "__main__":

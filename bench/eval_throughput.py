@@ -36,12 +36,17 @@ async def raw_phase(engine, problems, a) -> tuple[int, float, dict[str, list[lis
         nonlocal tokens
         async with sem:
             ids = engine.render(chat_prompt(p["problem"]))
-            params = SamplingParams(n=a.k, temperature=a.temperature, top_p=1.0, max_tokens=a.max_tokens,
-                                    seed=problem_seed(a.seed, p["id"]), logprobs=0,
-                                    output_kind=RequestOutputKind.FINAL_ONLY)
+            params = SamplingParams(
+                n=a.k,
+                temperature=a.temperature,
+                top_p=1.0,
+                max_tokens=a.max_tokens,
+                seed=problem_seed(a.seed, p["id"]),
+                logprobs=0,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
             last = None
-            async for out in engine.llm.generate({"prompt_token_ids": ids}, params,
-                                                 f"raw-{p['id']}-{time.time_ns()}"):
+            async for out in engine.llm.generate({"prompt_token_ids": ids}, params, f"raw-{p['id']}-{time.time_ns()}"):
                 last = out
         outs = sorted(last.outputs, key=lambda o: o.index)
         tokens += sum(len(o.token_ids) for o in outs)
@@ -55,8 +60,15 @@ async def raw_phase(engine, problems, a) -> tuple[int, float, dict[str, list[lis
 async def eval_phase(engine, ds, a) -> tuple[int, float, dict[str, list[int]]]:
     from ttscale.eval.runner import EvalRunner, RunConfig
 
-    cfg = RunConfig(dataset=ds.name, model=engine.name, k=a.k, seed=a.seed, temperature=a.temperature,
-                    max_tokens=a.max_tokens, concurrency=a.concurrency)
+    cfg = RunConfig(
+        dataset=ds.name,
+        model=engine.name,
+        k=a.k,
+        seed=a.seed,
+        temperature=a.temperature,
+        max_tokens=a.max_tokens,
+        concurrency=a.concurrency,
+    )
     with tempfile.TemporaryDirectory() as d:
         runner = EvalRunner(cfg, Path(d) / "run", policy=engine, dataset=ds, progress=False)
         t0 = time.perf_counter()
@@ -92,19 +104,37 @@ async def main(a: argparse.Namespace) -> None:
                 ev_tok, ev_s, ev_counts = await eval_phase(engine, ds, a)
                 raw_tok, raw_s, raw_ids = await raw_phase(engine, ds.problems, a)
             same = all([len(t) for t in raw_ids[pid]] == ev_counts[pid] for pid in raw_ids)
-            rows.append({"raw_tok_s": raw_tok / raw_s, "eval_tok_s": ev_tok / ev_s,
-                         "ratio": (ev_tok / ev_s) / (raw_tok / raw_s), "same": same and raw_tok == ev_tok})
-            print(f"round {r}: engine {raw_tok} tok in {raw_s:.2f}s = {raw_tok / raw_s:,.0f} tok/s | "
-                  f"eval {ev_tok} tok in {ev_s:.2f}s = {ev_tok / ev_s:,.0f} tok/s | "
-                  f"ratio {rows[-1]['ratio']:.3f} | same samples {rows[-1]['same']}", flush=True)
-        print(json.dumps({
-            "bench": "eval_throughput", "model": spec.name, "k": a.k, "problems": len(ds.problems),
-            "max_tokens": a.max_tokens, "concurrency": a.concurrency,
-            "same_samples": all(x["same"] for x in rows),
-            "engine_tok_s_median": round(statistics.median(x["raw_tok_s"] for x in rows), 1),
-            "eval_tok_s_median": round(statistics.median(x["eval_tok_s"] for x in rows), 1),
-            "ratio_median": round(statistics.median(x["ratio"] for x in rows), 3),
-            "ratios": [round(x["ratio"], 3) for x in rows]}))
+            rows.append(
+                {
+                    "raw_tok_s": raw_tok / raw_s,
+                    "eval_tok_s": ev_tok / ev_s,
+                    "ratio": (ev_tok / ev_s) / (raw_tok / raw_s),
+                    "same": same and raw_tok == ev_tok,
+                }
+            )
+            print(
+                f"round {r}: engine {raw_tok} tok in {raw_s:.2f}s = {raw_tok / raw_s:,.0f} tok/s | "
+                f"eval {ev_tok} tok in {ev_s:.2f}s = {ev_tok / ev_s:,.0f} tok/s | "
+                f"ratio {rows[-1]['ratio']:.3f} | same samples {rows[-1]['same']}",
+                flush=True,
+            )
+        print(
+            json.dumps(
+                {
+                    "bench": "eval_throughput",
+                    "model": spec.name,
+                    "k": a.k,
+                    "problems": len(ds.problems),
+                    "max_tokens": a.max_tokens,
+                    "concurrency": a.concurrency,
+                    "same_samples": all(x["same"] for x in rows),
+                    "engine_tok_s_median": round(statistics.median(x["raw_tok_s"] for x in rows), 1),
+                    "eval_tok_s_median": round(statistics.median(x["eval_tok_s"] for x in rows), 1),
+                    "ratio_median": round(statistics.median(x["ratio"] for x in rows), 3),
+                    "ratios": [round(x["ratio"], 3) for x in rows],
+                }
+            )
+        )
     finally:
         await engine.close()
 

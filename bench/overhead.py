@@ -59,8 +59,14 @@ async def raw_phase(engine, problems, a, logprobs=None) -> dict:
         nonlocal tokens
         async with sem:
             ids = engine.render(messages(p, a.suffix))
-            params = SamplingParams(n=a.k, temperature=a.temperature, seed=1000 + i, max_tokens=a.max_tokens,
-                                    logprobs=logprobs, output_kind=RequestOutputKind.FINAL_ONLY)
+            params = SamplingParams(
+                n=a.k,
+                temperature=a.temperature,
+                seed=1000 + i,
+                max_tokens=a.max_tokens,
+                logprobs=logprobs,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
             last = None
             async for out in engine.llm.generate({"prompt_token_ids": ids}, params, f"raw-{i}-{time.time_ns()}"):
                 last = out
@@ -90,8 +96,13 @@ async def server_phase(base_url, model, problems, a, strategy) -> dict:
                     tts["stop_when_decided"] = False
                 kw = {"extra_body": {"ttscale": tts}}
             r = await client.chat.completions.create(
-                model=model, messages=messages(p, a.suffix), temperature=a.temperature,
-                seed=1000 + i, max_tokens=a.max_tokens, **kw)
+                model=model,
+                messages=messages(p, a.suffix),
+                temperature=a.temperature,
+                seed=1000 + i,
+                max_tokens=a.max_tokens,
+                **kw,
+            )
         tokens += r.usage.completion_tokens
 
     async def probe() -> None:  # event-loop lag of the server: /health round trips under load
@@ -110,9 +121,12 @@ async def server_phase(base_url, model, problems, a, strategy) -> dict:
     seconds = time.perf_counter() - t0
     prober.cancel()
     await client.close()
-    return {"tokens": tokens, "seconds": seconds,
-            "health_ms_p50": round(1000 * statistics.median(lag), 1) if lag else None,
-            "health_ms_max": round(1000 * max(lag), 1) if lag else None}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "health_ms_p50": round(1000 * statistics.median(lag), 1) if lag else None,
+        "health_ms_max": round(1000 * max(lag), 1) if lag else None,
+    }
 
 
 async def eval_phase(engine, problems, a) -> dict:
@@ -121,10 +135,16 @@ async def eval_phase(engine, problems, a) -> dict:
 
     if a.suffix:  # the eval runner sends the problem as the user message: same text as raw_phase
         problems = [{**p, "problem": p["problem"] + SUFFIX} for p in problems]
-    ds = Dataset(name=a.dataset, source=a.dataset, problems=problems,
-                 kind="gsm8k" if "gsm8k" in a.dataset else "math")
-    cfg = RunConfig(dataset=ds.name, model=engine.name, k=a.k, seed=0, temperature=a.temperature,
-                    max_tokens=a.max_tokens, concurrency=a.concurrency)
+    ds = Dataset(name=a.dataset, source=a.dataset, problems=problems, kind="gsm8k" if "gsm8k" in a.dataset else "math")
+    cfg = RunConfig(
+        dataset=ds.name,
+        model=engine.name,
+        k=a.k,
+        seed=0,
+        temperature=a.temperature,
+        max_tokens=a.max_tokens,
+        concurrency=a.concurrency,
+    )
     with tempfile.TemporaryDirectory() as d:
         runner = EvalRunner(cfg, Path(d) / "run", policy=engine, dataset=ds, progress=False)
         t0 = time.perf_counter()
@@ -137,13 +157,17 @@ def versions() -> dict:
     import vllm
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": gpu, "cpus": os.cpu_count()}
+    return {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": gpu,
+        "cpus": os.cpu_count(),
+    }
 
 
 async def main(a: argparse.Namespace) -> None:
     from conftest import start_server
-
     from ttscale.engine import parse_model_arg
     from ttscale.engine.vllm_engine import VLLMEngine, VLLMOptions, has_cuda
     from ttscale.models import resolve_model
@@ -161,8 +185,9 @@ async def main(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     srv = start_server([a.model], log, *share, *a.server_arg, python_args=py_args)
     start_s = time.perf_counter() - t0
-    engine = VLLMEngine(spec.name, resolve_model(spec.source),
-                        options=VLLMOptions(gpu_memory_utilization=a.gpu_share if gpu else None))
+    engine = VLLMEngine(
+        spec.name, resolve_model(spec.source), options=VLLMOptions(gpu_memory_utilization=a.gpu_share if gpu else None)
+    )
     await engine.start()
     try:
         warm = problems[:4]
@@ -183,23 +208,35 @@ async def main(a: argparse.Namespace) -> None:
 
         def write(results: dict[str, list[dict]], *, final: bool) -> None:
             """The summary so far (after every round: a run cut short keeps what it measured)."""
-            summary = {"bench": "overhead", "model": spec.name, "model_path": str(resolve_model(spec.source).name),
-                       "dataset": a.dataset, "k": a.k, "prompts": len(problems), "max_tokens": a.max_tokens,
-                       "concurrency": a.concurrency, "rounds": a.rounds, "server_start_s": round(start_s, 1),
-                       "machine": versions(), "command": "python bench/overhead.py " + " ".join(sys.argv[1:]),
-                       "complete": final, "phases": {}}
+            summary = {
+                "bench": "overhead",
+                "model": spec.name,
+                "model_path": str(resolve_model(spec.source).name),
+                "dataset": a.dataset,
+                "k": a.k,
+                "prompts": len(problems),
+                "max_tokens": a.max_tokens,
+                "concurrency": a.concurrency,
+                "rounds": a.rounds,
+                "server_start_s": round(start_s, 1),
+                "machine": versions(),
+                "command": "python bench/overhead.py " + " ".join(sys.argv[1:]),
+                "complete": final,
+                "phases": {},
+            }
             for ph, rows in results.items():
                 if not rows:
                     continue
                 ratios = [x["ratio"] for x in rows]
                 summary["phases"][ph] = {
                     "ratio_median": round(statistics.median(ratios), 3),
-                    "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+                    "ratio_min": round(min(ratios), 3),
+                    "ratio_max": round(max(ratios), 3),
                     "ratio_geomean": round(statistics.geometric_mean(ratios), 3),
                     "time_ratio_median": round(statistics.median(x["time_ratio"] for x in rows), 3),
                     "engine_tok_s_median": round(statistics.median(x["raw_tokens"] / x["raw_s"] for x in rows)),
-                    "rounds": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()}
-                               for x in rows]}
+                    "rounds": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()} for x in rows],
+                }
             if final:
                 print(json.dumps(summary, indent=1))
             if a.out:
@@ -212,16 +249,23 @@ async def main(a: argparse.Namespace) -> None:
                 order = ("raw", "tts") if r % 2 == 0 else ("tts", "raw")
                 got = {side: await run(ph, side) for side in order}
                 raw, tts = got["raw"], got["tts"]
-                row = {"raw_tokens": raw["tokens"], "raw_s": round(raw["seconds"], 3),
-                       "tokens": tts["tokens"], "s": round(tts["seconds"], 3),
-                       "ratio": (tts["tokens"] / tts["seconds"]) / (raw["tokens"] / raw["seconds"]),
-                       "time_ratio": tts["seconds"] / raw["seconds"],
-                       **{k: v for k, v in tts.items() if k.startswith("health")}}
+                row = {
+                    "raw_tokens": raw["tokens"],
+                    "raw_s": round(raw["seconds"], 3),
+                    "tokens": tts["tokens"],
+                    "s": round(tts["seconds"], 3),
+                    "ratio": (tts["tokens"] / tts["seconds"]) / (raw["tokens"] / raw["seconds"]),
+                    "time_ratio": tts["seconds"] / raw["seconds"],
+                    **{k: v for k, v in tts.items() if k.startswith("health")},
+                }
                 results[ph].append(row)
-                print(f"round {r} {ph}: engine {raw['tokens']} tok in {raw['seconds']:.2f}s "
-                      f"({raw['tokens'] / raw['seconds']:,.0f} tok/s) | ttscale {tts['tokens']} tok in "
-                      f"{tts['seconds']:.2f}s ({tts['tokens'] / tts['seconds']:,.0f} tok/s) | "
-                      f"ratio {row['ratio']:.3f} | time x{row['time_ratio']:.3f}", flush=True)
+                print(
+                    f"round {r} {ph}: engine {raw['tokens']} tok in {raw['seconds']:.2f}s "
+                    f"({raw['tokens'] / raw['seconds']:,.0f} tok/s) | ttscale {tts['tokens']} tok in "
+                    f"{tts['seconds']:.2f}s ({tts['tokens'] / tts['seconds']:,.0f} tok/s) | "
+                    f"ratio {row['ratio']:.3f} | time x{row['time_ratio']:.3f}",
+                    flush=True,
+                )
             write(results, final=False)
         write(results, final=True)
     finally:
@@ -243,8 +287,12 @@ if __name__ == "__main__":
     ap.add_argument("--strategy", dest="phases", help="alias of --phases")
     ap.add_argument("--gpu-share", type=float, default=0.42, help="GPU: memory share of each side")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `ttscale serve` argument")
-    ap.add_argument("--no-suffix", dest="suffix", action="store_false",
-                    help="send the problem alone (no 'put your final answer within \\boxed{}')")
+    ap.add_argument(
+        "--no-suffix",
+        dest="suffix",
+        action="store_false",
+        help="send the problem alone (no 'put your final answer within \\boxed{}')",
+    )
     ap.add_argument("--profile", help="directory for the server's cProfile stats")
     ap.add_argument("--out", help="also write the summary JSON here")
     asyncio.run(main(ap.parse_args()))

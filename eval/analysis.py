@@ -64,9 +64,13 @@ from ttscale.eval.store import load_run
 
 STRATEGIES = ("coverage", "majority", "verifier_best_of", "weighted", "rpc")
 SELECTORS = ("majority", "verifier_best_of")  # strategies with a profile recommendation
-LABELS = {"coverage": "coverage (pass@k)", "majority": "majority vote",
-          "verifier_best_of": "verifier best-of-k", "weighted": "verifier-weighted vote",
-          "rpc": "RPC (perplexity consistency)"}
+LABELS = {
+    "coverage": "coverage (pass@k)",
+    "majority": "majority vote",
+    "verifier_best_of": "verifier best-of-k",
+    "weighted": "verifier-weighted vote",
+    "rpc": "RPC (perplexity consistency)",
+}
 FLAWS_COSTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 FLAWS_PROFILE_KEYS = ("completeness", "soundness", "ceiling", "optimal_k")
 # Reasoning pruning fits a two-component mixture to the paths' probabilities; on fewer paths
@@ -81,7 +85,7 @@ class Problem:
     level: Any
     subject: Any
     correct: np.ndarray
-    clusters: list
+    clusters: list[Any]
     scores: np.ndarray | None
     mean_lp: np.ndarray
     tokens: np.ndarray
@@ -104,15 +108,21 @@ def load_problems(records: list[dict[str, Any]]) -> list[Problem]:
         if s and all(x.get("score") is not None for x in s):
             scores = np.array([x["score"] for x in s], dtype=np.float64)
         texts = [x["text"] for x in s] if s and all("text" in x for x in s) else None
-        out.append(Problem(
-            id=r["id"], level=r.get("level"), subject=r.get("subject"),
-            correct=np.array([bool(x["correct"]) for x in s]),
-            clusters=cluster_answers([x["answer"] for x in s]),
-            scores=scores,
-            mean_lp=np.array([np.nan if x.get("mean_logprob") is None else x["mean_logprob"] for x in s]),
-            tokens=np.array([x["tokens"] for x in s], dtype=np.float64),
-            latency=np.array([x.get("latency_s") or 0.0 for x in s], dtype=np.float64),
-            texts=texts, prompt_tokens=int(r.get("prompt_tokens") or 0)))
+        out.append(
+            Problem(
+                id=r["id"],
+                level=r.get("level"),
+                subject=r.get("subject"),
+                correct=np.array([bool(x["correct"]) for x in s]),
+                clusters=cluster_answers([x["answer"] for x in s]),
+                scores=scores,
+                mean_lp=np.array([np.nan if x.get("mean_logprob") is None else x["mean_logprob"] for x in s]),
+                tokens=np.array([x["tokens"] for x in s], dtype=np.float64),
+                latency=np.array([x.get("latency_s") or 0.0 for x in s], dtype=np.float64),
+                texts=texts,
+                prompt_tokens=int(r.get("prompt_tokens") or 0),
+            )
+        )
     return out
 
 
@@ -132,7 +142,7 @@ def _rpc_at_k(p: Problem, k: int, draws: int, rng: np.random.Generator, prune: b
     from ttscale.selection import rpc
 
     n = p.n
-    flags = defaultdict(bool)
+    flags: defaultdict[Any, bool] = defaultdict(bool)
     for cid, ok in zip(p.clusters, p.correct):
         if cid is not None:
             flags[cid] = flags[cid] or bool(ok)
@@ -143,15 +153,25 @@ def _rpc_at_k(p: Problem, k: int, draws: int, rng: np.random.Generator, prune: b
     subsets = [np.arange(n)] if k >= n else [rng.choice(n, size=k, replace=False) for _ in range(draws)]
     vals = []
     for idx in subsets:
-        res = rpc([p.clusters[i] for i in idx], lp[idx].tolist(), [texts[i] for i in idx],
-                  prune=prune and k >= RPC_PRUNE_MIN_PATHS)
+        res = rpc(
+            [p.clusters[i] for i in idx],
+            lp[idx].tolist(),
+            [texts[i] for i in idx],
+            prune=prune and k >= RPC_PRUNE_MIN_PATHS,
+        )
         vals.append(1.0 if res.winner is not None and flags[res.winner] else 0.0)
     return float(np.mean(vals))
 
 
-def per_problem_values(probs: list[Problem], ks: list[int], *, rpc_draws: int = 2,
-                       rpc_prune: bool = False, weighted_mc: int = 500,
-                       seed: int = 0) -> dict[str, np.ndarray]:
+def per_problem_values(
+    probs: list[Problem],
+    ks: list[int],
+    *,
+    rpc_draws: int = 2,
+    rpc_prune: bool = False,
+    weighted_mc: int = 500,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """``{strategy: array [problems, len(ks)]}`` (verifier strategies only with scores)."""
     P, nk = len(probs), len(ks)
     out = {s: np.full((P, nk), np.nan) for s in STRATEGIES}
@@ -163,8 +183,9 @@ def per_problem_values(probs: list[Problem], ks: list[int], *, rpc_draws: int = 
         out["majority"][i] = [M.majority_at_k(p.clusters, p.correct, k, seed=seed) for k in kk]
         if p.scores is not None:
             out["verifier_best_of"][i] = M.best_of_k(p.scores, p.correct, np.array(kk))
-            out["weighted"][i] = [M.weighted_majority_at_k(p.clusters, p.scores, p.correct, k,
-                                                           n_mc=weighted_mc, seed=seed) for k in kk]
+            out["weighted"][i] = [
+                M.weighted_majority_at_k(p.clusters, p.scores, p.correct, k, n_mc=weighted_mc, seed=seed) for k in kk
+            ]
         if rpc_draws > 0 and np.isfinite(p.mean_lp).any():
             out["rpc"][i] = [_rpc_at_k(p, k, rpc_draws, rng, rpc_prune) for k in kk]
     return {s: v for s, v in out.items() if not np.all(np.isnan(v))}
@@ -185,8 +206,9 @@ def _ci_points(values: np.ndarray, n_boot: int) -> dict[str, list[float]]:
     return {"mean": mean, "lo": lo, "hi": hi}
 
 
-def _fits(ks: list[int], pts: dict[str, list[float]], cov_full: np.ndarray,
-          pass1: np.ndarray, rates: dict[str, float] | None) -> tuple[dict, dict]:
+def _fits(
+    ks: list[int], pts: dict[str, list[float]], cov_full: np.ndarray, pass1: np.ndarray, rates: dict[str, float] | None
+) -> tuple[dict[str, F.FitResult], dict[str, F.FitResult]]:
     curves: dict[str, F.FitResult] = {}
     sat: dict[str, F.FitResult] = {}
     kfull = np.arange(1, cov_full.size + 1)
@@ -195,7 +217,7 @@ def _fits(ks: list[int], pts: dict[str, list[float]], cov_full: np.ndarray,
     for s in SELECTORS:
         if s not in pts:
             continue
-        kw = {}
+        kw: dict[str, Any] = {}
         if s == "verifier_best_of" and rates and all(math.isfinite(rates[x]) for x in ("tpr", "fpr")):
             kw = dict(r_per_problem=pass1, c=rates["tpr"], s=1.0 - rates["fpr"])
         curves[s] = F.fit_selected_accuracy_ceiling(ks, pts[s], **kw)
@@ -206,8 +228,9 @@ def _fits(ks: list[int], pts: dict[str, list[float]], cov_full: np.ndarray,
 FIT_TRUST_R2 = 0.9  # below this a fitted curve is not used to plan budgets
 
 
-def _recommend(ks: list[int], pts: dict[str, list[float]], curves: dict[str, F.FitResult],
-               cost_per_sample: float, k_max: int) -> dict[str, Any]:
+def _recommend(
+    ks: list[int], pts: dict[str, list[float]], curves: dict[str, F.FitResult], cost_per_sample: float, k_max: int
+) -> dict[str, Any]:
     """Best k per selector on accuracy(k) − cost·k: the fitted curve where it fits well
     (R² >= 0.9), else the measured points interpolated linearly in log k."""
     by: dict[str, Any] = {}
@@ -229,8 +252,7 @@ def _recommend(ks: list[int], pts: dict[str, list[float]], curves: dict[str, F.F
     if not by:
         return {}
     best = max(by, key=lambda s: (round(by[s]["utility"], 9), s == "majority"))
-    return {"strategy": best, "k": by[best]["k"], "expected_accuracy": by[best]["expected_accuracy"],
-            "by_strategy": by}
+    return {"strategy": best, "k": by[best]["k"], "expected_accuracy": by[best]["expected_accuracy"], "by_strategy": by}
 
 
 def _verifier_stats(probs: list[Problem]) -> dict[str, float] | None:
@@ -239,8 +261,13 @@ def _verifier_stats(probs: list[Problem]) -> dict[str, float] | None:
     s = np.concatenate([p.scores for p in probs])
     y = np.concatenate([p.correct for p in probs])
     r = M.verifier_rates(s, y, 0.5)
-    return {"tpr": r["tpr"], "fpr": r["fpr"], "precision": r["precision"],
-            "accept_rate": r["accept_rate"], "auroc": M.auroc(s, y)}
+    return {
+        "tpr": r["tpr"],
+        "fpr": r["fpr"],
+        "precision": r["precision"],
+        "accept_rate": r["accept_rate"],
+        "auroc": M.auroc(s, y),
+    }
 
 
 @dataclass
@@ -258,12 +285,13 @@ class Group:
 
     def to_profile(self, ks: list[int]) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "name": self.name, "key": self.key, "n_problems": int(self.idx.size),
+            "name": self.name,
+            "key": self.key,
+            "n_problems": int(self.idx.size),
             "pass1": float(self.pass1.mean()),
             "pass1_range": [float(self.pass1.min()), float(self.pass1.max())],
             "curves": {s: f.to_dict() for s, f in self.curves.items()},
-            "saturation": {s: {**f.to_dict(), "n_star_eps_1e-3": _sat(f, 1e-3)}
-                           for s, f in self.saturation.items()},
+            "saturation": {s: {**f.to_dict(), "n_star_eps_1e-3": _sat(f, 1e-3)} for s, f in self.saturation.items()},
             "points": {"k": list(ks), **{s: v["mean"] for s, v in self.points.items()}},
             "verifier": self.verifier,
             "recommended": self.recommended,
@@ -290,11 +318,13 @@ def _flaws(pass1: np.ndarray, rates: dict[str, float] | None, k_max: int) -> dic
     curve = np.mean(F.flaws_accuracy(pass1[None, :], c, s, kk[:, None]), axis=1)
     fp = np.mean(F.flaws_fp(pass1[None, :], c, s, kk[:, None]), axis=1)
     return {
-        "completeness": c, "soundness": s,
+        "completeness": c,
+        "soundness": s,
         "ceiling": float(np.mean(ceil)),
         "optimal_k": {f"C={C:g}": F.flaws_optimal_k(pass1, pi, c, s, C, K_max=k_max) for C in FLAWS_COSTS},
-        "expected_utility": {f"C={C:g}": F.flaws_expected_utility(pass1, pi, c, s, C, k_max).tolist()
-                             for C in FLAWS_COSTS},
+        "expected_utility": {
+            f"C={C:g}": F.flaws_expected_utility(pass1, pi, c, s, C, k_max).tolist() for C in FLAWS_COSTS
+        },
         "accuracy_curve": curve.tolist(),
         "fp_curve": fp.tolist(),
     }
@@ -327,30 +357,41 @@ class Analysis:
 
     def profile(self) -> dict[str, Any]:
         m = self.manifest
-        return _clean({
-            "version": 1,
-            "model": m.get("model"), "verifier": m.get("verifier"), "dataset": m.get("dataset"),
-            "k_max": self.k_max,
-            "tokens_per_sample": self.tokens_per_sample,
-            "prompt_tokens": self.prompt_tokens,
-            "cost_per_1k_tokens": self.cost_per_1k_tokens,
-            "bucket_by": self.bucket_by,
-            "n_problems": len(self.probs),
-            "sampling": m.get("sampling"),
-            "generated": time.strftime("%Y-%m-%d"),
-            "buckets": [b.to_profile(self.ks) for b in self.buckets],
-            "global": self.global_.to_profile(self.ks),
-        })
+        out: dict[str, Any] = _clean(
+            {
+                "version": 1,
+                "model": m.get("model"),
+                "verifier": m.get("verifier"),
+                "dataset": m.get("dataset"),
+                "k_max": self.k_max,
+                "tokens_per_sample": self.tokens_per_sample,
+                "prompt_tokens": self.prompt_tokens,
+                "cost_per_1k_tokens": self.cost_per_1k_tokens,
+                "bucket_by": self.bucket_by,
+                "n_problems": len(self.probs),
+                "sampling": m.get("sampling"),
+                "generated": time.strftime("%Y-%m-%d"),
+                "buckets": [b.to_profile(self.ks) for b in self.buckets],
+                "global": self.global_.to_profile(self.ks),
+            }
+        )
+        return out
 
     def to_json(self) -> dict[str, Any]:
-        return _clean({
-            "manifest": self.manifest, "ks": self.ks, "n_problems": len(self.probs),
-            "points": {s: self.global_.points[s] for s in self.global_.points},
-            "levels": {s: {str(k): v for k, v in d.items()} for s, d in self.levels.items()},
-            "subjects": {s: {str(k): v for k, v in d.items()} for s, d in self.subjects.items()},
-            "targets": self.targets, "latency_at_k": self.latency_at_k,
-            "profile": self.profile(),
-        })
+        out: dict[str, Any] = _clean(
+            {
+                "manifest": self.manifest,
+                "ks": self.ks,
+                "n_problems": len(self.probs),
+                "points": {s: self.global_.points[s] for s in self.global_.points},
+                "levels": {s: {str(k): v for k, v in d.items()} for s, d in self.levels.items()},
+                "subjects": {s: {str(k): v for k, v in d.items()} for s, d in self.subjects.items()},
+                "targets": self.targets,
+                "latency_at_k": self.latency_at_k,
+                "profile": self.profile(),
+            }
+        )
+        return out
 
 
 def _clean(x: Any) -> Any:
@@ -368,9 +409,19 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _group(name: str, key: Any, idx: np.ndarray, an_values: dict[str, np.ndarray], cov_full: np.ndarray,
-           probs: list[Problem], ks: list[int], n_boot: int, cost_per_sample: float, k_max: int,
-           with_flaws: bool = False) -> Group:
+def _group(
+    name: str,
+    key: Any,
+    idx: np.ndarray,
+    an_values: dict[str, np.ndarray],
+    cov_full: np.ndarray,
+    probs: list[Problem],
+    ks: list[int],
+    n_boot: int,
+    cost_per_sample: float,
+    k_max: int,
+    with_flaws: bool = False,
+) -> Group:
     vals = {s: v[idx] for s, v in an_values.items()}
     pts = {s: _ci_points(v, n_boot) for s, v in vals.items()}
     means = {s: v["mean"] for s, v in pts.items()}
@@ -385,8 +436,15 @@ def _group(name: str, key: Any, idx: np.ndarray, an_values: dict[str, np.ndarray
     return g
 
 
-def analyse_run(run_dir: str | Path, *, cost_per_1k_tokens: float = 0.05, n_boot: int = 1000,
-                rpc_draws: int = 2, rpc_prune: bool = False, n_bins: int = 5) -> Analysis:
+def analyse_run(
+    run_dir: str | Path,
+    *,
+    cost_per_1k_tokens: float = 0.05,
+    n_boot: int = 1000,
+    rpc_draws: int = 2,
+    rpc_prune: bool = False,
+    n_bins: int = 5,
+) -> Analysis:
     t0 = time.perf_counter()
     manifest, records = load_run(run_dir)
     if not records:
@@ -395,8 +453,7 @@ def analyse_run(run_dir: str | Path, *, cost_per_1k_tokens: float = 0.05, n_boot
     k_max = min(p.n for p in probs)
     ks = budgets(k_max)
     values = per_problem_values(probs, ks, rpc_draws=rpc_draws, rpc_prune=rpc_prune)
-    cov_full = np.array([[M.pass_at_k(p.n, int(p.correct.sum()), k) for k in range(1, k_max + 1)]
-                         for p in probs])
+    cov_full = np.array([[M.pass_at_k(p.n, int(p.correct.sum()), k) for k in range(1, k_max + 1)] for p in probs])
     toks = np.concatenate([p.tokens for p in probs])
     tps = float(toks.mean())
     cps = tps * cost_per_1k_tokens / 1000.0
@@ -409,19 +466,21 @@ def analyse_run(run_dir: str | Path, *, cost_per_1k_tokens: float = 0.05, n_boot
         levels = np.array([p.level for p in probs], dtype=object)
         for lv in sorted(set(levels.tolist())):
             idx = np.flatnonzero(levels == lv)
-            buckets.append(_group(f"level {lv}", lv, idx, values, cov_full, probs, ks, n_boot, cps, k_max,
-                                  with_flaws=True))
+            buckets.append(
+                _group(f"level {lv}", lv, idx, values, cov_full, probs, ks, n_boot, cps, k_max, with_flaws=True)
+            )
     else:
         bucket_by = "pass1_quantile"
         bins = F.difficulty_bins(values["coverage"][:, 0], n_bins)
         for b in range(n_bins):
             idx = np.flatnonzero(bins == b)
             if idx.size:
-                buckets.append(_group(f"bin {b}", b, idx, values, cov_full, probs, ks, n_boot, cps, k_max,
-                                      with_flaws=True))
+                buckets.append(
+                    _group(f"bin {b}", b, idx, values, cov_full, probs, ks, n_boot, cps, k_max, with_flaws=True)
+                )
     # Per level / subject accuracy tables (k = 1 and k = K).
-    levels_tab: dict[str, dict] = {}
-    subjects_tab: dict[str, dict] = {}
+    levels_tab: dict[str, dict[Any, tuple[float, float, float, int]]] = {}
+    subjects_tab: dict[str, dict[Any, tuple[float, float, float, int]]] = {}
     jK = len(ks) - 1
     cols = {"pass@1": values["coverage"][:, 0], f"pass@{k_max}": values["coverage"][:, jK]}
     for s in ("majority", "verifier_best_of", "weighted", "rpc"):
@@ -435,16 +494,27 @@ def analyse_run(run_dir: str | Path, *, cost_per_1k_tokens: float = 0.05, n_boot
         subjects_tab = {c: M.by_group(v, g, n_boot=n_boot) for c, v in cols.items()}
     # Expected wall time of a k-sample fan-out: E[max latency of k samples] (exact order statistic).
     lat = np.array([expected_max(p.latency[:k_max], k_max) for p in probs]).mean(axis=0)
-    targets = _targets(glob, k_max, tps, float(np.mean([p.prompt_tokens for p in probs])), lat,
-                       cost_per_1k_tokens)
-    an = Analysis(manifest=manifest, probs=probs, ks=ks, k_max=k_max, values=values, coverage_full=cov_full,
-                  tokens_per_sample=tps, prompt_tokens=float(np.mean([p.prompt_tokens for p in probs])),
-                  cost_per_1k_tokens=cost_per_1k_tokens, global_=glob, buckets=buckets,
-                  bucket_by=bucket_by, levels=levels_tab, subjects=subjects_tab, targets=targets,
-                  latency_at_k=lat.tolist())
+    targets = _targets(glob, k_max, tps, float(np.mean([p.prompt_tokens for p in probs])), lat, cost_per_1k_tokens)
+    an = Analysis(
+        manifest=manifest,
+        probs=probs,
+        ks=ks,
+        k_max=k_max,
+        values=values,
+        coverage_full=cov_full,
+        tokens_per_sample=tps,
+        prompt_tokens=float(np.mean([p.prompt_tokens for p in probs])),
+        cost_per_1k_tokens=cost_per_1k_tokens,
+        global_=glob,
+        buckets=buckets,
+        bucket_by=bucket_by,
+        levels=levels_tab,
+        subjects=subjects_tab,
+        targets=targets,
+        latency_at_k=lat.tolist(),
+    )
     if "rpc" in values and not rpc_prune:
-        an.notes.append("RPC here is perplexity consistency without reasoning pruning "
-                        "(`--rpc-prune` adds it)")
+        an.notes.append("RPC here is perplexity consistency without reasoning pruning (`--rpc-prune` adds it)")
     if manifest.get("n_problems") and len(probs) < manifest["n_problems"]:
         an.notes.append(f"{len(probs)} of {manifest['n_problems']} problems recorded (run incomplete)")
     an.elapsed_s = time.perf_counter() - t0
@@ -466,8 +536,9 @@ def expected_max(x: np.ndarray, k_max: int) -> np.ndarray:
     return w @ v
 
 
-def _targets(g: Group, k_max: int, tps: float, prompt: float, lat: np.ndarray,
-             cost_per_1k: float) -> dict[str, list[dict[str, Any]]]:
+def _targets(
+    g: Group, k_max: int, tps: float, prompt: float, lat: np.ndarray, cost_per_1k: float
+) -> dict[str, list[dict[str, Any]]]:
     """Smallest k reaching each target accuracy (fitted curve on 1..k_max) and its cost."""
     out: dict[str, list[dict[str, Any]]] = {}
     kk = np.arange(1, k_max + 1)
@@ -484,27 +555,40 @@ def _targets(g: Group, k_max: int, tps: float, prompt: float, lat: np.ndarray,
                 continue
             k = int(kk[hit[0]])
             tokens = prompt + k * tps
-            rows.append({"target": t, "k": k, "tokens": tokens, "latency_s": float(lat[k - 1]),
-                         "cost": tokens / 1000.0 * cost_per_1k})
+            rows.append(
+                {
+                    "target": t,
+                    "k": k,
+                    "tokens": tokens,
+                    "latency_s": float(lat[k - 1]),
+                    "cost": tokens / 1000.0 * cost_per_1k,
+                }
+            )
         out[s] = rows
     return out
 
 
 def summary_lines(an: Analysis) -> list[str]:
     g = an.global_
-    lines = [f"{an.manifest.get('model')} on {an.manifest.get('dataset')}: {len(an.probs)} problems, "
-             f"K={an.k_max}, {an.tokens_per_sample:.1f} tokens/sample"]
+    lines = [
+        f"{an.manifest.get('model')} on {an.manifest.get('dataset')}: {len(an.probs)} problems, "
+        f"K={an.k_max}, {an.tokens_per_sample:.1f} tokens/sample"
+    ]
     for s, v in g.points.items():
         lines.append(f"  {s:<17} " + "  ".join(f"k={k}:{m:.3f}" for k, m in zip(an.ks, v["mean"])))
     for s, f in g.curves.items():
         ps = ", ".join(f"{k}={v:.4g}±{f.stderr[k]:.2g}" for k, v in f.params.items()) if f.fittable else f.reason
         lines.append(f"  fit {s:<13} {f.name}: {ps}  R2={f.r2:.4f}")
     if g.flaws:
-        lines.append(f"  fLaws: TPR={g.flaws['completeness']:.3f} FPR={1 - g.flaws['soundness']:.3f} "
-                     f"ceiling={g.flaws['ceiling']:.3f} optimal K {g.flaws['optimal_k']}")
+        lines.append(
+            f"  fLaws: TPR={g.flaws['completeness']:.3f} FPR={1 - g.flaws['soundness']:.3f} "
+            f"ceiling={g.flaws['ceiling']:.3f} optimal K {g.flaws['optimal_k']}"
+        )
     for b in an.buckets:
         r = b.recommended
         if r:
-            lines.append(f"  {b.name:<8} pass@1={b.pass1.mean():.3f} → {r['strategy']} k={r['k']} "
-                         f"(acc≈{r['expected_accuracy']:.3f})")
+            lines.append(
+                f"  {b.name:<8} pass@1={b.pass1.mean():.3f} → {r['strategy']} k={r['k']} "
+                f"(acc≈{r['expected_accuracy']:.3f})"
+            )
     return lines

@@ -18,23 +18,36 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Batch evaluation, scaling-curve fits, reports.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch evaluation, scaling-curve fits, reports.")
 
 
 @app.command()
 def run(
-    dataset: Annotated[str, typer.Argument(
-        help="arith500 | math500 | aime24 | aime25 | amc23 | gsm8k, a JSONL path, or a Hugging "
-             "Face dataset id (hf:OWNER/NAME[:SPLIT]).")] = "arith500",
-    model: Annotated[str, typer.Option("--model", "-m", help=(
-        "Policy: embedded name, local directory, or NAME=http://host:port[@upstream-id] for a "
-        "running OpenAI-compatible server."))] = "ttscale-arith",
-    verifier: Annotated[str | None, typer.Option(
-        help="Scoring model (same forms as --model); its P(correct) is recorded per sample.")] = None,
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help="arith500 | math500 | aime24 | aime25 | amc23 | gsm8k, a JSONL path, or a Hugging "
+            "Face dataset id (hf:OWNER/NAME[:SPLIT])."
+        ),
+    ] = "arith500",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help=(
+                "Policy: embedded name, local directory, or NAME=http://host:port[@upstream-id] for a "
+                "running OpenAI-compatible server."
+            ),
+        ),
+    ] = "ttscale-arith",
+    verifier: Annotated[
+        str | None, typer.Option(help="Scoring model (same forms as --model); its P(correct) is recorded per sample.")
+    ] = None,
     k: Annotated[int, typer.Option("--k", "-k", help="Samples per problem.")] = 16,
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Run directory (default runs/<model>-<dataset>-k<K>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory (default runs/<model>-<dataset>-k<K>).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Run seed (sample seeds derive from it).")] = 0,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
@@ -42,10 +55,11 @@ def run(
     batch: Annotated[int | None, typer.Option(help="Samples per fan-out (default: all K).")] = None,
     concurrency: Annotated[int, typer.Option(help="Problems in flight.")] = 8,
     limit: Annotated[int | None, typer.Option(help="Only this many problems, spread over the set.")] = None,
-    data_dir: Annotated[str | None, typer.Option(
-        help="Directory of <name>.jsonl files replacing the packaged sets (default $TTSCALE_DATA_DIR).")] = None,
-    keep_text: Annotated[bool, typer.Option("--keep-text/--no-text",
-                                            help="Store completion texts.")] = True,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(help="Directory of <name>.jsonl files replacing the packaged sets (default $TTSCALE_DATA_DIR)."),
+    ] = None,
+    keep_text: Annotated[bool, typer.Option("--keep-text/--no-text", help="Store completion texts.")] = True,
     kv_cache_gib: Annotated[float | None, typer.Option(help="CPU: KV cache GiB per model.")] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="vLLM max_num_seqs.")] = None,
     force: Annotated[bool, typer.Option(help="Continue a run directory with a different configuration.")] = False,
@@ -56,10 +70,23 @@ def run(
     from ttscale.eval.store import ConfigMismatch
 
     logging.basicConfig(level=logging.WARNING)
-    cfg = RunConfig(dataset=dataset, model=model, verifier=verifier, k=k, seed=seed,
-                    temperature=temperature, top_p=top_p, max_tokens=max_tokens, batch=batch,
-                    concurrency=concurrency, keep_text=keep_text, limit=limit, data_dir=data_dir,
-                    kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs)
+    cfg = RunConfig(
+        dataset=dataset,
+        model=model,
+        verifier=verifier,
+        k=k,
+        seed=seed,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        batch=batch,
+        concurrency=concurrency,
+        keep_text=keep_text,
+        limit=limit,
+        data_dir=data_dir,
+        kv_cache_gib=kv_cache_gib,
+        max_num_seqs=max_num_seqs,
+    )
     if out is None:
         name = Path(dataset).stem if dataset.endswith((".jsonl", ".json")) else dataset.replace("/", "_")
         out = Path("runs") / f"{Path(model.split('=')[0]).name}-{name}-k{k}"
@@ -74,12 +101,15 @@ def run(
 @app.command()
 def rescore(
     run_dir: Annotated[Path, typer.Argument(help="A run recorded with completion texts.")],
-    verifier: Annotated[str, typer.Option(
-        help="Scoring model: embedded name, local directory, or NAME=http://host:port.")],
+    verifier: Annotated[
+        str, typer.Option(help="Scoring model: embedded name, local directory, or NAME=http://host:port.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="New run directory.")],
     concurrency: Annotated[int, typer.Option(help="Problems in flight.")] = 4,
-    data_dir: Annotated[str | None, typer.Option(
-        help="Directory of <name>.jsonl files replacing the packaged sets (default $TTSCALE_DATA_DIR).")] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(help="Directory of <name>.jsonl files replacing the packaged sets (default $TTSCALE_DATA_DIR)."),
+    ] = None,
     kv_cache_gib: Annotated[float | None, typer.Option(help="CPU: KV cache GiB.")] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="vLLM max_num_seqs.")] = None,
     force: Annotated[bool, typer.Option(help="Continue an output directory with a different configuration.")] = False,
@@ -90,8 +120,16 @@ def rescore(
 
     logging.basicConfig(level=logging.WARNING)
     try:
-        summary = rescore_sync(run_dir, out, verifier, data_dir=data_dir, concurrency=concurrency,
-                               kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs, force=force)
+        summary = rescore_sync(
+            run_dir,
+            out,
+            verifier,
+            data_dir=data_dir,
+            concurrency=concurrency,
+            kv_cache_gib=kv_cache_gib,
+            max_num_seqs=max_num_seqs,
+            force=force,
+        )
     except (ConfigMismatch, FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
@@ -99,8 +137,9 @@ def rescore(
 
 
 # analysis options shared by `fit` and `report`
-CostOpt = Annotated[float, typer.Option(
-    help="Cost of 1000 generated tokens in units of the value of one correct answer.")]
+CostOpt = Annotated[
+    float, typer.Option(help="Cost of 1000 generated tokens in units of the value of one correct answer.")
+]
 NBootOpt = Annotated[int, typer.Option(help="Bootstrap resamples.")]
 RpcDrawsOpt = Annotated[int, typer.Option(help="Random k-subsets per problem and k for RPC (0: skip RPC).")]
 RpcPruneOpt = Annotated[bool, typer.Option(help="RPC with reasoning pruning (a mixture fit per subset: slow).")]
@@ -119,8 +158,9 @@ def fit(
     """Metrics vs k with bootstrap CIs and the fits (coverage power law, ceilings, saturation)."""
     from ttscale.eval.analysis import analyse_run, summary_lines
 
-    res = analyse_run(run_dir, cost_per_1k_tokens=cost_per_1k_tokens, n_boot=n_boot,
-                      rpc_draws=rpc_draws, rpc_prune=rpc_prune)
+    res = analyse_run(
+        run_dir, cost_per_1k_tokens=cost_per_1k_tokens, n_boot=n_boot, rpc_draws=rpc_draws, rpc_prune=rpc_prune
+    )
     path = out or Path(run_dir) / "fit.json"
     path.write_text(json.dumps(res.to_json(), indent=1, allow_nan=False) + "\n")
     if not quiet:
@@ -133,8 +173,9 @@ def fit(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ttscale eval run`.")],
     out: Annotated[Path | None, typer.Option(help="Report directory (default <run>/report).")] = None,
-    profile: Annotated[Path | None, typer.Option(
-        help="Also copy the budget profile JSON here (e.g. eval/profiles/<model>.json).")] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="Also copy the budget profile JSON here (e.g. eval/profiles/<model>.json).")
+    ] = None,
     cost_per_1k_tokens: CostOpt = 0.05,
     n_boot: NBootOpt = 1000,
     rpc_draws: RpcDrawsOpt = 2,
@@ -145,8 +186,9 @@ def report(
     from ttscale.eval.analysis import analyse_run
     from ttscale.eval.report import write_report
 
-    res = analyse_run(run_dir, cost_per_1k_tokens=cost_per_1k_tokens, n_boot=n_boot,
-                      rpc_draws=rpc_draws, rpc_prune=rpc_prune)
+    res = analyse_run(
+        run_dir, cost_per_1k_tokens=cost_per_1k_tokens, n_boot=n_boot, rpc_draws=rpc_draws, rpc_prune=rpc_prune
+    )
     out_dir = out or Path(run_dir) / "report"
     paths = write_report(res, out_dir, command=command or " ".join(["ttscale", "eval", "report", *sys.argv[3:]]))
     if profile is not None:

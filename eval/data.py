@@ -73,8 +73,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _normalise(rows: list[dict[str, Any]], name: str, problem_field: str | None = None,
-               answer_field: str | None = None) -> list[dict[str, Any]]:
+def _normalise(
+    rows: list[dict[str, Any]], name: str, problem_field: str | None = None, answer_field: str | None = None
+) -> list[dict[str, Any]]:
     out = []
     seen: set[str] = set()
     for i, r in enumerate(rows):
@@ -97,8 +98,14 @@ def _normalise(rows: list[dict[str, Any]], name: str, problem_field: str | None 
     return out
 
 
-def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, limit: int | None = None,
-                 hf_problem_field: str | None = None, hf_answer_field: str | None = None) -> Dataset:
+def load_dataset(
+    spec: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    hf_problem_field: str | None = None,
+    hf_answer_field: str | None = None,
+) -> Dataset:
     """Resolve ``spec`` (name, JSONL path or Hugging Face id) to a :class:`Dataset`."""
     path: Path | None = None
     name = spec
@@ -137,7 +144,7 @@ def _load_hf(spec: str, pf: str | None, af: str | None) -> tuple[list[dict[str, 
     ident = spec.removeprefix("hf:")
     repo, _, split = ident.partition(":")
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError as e:  # pragma: no cover - optional extra
         raise ImportError("Hugging Face datasets need `pip install ttscale[hf]`") from e
     ds = datasets.load_dataset(repo, split=split or "test")
@@ -161,10 +168,10 @@ def extract(text: str | None, kind: str = "math") -> str | None:
     ans = extract_answer(text)
     if ans is not None or kind != "gsm8k" or not text:
         return ans
-    m = _GSM_RE.findall(text)
+    m: list[str] = _GSM_RE.findall(text)
     if m:
         return m[-1].replace(",", "").replace("$", "").rstrip(".")
-    nums = _NUM_RE.findall(text)
+    nums: list[str] = _NUM_RE.findall(text)
     return nums[-1].replace(",", "") if nums else None
 
 

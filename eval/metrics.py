@@ -16,26 +16,28 @@ Contents:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from itertools import combinations
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 from scipy.special import gammaln
 
 __all__ = [
-    "pass_at_k",
-    "coverage_curve",
-    "best_of_k",
-    "majority_at_k",
-    "weighted_majority_at_k",
-    "bootstrap_ci",
-    "paired_bootstrap_diff",
     "auroc",
-    "verifier_rates",
+    "best_of_k",
+    "bootstrap_ci",
     "by_group",
+    "coverage_curve",
+    "majority_at_k",
+    "paired_bootstrap_diff",
+    "pass_at_k",
+    "verifier_rates",
+    "weighted_majority_at_k",
 ]
 
 # Above this many k-subsets, weighted voting falls back to Monte Carlo.
@@ -102,17 +104,17 @@ def coverage_curve(correct_counts: Sequence[int], n: int | Sequence[int], ks: It
 # --------------------------------------------------------------------------------------------
 
 
-def _log_comb(a: np.ndarray, k: np.ndarray) -> np.ndarray:
+def _log_comb(a: ArrayLike, k: ArrayLike) -> np.ndarray:
     """log C(a, k), −inf where a < k (elementwise, broadcasting)."""
-    a = np.asarray(a, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    valid = a >= k
-    safe_a = np.where(valid, a, k)
-    out = gammaln(safe_a + 1) - gammaln(k + 1) - gammaln(safe_a - k + 1)
+    av = np.asarray(a, dtype=np.float64)
+    kv = np.asarray(k, dtype=np.float64)
+    valid = av >= kv
+    safe_a = np.where(valid, av, kv)
+    out = gammaln(safe_a + 1) - gammaln(kv + 1) - gammaln(safe_a - kv + 1)
     return np.where(valid, out, -np.inf)
 
 
-def best_of_k(scores: Sequence[float], correct: Sequence[bool], k: int | Sequence[int]) -> float | np.ndarray:
+def best_of_k(scores: ArrayLike, correct: ArrayLike, k: int | Sequence[int] | np.ndarray) -> float | np.ndarray:
     """Expected correctness of the top-scored sample of a uniformly random k-subset (exact).
 
     For one problem with n scored samples: a k-subset is drawn uniformly without replacement and
@@ -172,7 +174,7 @@ def _encode_clusters(cluster_ids: Sequence[Hashable | None]) -> tuple[np.ndarray
 
 def _is_bool_mask(x: Any, n: int) -> bool:
     if isinstance(x, np.ndarray):
-        return x.dtype == np.bool_ and x.shape == (n,)
+        return bool(x.dtype == np.bool_ and x.shape == (n,))
     if isinstance(x, (list, tuple)) and len(x) == n and n > 0:
         return all(isinstance(v, (bool, np.bool_)) for v in x)
     return False
@@ -200,7 +202,9 @@ def _correct_cluster_flags(codes: np.ndarray, clusters: list[Hashable], correct:
             flags[j] = bool(correct.get(cid, False))
         return flags
     if isinstance(correct, (set, frozenset, list, tuple, np.ndarray)):
-        good = set(np.asarray(correct, dtype=object).ravel().tolist()) if isinstance(correct, np.ndarray) else set(correct)
+        good = (
+            set(np.asarray(correct, dtype=object).ravel().tolist()) if isinstance(correct, np.ndarray) else set(correct)
+        )
     else:
         good = {correct}
     for j, cid in enumerate(clusters):
@@ -221,7 +225,9 @@ def _vote_credit(tallies: np.ndarray, present: np.ndarray, flags: np.ndarray) ->
     return np.where(n_tied > 0, n_good / np.maximum(n_tied, 1), 0.0)
 
 
-def _subset_tallies(subsets: np.ndarray, codes: np.ndarray, weights: np.ndarray, n_clusters: int):
+def _subset_tallies(
+    subsets: np.ndarray, codes: np.ndarray, weights: np.ndarray, n_clusters: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-subset summed weight and presence per cluster (answerless samples are ignored)."""
     rows = np.repeat(np.arange(subsets.shape[0]), subsets.shape[1])
     sub_codes = codes[subsets].ravel()
@@ -234,7 +240,9 @@ def _subset_tallies(subsets: np.ndarray, codes: np.ndarray, weights: np.ndarray,
     return tallies, counts > 0
 
 
-def _vote_monte_carlo(codes, weights, flags, k, n_mc, seed, chunk=2048):
+def _vote_monte_carlo(
+    codes: np.ndarray, weights: np.ndarray, flags: np.ndarray, k: int, n_mc: int, seed: int, chunk: int = 2048
+) -> float:
     n = codes.size
     rng = np.random.default_rng(seed)
     total = 0.0
@@ -248,7 +256,7 @@ def _vote_monte_carlo(codes, weights, flags, k, n_mc, seed, chunk=2048):
     return total / n_mc
 
 
-def _vote_enumerate(codes, weights, flags, k):
+def _vote_enumerate(codes: np.ndarray, weights: np.ndarray, flags: np.ndarray, k: int) -> float:
     n = codes.size
     subsets = np.array(list(combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
     tallies, present = _subset_tallies(subsets, codes, weights, flags.size)
@@ -258,7 +266,8 @@ def _vote_enumerate(codes, weights, flags, k):
 def _binom_weights(m: int, k: int, p: float) -> np.ndarray:
     """Scaled C(m, y) for y = 0..min(m, k): the Binomial(m, p) pmf (the p-scaling cancels)."""
     y = np.arange(0, min(m, k) + 1)
-    return stats.binom.pmf(y, m, p)
+    pmf: np.ndarray = stats.binom.pmf(y, m, p)
+    return pmf
 
 
 def _majority_exact(codes: np.ndarray, flags: np.ndarray, k: int) -> float:
@@ -316,7 +325,7 @@ def _exact_vote_work(codes: np.ndarray, flags: np.ndarray, k: int) -> int:
     return work
 
 
-def _prepare_votes(cluster_ids, correct, k):
+def _prepare_votes(cluster_ids: Sequence[Hashable | None], correct: Any, k: int) -> tuple[np.ndarray, np.ndarray, int]:
     n = len(cluster_ids)
     if n == 0:
         raise ValueError("voting needs at least one sample")
@@ -367,7 +376,7 @@ def majority_at_k(
 
 def weighted_majority_at_k(
     cluster_ids: Sequence[Hashable | None],
-    weights: Sequence[float],
+    weights: ArrayLike,
     correct_mask_by_cluster: Any,
     k: int,
     *,
@@ -412,7 +421,7 @@ def weighted_majority_at_k(
 # --------------------------------------------------------------------------------------------
 
 
-def _as_values(x: Sequence[float], name: str) -> np.ndarray:
+def _as_values(x: ArrayLike, name: str) -> np.ndarray:
     v = np.asarray(x, dtype=np.float64).ravel()
     if v.size == 0:
         raise ValueError(f"{name} is empty")
@@ -440,7 +449,7 @@ def _percentile_ci(v: np.ndarray, n_boot: int, alpha: float, seed: int) -> tuple
 
 
 def bootstrap_ci(
-    per_problem_values: Sequence[float], *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+    per_problem_values: ArrayLike, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float, float]:
     """Mean and percentile-bootstrap ``1 − alpha`` CI, resampling problems with replacement.
 
@@ -450,7 +459,7 @@ def bootstrap_ci(
 
 
 def paired_bootstrap_diff(
-    a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+    a: ArrayLike, b: ArrayLike, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float, float]:
     """Mean of ``a − b`` over the same problems with its paired percentile-bootstrap CI.
 
@@ -465,7 +474,7 @@ def paired_bootstrap_diff(
 
 
 def by_group(
-    values: Sequence[float],
+    values: ArrayLike,
     groups: Sequence[Hashable],
     *,
     n_boot: int = 2000,
@@ -481,10 +490,8 @@ def by_group(
     if len(g) != v.size:
         raise ValueError(f"values and groups differ in length: {v.size} vs {len(g)}")
     order: list[Hashable] = list(dict.fromkeys(g))
-    try:
-        order = sorted(order)  # type: ignore[type-var]
-    except TypeError:
-        pass
+    with contextlib.suppress(TypeError):
+        order = sorted(cast("list[Any]", order))  # keys that do not sort raise TypeError
     out: dict[Hashable, tuple[float, float, float, int]] = {}
     g_arr = np.empty(len(g), dtype=object)
     g_arr[:] = g
@@ -500,7 +507,7 @@ def by_group(
 # --------------------------------------------------------------------------------------------
 
 
-def _scores_labels(scores, labels):
+def _scores_labels(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels).ravel().astype(bool)
     if s.shape != y.shape:
@@ -510,7 +517,7 @@ def _scores_labels(scores, labels):
     return s, y
 
 
-def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     """Area under the ROC curve: P(score of a random positive > score of a random negative).
 
     Rank-based (Mann–Whitney U with mid-ranks), so a tied positive/negative pair counts 1/2.
@@ -526,7 +533,7 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def verifier_rates(scores: Sequence[float], labels: Sequence[bool], threshold: float = 0.5) -> dict[str, float]:
+def verifier_rates(scores: ArrayLike, labels: ArrayLike, threshold: float = 0.5) -> dict[str, float]:
     """Rates of a verifier that accepts a sample iff ``score >= threshold``.
 
     Returns ``tpr`` (accepted | correct), ``fpr`` (accepted | incorrect), ``precision``

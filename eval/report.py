@@ -9,15 +9,25 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ttscale.eval import metrics as M
 from ttscale.eval.analysis import FLAWS_COSTS, LABELS, SELECTORS, Analysis
+from ttscale.eval.fit import FitResult
 
-COLORS = {"coverage": "#1f77b4", "majority": "#ff7f0e", "verifier_best_of": "#2ca02c",
-          "weighted": "#9467bd", "rpc": "#8c564b"}
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+COLORS = {
+    "coverage": "#1f77b4",
+    "majority": "#ff7f0e",
+    "verifier_best_of": "#2ca02c",
+    "weighted": "#9467bd",
+    "rpc": "#8c564b",
+}
 
 
 def _fmt(x: Any, nd: int = 3) -> str:
@@ -30,16 +40,18 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return str(x)
 
 
-def _ci(t: tuple) -> str:
+def _ci(t: tuple[float, ...]) -> str:
     m, lo, hi = t[0], t[1], t[2]
     return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def _params(f) -> str:
+def _params(f: FitResult) -> str:
     if not f.fittable:
         return f"not fittable: {f.reason}"
-    return ", ".join(f"{k} = {v:.4g} ± {f.stderr[k]:.2g}" if math.isfinite(f.stderr[k]) else f"{k} = {v:.4g}"
-                     for k, v in f.params.items())
+    return ", ".join(
+        f"{k} = {v:.4g} ± {f.stderr[k]:.2g}" if math.isfinite(f.stderr[k]) else f"{k} = {v:.4g}"
+        for k, v in f.params.items()
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,13 +70,13 @@ def _figures(an: Analysis) -> dict[str, bytes]:
     kk = np.unique(np.round(np.logspace(0, math.log10(an.k_max), 200)))
     g = an.global_
 
-    def save(name: str, fig) -> None:
+    def save(name: str, fig: Figure) -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         figs[name] = buf.getvalue()
 
-    def logx(ax) -> None:
+    def logx(ax: Axes) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
@@ -83,11 +95,21 @@ def _figures(an: Analysis) -> dict[str, bytes]:
             ax.plot(ks, m, ":", color=COLORS[s], alpha=0.7)
     vf = g.curves.get("verifier_best_of")
     if vf is not None and vf.fittable and 0 <= vf.params["A_inf"] <= 1:
-        ax.axhline(vf.params["A_inf"], color=COLORS["verifier_best_of"], ls="--", lw=0.9,
-                   label=f"verifier fit asymptote A∞ = {vf.params['A_inf']:.3f}")
+        ax.axhline(
+            vf.params["A_inf"],
+            color=COLORS["verifier_best_of"],
+            ls="--",
+            lw=0.9,
+            label=f"verifier fit asymptote A∞ = {vf.params['A_inf']:.3f}",
+        )
     if g.flaws:
-        ax.axhline(g.flaws["ceiling"], color="crimson", ls="--", lw=0.9,
-                   label=f"fLaws ceiling (resampling) = {g.flaws['ceiling']:.3f}")
+        ax.axhline(
+            g.flaws["ceiling"],
+            color="crimson",
+            ls="--",
+            lw=0.9,
+            label=f"fLaws ceiling (resampling) = {g.flaws['ceiling']:.3f}",
+        )
     logx(ax)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
@@ -125,8 +147,9 @@ def _figures(an: Analysis) -> dict[str, bytes]:
             continue
         d = [M.paired_bootstrap_diff(cov[:, j], an.values[s][:, j], n_boot=500, seed=j) for j in range(len(ks))]
         m, lo, hi = (np.array([x[i] for x in d]) for i in range(3))
-        ax.errorbar(ks, m, yerr=[m - lo, hi - m], fmt="o-", ms=4, capsize=3, color=COLORS[s],
-                    label=f"coverage − {LABELS[s]}")
+        ax.errorbar(
+            ks, m, yerr=[m - lo, hi - m], fmt="o-", ms=4, capsize=3, color=COLORS[s], label=f"coverage − {LABELS[s]}"
+        )
     logx(ax)
     ax.set_ylabel("accuracy gap")
     ax.set_title("What selection leaves on the table: coverage − selected accuracy (paired 95% CI)")
@@ -136,11 +159,11 @@ def _figures(an: Analysis) -> dict[str, bytes]:
     # 4. verifier
     if g.verifier is not None and g.flaws is not None:
         fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13.5, 4.0))
-        s = np.concatenate([p.scores for p in an.probs])
+        sc = np.concatenate([p.scores for p in an.probs])
         y = np.concatenate([p.correct for p in an.probs])
         bins = np.linspace(0, 1, 41)
-        a1.hist(s[y], bins=bins, alpha=0.6, density=True, color="#2ca02c", label="correct samples")
-        a1.hist(s[~y], bins=bins, alpha=0.6, density=True, color="#d62728", label="incorrect samples")
+        a1.hist(sc[y], bins=bins, alpha=0.6, density=True, color="#2ca02c", label="correct samples")
+        a1.hist(sc[~y], bins=bins, alpha=0.6, density=True, color="#d62728", label="incorrect samples")
         a1.axvline(0.5, color="k", ls="--", lw=0.8)
         a1.set_xlabel("verifier score P(correct)")
         a1.set_title(f"Verifier scores (AUROC {g.verifier['auroc']:.3f})")
@@ -156,7 +179,7 @@ def _figures(an: Analysis) -> dict[str, bytes]:
         a2.grid(alpha=0.3)
         for C in FLAWS_COSTS:
             eu = np.array(g.flaws["expected_utility"][f"C={C:g}"])
-            line, = a3.plot(K, eu, label=f"C = {C:g}: K* = {g.flaws['optimal_k'][f'C={C:g}']}")
+            (line,) = a3.plot(K, eu, label=f"C = {C:g}: K* = {g.flaws['optimal_k'][f'C={C:g}']}")
             k_opt = g.flaws["optimal_k"][f"C={C:g}"]
             a3.plot([k_opt], [eu[k_opt]], "o", color=line.get_color())
         a3.set_xscale("symlog", linthresh=1)
@@ -172,8 +195,13 @@ def _figures(an: Analysis) -> dict[str, bytes]:
     for s, f in g.saturation.items():
         ax.plot(ks, g.points[s]["mean"], "o", color=COLORS[s])
         if f.fittable:
-            ax.plot(kk, f.predict(kk), "-", color=COLORS[s], label=f"{LABELS[s]}: F_max={f.params['F_max']:.3f}, "
-                                                              f"p={f.params['p']:.3f}")
+            ax.plot(
+                kk,
+                f.predict(kk),
+                "-",
+                color=COLORS[s],
+                label=f"{LABELS[s]}: F_max={f.params['F_max']:.3f}, p={f.params['p']:.3f}",
+            )
             n1 = f.saturation(1e-3) if f.params["F_max"] > 0 else None
             if n1 is not None and n1 <= an.k_max * 4:
                 ax.axvline(n1, color=COLORS[s], ls=":", lw=1)
@@ -217,7 +245,7 @@ def _figures(an: Analysis) -> dict[str, bytes]:
 class _Doc:
     """Builds the HTML and Markdown versions side by side."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.html: list[str] = []
         self.md: list[str] = []
 
@@ -245,8 +273,10 @@ class _Doc:
 
     def fig(self, name: str, png: bytes, alt: str) -> None:
         b64 = base64.b64encode(png).decode()
-        self.html.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-                         f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+        self.html.append(
+            f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+        )
         self.md.append(f"![{alt}](figures/{name}.png)\n")
 
 
@@ -271,18 +301,28 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
 
     d.h(2, "Run")
     samp = m.get("sampling", {})
-    rows = [["model", m.get("model")], ["verifier", m.get("verifier") or "–"],
-            ["dataset", f"{m.get('dataset')} ({m.get('dataset_source')})"],
-            ["problems", f"{len(an.probs)} of {m.get('n_problems')}"],
-            ["samples per problem K", an.k_max],
-            ["sampling", f"temperature {samp.get('temperature')}, top_p {samp.get('top_p')}, "
-                         f"max_tokens {samp.get('max_tokens')}, seed {m.get('seed')}"],
-            ["completion tokens per sample (mean)", f"{an.tokens_per_sample:.1f}"],
-            ["prompt tokens per problem (mean)", f"{an.prompt_tokens:.1f}"],
-            ["samples", sum(p.n for p in an.probs)],
-            ["cost model", f"{an.cost_per_1k_tokens:g} per 1000 tokens (value of a correct answer = 1) "
-                           f"→ {an.cost_per_sample:.2e} per sample"],
-            ["ttscale", m.get("ttscale_version")], ["recorded", m.get("created")]]
+    rows: list[list[Any]] = [
+        ["model", m.get("model")],
+        ["verifier", m.get("verifier") or "–"],
+        ["dataset", f"{m.get('dataset')} ({m.get('dataset_source')})"],
+        ["problems", f"{len(an.probs)} of {m.get('n_problems')}"],
+        ["samples per problem K", an.k_max],
+        [
+            "sampling",
+            f"temperature {samp.get('temperature')}, top_p {samp.get('top_p')}, "
+            f"max_tokens {samp.get('max_tokens')}, seed {m.get('seed')}",
+        ],
+        ["completion tokens per sample (mean)", f"{an.tokens_per_sample:.1f}"],
+        ["prompt tokens per problem (mean)", f"{an.prompt_tokens:.1f}"],
+        ["samples", sum(p.n for p in an.probs)],
+        [
+            "cost model",
+            f"{an.cost_per_1k_tokens:g} per 1000 tokens (value of a correct answer = 1) "
+            f"→ {an.cost_per_sample:.2e} per sample",
+        ],
+        ["ttscale", m.get("ttscale_version")],
+        ["recorded", m.get("created")],
+    ]
     d.table(["run", ""], rows)
     for n in an.notes:
         d.p(f"Note: {n}")
@@ -294,19 +334,28 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
     jK = len(an.ks) - 1
     head = ["strategy"] + [f"k={k}" for k in an.ks]
     d.table(head, [[LABELS[s]] + [f"{v:.3f}" for v in pts["mean"]] for s, pts in g.points.items()])
-    d.p("All metrics use all K samples of each problem (unbiased estimators: the expectation over "
-        "random k-subsets, not the first k). 95% percentile-bootstrap intervals over problems:")
-    d.table(["strategy", "k = 1", f"k = {an.k_max}"],
-            [[LABELS[s], f"{pts['mean'][0]:.3f} [{pts['lo'][0]:.3f}, {pts['hi'][0]:.3f}]",
-              f"{pts['mean'][jK]:.3f} [{pts['lo'][jK]:.3f}, {pts['hi'][jK]:.3f}]"]
-             for s, pts in g.points.items()])
+    d.p(
+        "All metrics use all K samples of each problem (unbiased estimators: the expectation over "
+        "random k-subsets, not the first k). 95% percentile-bootstrap intervals over problems:"
+    )
+    d.table(
+        ["strategy", "k = 1", f"k = {an.k_max}"],
+        [
+            [
+                LABELS[s],
+                f"{pts['mean'][0]:.3f} [{pts['lo'][0]:.3f}, {pts['hi'][0]:.3f}]",
+                f"{pts['mean'][jK]:.3f} [{pts['lo'][jK]:.3f}, {pts['hi'][jK]:.3f}]",
+            ]
+            for s, pts in g.points.items()
+        ],
+    )
     for title_, tab in (("level", an.levels), ("subject", an.subjects)):
         if not tab:
             continue
         d.h(3, f"Per {title_} (mean [95% CI])")
         cols = list(tab)
         keys = list(tab[cols[0]])
-        d.table([title_, "n"] + cols, [[str(k), tab[cols[0]][k][3]] + [_ci(tab[c][k]) for c in cols] for k in keys])
+        d.table([title_, "n", *cols], [[str(k), tab[cols[0]][k][3], *(_ci(tab[c][k]) for c in cols)] for k in keys])
 
     d.h(2, "Scaling curves and fits")
     d.fig("curves", figs["curves"], "Accuracy vs k for every strategy with the fitted curves")
@@ -314,8 +363,10 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
     for s, f in g.curves.items():
         rows.append([LABELS[s], f.name, _params(f), _fmt(f.r2, 4), _fmt(f.rmse, 4)])
     d.table(["curve", "model", "parameters (± s.e.)", "R²", "RMSE"], rows)
-    d.p("coverage: exponentiated power law c(k) = exp(a·k^b) (fit in log-coverage space, Large "
-        "Language Monkeys); selected accuracy: A(k) = A∞ − (A∞ − A₁)·k^(−β), A∞ the asymptote.")
+    d.p(
+        "coverage: exponentiated power law c(k) = exp(a·k^b) (fit in log-coverage space, Large "
+        "Language Monkeys); selected accuracy: A(k) = A∞ − (A∞ − A₁)·k^(−β), A∞ the asymptote."
+    )
     d.fig("buckets", figs["buckets"], "Per-bucket curves")
 
     d.h(2, "Coverage vs selected accuracy")
@@ -324,31 +375,45 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
     for s in ("majority", "verifier_best_of", "weighted", "rpc"):
         if s in g.points:
             gap_rows.append([LABELS[s], f"{g.points['coverage']['mean'][jK] - g.points[s]['mean'][jK]:.3f}"])
-    d.table([f"strategy", f"gap at k = {an.k_max}"], gap_rows)
+    d.table(["strategy", f"gap at k = {an.k_max}"], gap_rows)
 
     if g.verifier is not None:
         d.h(2, "Verifier and the false-positive ceiling")
         v = g.verifier
-        d.table(["AUROC", "TPR @0.5", "FPR @0.5", "precision @0.5", "accept rate"],
-                [[_fmt(v["auroc"]), _fmt(v["tpr"]), _fmt(v["fpr"]), _fmt(v["precision"]), _fmt(v["accept_rate"])]])
+        d.table(
+            ["AUROC", "TPR @0.5", "FPR @0.5", "precision @0.5", "accept rate"],
+            [[_fmt(v["auroc"]), _fmt(v["tpr"]), _fmt(v["fpr"]), _fmt(v["precision"]), _fmt(v["accept_rate"])]],
+        )
         if "verifier" in figs:
             d.fig("verifier", figs["verifier"], "Verifier score distributions, resampling model, expected utility")
         fl = g.flaws
         if fl:
             vf = g.curves.get("verifier_best_of")
-            d.p(f"Resampling with an imperfect verifier (completeness c = TPR = {fl['completeness']:.3f}, "
+            d.p(
+                f"Resampling with an imperfect verifier (completeness c = TPR = {fl['completeness']:.3f}, "
                 f"soundness s = 1 − FPR = {fl['soundness']:.3f}; per-problem single-sample accuracy r): the "
                 f"accuracy of 'resample until accepted' tends to c·r/(c·r + (1−s)(1−r)), a ceiling of "
                 f"{fl['ceiling']:.3f} averaged over problems, however large K is. The fitted asymptote of "
-                f"verifier best-of-k is A∞ = {_fmt(vf.params['A_inf']) if vf and vf.fittable else '–'}.")
-            d.table(["false-positive cost C"] + [k for k in fl["optimal_k"]],
-                    [["optimal K (0 = abstain)"] + [str(x) for x in fl["optimal_k"].values()]])
-            brow = [[b.name, _fmt(b.flaws["ceiling"]) if b.flaws else "–",
-                     " / ".join(str(x) for x in b.flaws["optimal_k"].values()) if b.flaws else "–",
-                     _fmt(b.verifier["tpr"]) if b.verifier else "–", _fmt(b.verifier["fpr"]) if b.verifier else "–"]
-                    for b in an.buckets]
-            d.table(["bucket", "ceiling", "optimal K for C = " + " / ".join(f"{c:g}" for c in FLAWS_COSTS),
-                     "TPR", "FPR"], brow)
+                f"verifier best-of-k is A∞ = {_fmt(vf.params['A_inf']) if vf and vf.fittable else '–'}."
+            )
+            d.table(
+                ["false-positive cost C"] + [k for k in fl["optimal_k"]],
+                [["optimal K (0 = abstain)"] + [str(x) for x in fl["optimal_k"].values()]],
+            )
+            brow = [
+                [
+                    b.name,
+                    _fmt(b.flaws["ceiling"]) if b.flaws else "–",
+                    " / ".join(str(x) for x in b.flaws["optimal_k"].values()) if b.flaws else "–",
+                    _fmt(b.verifier["tpr"]) if b.verifier else "–",
+                    _fmt(b.verifier["fpr"]) if b.verifier else "–",
+                ]
+                for b in an.buckets
+            ]
+            d.table(
+                ["bucket", "ceiling", "optimal K for C = " + " / ".join(f"{c:g}" for c in FLAWS_COSTS), "TPR", "FPR"],
+                brow,
+            )
 
     d.h(2, "Saturation point (TTSPM)")
     d.fig("saturation", figs["saturation"], "Saturating exponential fits and saturation points")
@@ -358,8 +423,9 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
         n1 = f.saturation(1e-3) if f.fittable and f.params["F_max"] > 0 else None
         n2 = f.saturation(eps_cost) if f.fittable and f.params["F_max"] > 0 and eps_cost > 0 else None
         rows.append([LABELS[s], _params(f), _fmt(f.r2, 4), _fmt(n1), _fmt(n2)])
-    d.table(["curve", "F(N) = F_max(1 − (1 − p)^N)", "R²", "N* (ε = 1e-3)",
-             f"N* (ε = cost/sample = {eps_cost:.1e})"], rows)
+    d.table(
+        ["curve", "F(N) = F_max(1 − (1 − p)^N)", "R²", "N* (ε = 1e-3)", f"N* (ε = cost/sample = {eps_cost:.1e})"], rows
+    )
     d.p("N* is the smallest N whose next sample gains at most ε: ⌈ln(ε/(F_max·p))/ln(1 − p)⌉.")
 
     d.h(2, "Tokens, latency and cost per target accuracy")
@@ -370,29 +436,47 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
             if r["k"] is None:
                 rows.append([LABELS[s], f"{r['target']:.2f}", f"> {an.k_max}", "–", "–", "–"])
             else:
-                rows.append([LABELS[s], f"{r['target']:.2f}", r["k"], f"{r['tokens']:.0f}",
-                             f"{r['latency_s']:.2f}", f"{r['cost']:.4f}"])
+                rows.append(
+                    [
+                        LABELS[s],
+                        f"{r['target']:.2f}",
+                        r["k"],
+                        f"{r['tokens']:.0f}",
+                        f"{r['latency_s']:.2f}",
+                        f"{r['cost']:.4f}",
+                    ]
+                )
     d.table(["strategy", "target accuracy", "k (fit)", "tokens / problem", "latency s", "cost"], rows)
-    d.p("Latency is the expected wall time of a k-sample fan-out under this run's load (the slowest "
-        "of k recorded sample latencies); tokens count the prompt once (shared prefix) plus k completions.")
+    d.p(
+        "Latency is the expected wall time of a k-sample fan-out under this run's load (the slowest "
+        "of k recorded sample latencies); tokens count the prompt once (shared prefix) plus k completions."
+    )
 
     d.h(2, "Recommended budget per difficulty bucket")
-    d.p(f"k maximises accuracy(k) − cost·k on the fitted curve (on the measured points, "
+    d.p(
+        f"k maximises accuracy(k) − cost·k on the fitted curve (on the measured points, "
         f"interpolated in log k, where the fit's R² < 0.9), k ≤ {an.k_max}, cost per sample "
-        f"{an.cost_per_sample:.2e}. Buckets by {an.bucket_by.replace('_', ' ')}.")
+        f"{an.cost_per_sample:.2e}. Buckets by {an.bucket_by.replace('_', ' ')}."
+    )
     rows = []
     for b in [*an.buckets, g]:
         r = b.recommended
         if not r:
             continue
         bs = r["by_strategy"]
-        rows.append([b.name, b.idx.size, f"{b.pass1.mean():.3f}", r["strategy"], r["k"],
-                     f"{r['expected_accuracy']:.3f}",
-                     *(f"k={bs[s]['k']} → {bs[s]['expected_accuracy']:.3f}" if s in bs else "–" for s in SELECTORS)])
-    d.table(["bucket", "n", "pass@1", "strategy", "K", "expected accuracy",
-             *(f"{LABELS[s]}" for s in SELECTORS)], rows)
-    d.p("The budget profile (profile.json) holds these curves and recommendations for the server's "
-        "adaptive budget.")
+        rows.append(
+            [
+                b.name,
+                b.idx.size,
+                f"{b.pass1.mean():.3f}",
+                r["strategy"],
+                r["k"],
+                f"{r['expected_accuracy']:.3f}",
+                *(f"k={bs[s]['k']} → {bs[s]['expected_accuracy']:.3f}" if s in bs else "–" for s in SELECTORS),
+            ]
+        )
+    d.table(["bucket", "n", "pass@1", "strategy", "K", "expected accuracy", *(f"{LABELS[s]}" for s in SELECTORS)], rows)
+    d.p("The budget profile (profile.json) holds these curves and recommendations for the server's adaptive budget.")
     return d
 
 
@@ -402,12 +486,13 @@ def write_report(an: Analysis, out_dir: str | Path, *, command: str | None = Non
     figs = _figures(an)
     doc = build(an, figs, command)
     title = f"ttscale eval: {an.manifest.get('model')} on {an.manifest.get('dataset')}"
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body>{''.join(doc.html)}</body></html>\n")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>{''.join(doc.html)}</body></html>\n"
+    )
     (out / "report.html").write_text(page, encoding="utf-8")
     (out / "report.md").write_text("\n".join(doc.md).lstrip() + "\n", encoding="utf-8")
     for name, png in figs.items():
         (out / "figures" / f"{name}.png").write_bytes(png)
     (out / "profile.json").write_text(json.dumps(an.profile(), indent=1, allow_nan=False) + "\n")
-    return {"html": str(out / "report.html"), "markdown": str(out / "report.md"),
-            "profile": str(out / "profile.json")}
+    return {"html": str(out / "report.html"), "markdown": str(out / "report.md"), "profile": str(out / "profile.json")}

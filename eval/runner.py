@@ -16,10 +16,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ttscale.eval.data import KNOWN_SETS, Dataset, extract, grade, load_dataset
 from ttscale.eval.store import RunStore, load_run
+
+if TYPE_CHECKING:
+    from ttscale.engine import Candidate, Engine
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,7 @@ class RunConfig:
     max_num_seqs: int | None = None
 
     def sampling(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
-                "logprobs": 0}
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "logprobs": 0}
 
 
 def problem_seed(run_seed: int, problem_id: str) -> int:
@@ -92,13 +94,13 @@ def _engine_opts(kv_cache_gib: float | None, max_num_seqs: int | None) -> dict[s
     return opts
 
 
-def build_engines(cfg: RunConfig):
+def build_engines(cfg: RunConfig) -> tuple[Engine, Engine | None]:
     """(policy, verifier or None) for the configured models; not started."""
     from ttscale.engine import build_engine, parse_model_arg
 
     opts = _engine_opts(cfg.kv_cache_gib, cfg.max_num_seqs)
     policy = build_engine(parse_model_arg(cfg.model), **opts)
-    verifier = None
+    verifier: Engine | None = None
     if cfg.verifier:
         spec = replace(parse_model_arg(cfg.verifier), role="score")
         verifier = build_engine(spec, **opts)
@@ -108,8 +110,17 @@ def build_engines(cfg: RunConfig):
 class EvalRunner:
     """Draws and records the samples of one run (engines started by the caller or by :meth:`run`)."""
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, policy=None, verifier=None,
-                 dataset: Dataset | None = None, progress: bool | None = None, force: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: str | Path,
+        *,
+        policy: Engine | None = None,
+        verifier: Engine | None = None,
+        dataset: Dataset | None = None,
+        progress: bool | None = None,
+        force: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.ds = dataset or load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
@@ -121,7 +132,7 @@ class EvalRunner:
         self.samples = 0
         self.recorded = 0
 
-    def _samples(self, cands, scores, gold: str) -> list[dict[str, Any]]:
+    def _samples(self, cands: Sequence[Candidate], scores: Sequence[float | None], gold: str) -> list[dict[str, Any]]:
         cfg = self.cfg
         samples = []
         for i, (c, s) in enumerate(zip(cands, scores)):
@@ -131,15 +142,17 @@ class EvalRunner:
                 rec["text"] = c.text
             mlp = c.mean_logprob
             slp = c.sum_logprob
-            rec.update({
-                "answer": ans,
-                "correct": grade(ans, gold),
-                "tokens": c.num_tokens,
-                "finish": c.finish_reason,
-                "mean_logprob": None if mlp is None else round(mlp, 6),
-                "sum_logprob": None if slp is None else round(slp, 4),
-                "latency_s": round((c.finished_at or 0.0) - (c.started_at or 0.0), 4),
-            })
+            rec.update(
+                {
+                    "answer": ans,
+                    "correct": grade(ans, gold),
+                    "tokens": c.num_tokens,
+                    "finish": c.finish_reason,
+                    "mean_logprob": None if mlp is None else round(mlp, 6),
+                    "sum_logprob": None if slp is None else round(slp, 4),
+                    "latency_s": round((c.finished_at or 0.0) - (c.started_at or 0.0), 4),
+                }
+            )
             if s is not None:
                 rec["score"] = round(float(s), 6)
             samples.append(rec)
@@ -150,31 +163,43 @@ class EvalRunner:
         from ttscale.scorers import with_answer
 
         cfg = self.cfg
+        policy = self.policy
+        assert policy is not None, "run() builds the engines"
         prompt = chat_prompt(p["problem"])
-        base = SamplingSettings(temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_tokens=cfg.max_tokens, seed=problem_seed(cfg.seed, p["id"]),
-                                logprobs=0)
+        base = SamplingSettings(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_tokens,
+            seed=problem_seed(cfg.seed, p["id"]),
+            logprobs=0,
+        )
         settings = base.replicate(cfg.k)
         step = cfg.batch or cfg.k
         t0 = time.perf_counter()
-        cands = []
+        cands: list[Candidate] = []
         prompt_tokens = 0
         for lo in range(0, cfg.k, step):
-            async with self.policy.fanout(prompt, settings[lo:lo + step], stream=False) as fo:
+            async with policy.fanout(prompt, settings[lo : lo + step], stream=False) as fo:
                 await fo.wait()
             cands.extend(fo.candidates)
             prompt_tokens = fo.prompt_tokens
         scores: Sequence[float | None] = [None] * len(cands)
         if self.verifier is not None:
-            scores = await self.verifier.score([with_answer(prompt, self.policy, c.text) for c in cands])
+            scores = await self.verifier.score([with_answer(prompt, policy, c.text) for c in cands])
         # Grading (math-verify) is CPU work: off the event loop, so the engine keeps being fed.
         samples = await asyncio.to_thread(self._samples, cands, scores, p["answer"])
         out: dict[str, Any] = {"id": p["id"]}
         for key in ("level", "subject"):
             if key in p:
                 out[key] = p[key]
-        out.update({"gold": p["answer"], "prompt_tokens": prompt_tokens,
-                    "wall_s": round(time.perf_counter() - t0, 4), "samples": samples})
+        out.update(
+            {
+                "gold": p["answer"],
+                "prompt_tokens": prompt_tokens,
+                "wall_s": round(time.perf_counter() - t0, 4),
+                "samples": samples,
+            }
+        )
         return out
 
     async def run(self) -> dict[str, Any]:
@@ -192,7 +217,7 @@ class EvalRunner:
         t0 = time.perf_counter()
         try:
             with _Progress(self.progress, len(self.ds.problems), len(done), self.cfg.k) as bar:
-                queue: asyncio.Queue = asyncio.Queue()
+                queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
                 for p in todo:
                     queue.put_nowait(p)
 
@@ -213,11 +238,19 @@ class EvalRunner:
             if own:
                 if self.verifier is not None:
                     await self.verifier.close()
-                await self.policy.close()
+                if self.policy is not None:  # built above
+                    await self.policy.close()
         wall = time.perf_counter() - t0
-        return {"run_dir": str(self.out_dir), "problems": len(self.ds.problems), "resumed_with": len(done),
-                "recorded": self.recorded, "samples": self.samples, "tokens": self.tokens,
-                "wall_s": round(wall, 2), "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else 0.0}
+        return {
+            "run_dir": str(self.out_dir),
+            "problems": len(self.ds.problems),
+            "resumed_with": len(done),
+            "recorded": self.recorded,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "wall_s": round(wall, 2),
+            "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else 0.0,
+        }
 
 
 class _Progress:
@@ -232,16 +265,28 @@ class _Progress:
     def __enter__(self) -> _Progress:
         if not self.enabled:
             return self
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.bar = Progress(TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                            TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+        self.bar = Progress(
+            TextColumn("{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
         self.bar.__enter__()
         self.t_prob = self.bar.add_task("problems", total=self.total, completed=self.done, rate="")
-        self.t_samp = self.bar.add_task("samples", total=self.total * self.k,
-                                        completed=self.done * self.k, rate="")
+        self.t_samp = self.bar.add_task("samples", total=self.total * self.k, completed=self.done * self.k, rate="")
         return self
 
     def advance(self, samples: int, tokens: int) -> None:
@@ -261,9 +306,18 @@ def run_sync(cfg: RunConfig, out_dir: str | Path, **kw: Any) -> dict[str, Any]:
     return asyncio.run(EvalRunner(cfg, out_dir, **kw).run())
 
 
-async def rescore(src: str | Path, out_dir: str | Path, verifier: str, *, data_dir: str | None = None,
-                  concurrency: int = 4, kv_cache_gib: float | None = None, max_num_seqs: int | None = None,
-                  engine=None, force: bool = False) -> dict[str, Any]:
+async def rescore(
+    src: str | Path,
+    out_dir: str | Path,
+    verifier: str,
+    *,
+    data_dir: str | None = None,
+    concurrency: int = 4,
+    kv_cache_gib: float | None = None,
+    max_num_seqs: int | None = None,
+    engine: Engine | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
     """Score the recorded samples of run ``src`` with another ``verifier`` into ``out_dir``.
 
     The samples (texts, answers, grades, tokens) are copied; only ``score`` is new, read by
@@ -285,20 +339,21 @@ async def rescore(src: str | Path, out_dir: str | Path, verifier: str, *, data_d
     if ds.fingerprint() != manifest.get("dataset_fingerprint"):
         raise ValueError(f"dataset {manifest['dataset']!r} differs from the one {src} was drawn on")
     problems = {p["id"]: p["problem"] for p in ds.problems}
-    new = {**manifest, "verifier": verifier, "rescored_from": str(src),
-           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    new = {**manifest, "verifier": verifier, "rescored_from": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     store = RunStore(out_dir)
     done = store.open(new, force=force)
     todo = [r for r in records if r["id"] not in done]
     own = engine is None
-    if own:
-        engine = build_engine(replace(parse_model_arg(verifier), role="score"),
-                              **_engine_opts(kv_cache_gib, max_num_seqs))
+    if engine is None:
+        engine = build_engine(
+            replace(parse_model_arg(verifier), role="score"), **_engine_opts(kv_cache_gib, max_num_seqs)
+        )
         await engine.start()
+    scorer: Engine = engine
     t0 = time.perf_counter()
     n_samples = 0
     try:
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         for r in todo:
             queue.put_nowait(r)
 
@@ -307,24 +362,31 @@ async def rescore(src: str | Path, out_dir: str | Path, verifier: str, *, data_d
             while not queue.empty():
                 r = queue.get_nowait()
                 prompt = chat_prompt(problems[r["id"]])
-                scores = await engine.score([with_answer(prompt, None, s["text"]) for s in r["samples"]])
-                store.append({**r, "samples": [{**s, "score": round(float(x), 6)}
-                                               for s, x in zip(r["samples"], scores)]})
+                # a chat prompt: with_answer needs no policy tokenizer, any engine will do
+                scores = await scorer.score([with_answer(prompt, scorer, s["text"]) for s in r["samples"]])
+                store.append(
+                    {**r, "samples": [{**s, "score": round(float(x), 6)} for s, x in zip(r["samples"], scores)]}
+                )
                 n_samples += len(scores)
 
         await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     finally:
         store.close()
         if own:
-            await engine.close()
-    return {"run_dir": str(out_dir), "source": str(src), "problems": len(records),
-            "resumed_with": len(done), "rescored": len(todo), "samples": n_samples,
-            "wall_s": round(time.perf_counter() - t0, 2)}
+            await scorer.close()
+    return {
+        "run_dir": str(out_dir),
+        "source": str(src),
+        "problems": len(records),
+        "resumed_with": len(done),
+        "rescored": len(todo),
+        "samples": n_samples,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
 
 
 def rescore_sync(src: str | Path, out_dir: str | Path, verifier: str, **kw: Any) -> dict[str, Any]:
     return asyncio.run(rescore(src, out_dir, verifier, **kw))
 
 
-__all__ = ["EvalRunner", "RunConfig", "asdict", "problem_seed", "rescore", "rescore_sync", "run_sync",
-           "sample_seed"]
+__all__ = ["EvalRunner", "RunConfig", "asdict", "problem_seed", "rescore", "rescore_sync", "run_sync", "sample_seed"]

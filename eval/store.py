@@ -22,7 +22,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 MANIFEST = "run.json"
 RECORDS = "problems.jsonl"
@@ -36,9 +36,9 @@ class ConfigMismatch(RuntimeError):
 
 
 class RunStore:
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._fh = None
+        self._fh: TextIO | None = None
 
     # -- manifest -------------------------------------------------------------------------
     @property
@@ -53,7 +53,8 @@ class RunStore:
         return self.manifest_path.is_file()
 
     def read_manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text())
+        manifest: dict[str, Any] = json.loads(self.manifest_path.read_text())
+        return manifest
 
     def open(self, manifest: dict[str, Any], *, force: bool = False) -> set[str]:
         """Create or resume the run; returns the ids of the problems already recorded."""
@@ -64,13 +65,14 @@ class RunStore:
             if diff and not force:
                 raise ConfigMismatch(
                     f"{self.path} holds a run with a different configuration ({', '.join(diff)}); "
-                    "use another run directory, or --force to continue it anyway")
+                    "use another run directory, or --force to continue it anyway"
+                )
             if diff:
                 manifest = {**manifest, "forced_from": {k: old.get(k) for k in diff}}
             manifest = {**manifest, "created": old.get("created", manifest.get("created"))}
         _atomic_write(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         done = self._repair_and_ids()
-        self._fh = open(self.records_path, "a", encoding="utf-8")
+        self._fh = open(self.records_path, "a", encoding="utf-8")  # noqa: SIM115 (held open until close())
         return done
 
     def _repair_and_ids(self) -> set[str]:
@@ -133,7 +135,7 @@ class RunStore:
                     return
 
 
-def load_run(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def load_run(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(manifest, records) of a run directory; duplicate ids (a forced rerun) keep the first."""
     store = RunStore(path)
     if not store.exists():

@@ -17,65 +17,142 @@ from ttscale.strategies import RunContext, get_strategy
 def _profile(flat_hard: bool = True) -> Profile:
     from ttscale.eval.fit import FitResult
 
-    easy = FitResult(name="selected_accuracy_ceiling", params={"A_inf": 0.99, "A_1": 0.9, "beta": 1.0},
-                     stderr={}, r2=1.0, rmse=0.0, n_points=8, fittable=True, reason="")
+    easy = FitResult(
+        name="selected_accuracy_ceiling",
+        params={"A_inf": 0.99, "A_1": 0.9, "beta": 1.0},
+        stderr={},
+        r2=1.0,
+        rmse=0.0,
+        n_points=8,
+        fittable=True,
+        reason="",
+    )
     hard_params = {"A_inf": 0.3, "A_1": 0.29, "beta": 1.0} if flat_hard else {"A_inf": 0.8, "A_1": 0.2, "beta": 0.3}
-    hard = FitResult(name="selected_accuracy_ceiling", params=hard_params, stderr={}, r2=1.0, rmse=0.0,
-                     n_points=8, fittable=True, reason="")
-    return Profile(model="p", buckets=[Bucket("easy", 0.9, {"majority": easy}),
-                                       Bucket("hard", 0.2, {"majority": hard})], tokens_per_sample=50)
+    hard = FitResult(
+        name="selected_accuracy_ceiling",
+        params=hard_params,
+        stderr={},
+        r2=1.0,
+        rmse=0.0,
+        n_points=8,
+        fittable=True,
+        reason="",
+    )
+    return Profile(
+        model="p",
+        buckets=[Bucket("easy", 0.9, {"majority": easy}), Bucket("hard", 0.2, {"majority": hard})],
+        tokens_per_sample=50,
+    )
 
 
-@pytest.mark.parametrize("counts,stop", [([4], True), ([3], False), ([6, 1], True), ([5, 1], False),
-                                         ([8, 2], True), ([7, 2], False)])
+@pytest.mark.parametrize(
+    "counts,stop", [([4], True), ([3], False), ([6, 1], True), ([5, 1], False), ([8, 2], True), ([7, 2], False)]
+)
 def test_beta_rule_vectors(counts, stop):
-    d = decide(counts, sum(counts), sum(counts), wave=4, profile=None, curve="majority", confidence=0.95,
-               target=None, tokens_per_sample=50, token_cost=0.0)
+    d = decide(
+        counts,
+        sum(counts),
+        sum(counts),
+        wave=4,
+        profile=None,
+        curve="majority",
+        confidence=0.95,
+        target=None,
+        tokens_per_sample=50,
+        token_cost=0.0,
+    )
     assert d.stop is stop and (d.reason == "confident") is stop
 
 
 def test_difficulty_and_marginal_gain():
     prof = _profile(flat_hard=True)
-    d = decide([1, 1, 1, 1], 4, 4, wave=4, profile=prof, curve="majority", confidence=0.95, target=None,
-               tokens_per_sample=50, token_cost=1e-4)
+    d = decide(
+        [1, 1, 1, 1],
+        4,
+        4,
+        wave=4,
+        profile=prof,
+        curve="majority",
+        confidence=0.95,
+        target=None,
+        tokens_per_sample=50,
+        token_cost=1e-4,
+    )
     assert d.bucket == "hard" and d.stop and d.reason == "marginal_gain"  # flat curve: not worth it
     steep = _profile(flat_hard=False)
-    d = decide([1, 1, 1, 1], 4, 4, wave=4, profile=steep, curve="majority", confidence=0.95, target=None,
-               tokens_per_sample=50, token_cost=1e-4)
+    d = decide(
+        [1, 1, 1, 1],
+        4,
+        4,
+        wave=4,
+        profile=steep,
+        curve="majority",
+        confidence=0.95,
+        target=None,
+        tokens_per_sample=50,
+        token_cost=1e-4,
+    )
     assert d.bucket == "hard" and not d.stop and d.gain > d.cost
-    d = decide([3, 1], 4, 4, wave=4, profile=prof, curve="majority", confidence=0.99, target=0.9,
-               tokens_per_sample=50, token_cost=0.0)
+    d = decide(
+        [3, 1],
+        4,
+        4,
+        wave=4,
+        profile=prof,
+        curve="majority",
+        confidence=0.99,
+        target=0.9,
+        tokens_per_sample=50,
+        token_cost=0.0,
+    )
     assert d.bucket == "easy" and d.predicted_accuracy >= 0.9
 
 
 def _engine(answers):
     def respond(prompt, s):
         return f"work \\boxed{{{answers[(s.seed or 0) % len(answers)]}}}"
+
     return FakeEngine("p", respond=respond)
 
 
 def _ctx(eng, budget, profile=None):
-    return RunContext(pool=ModelPool([eng]), model=eng, prompt=[{"role": "user", "content": "q"}], n=1,
-                      request_id="t", settings=SamplingSettings(max_tokens=40, seed=0, temperature=0.8),
-                      budget=budget, profile=profile)
+    return RunContext(
+        pool=ModelPool([eng]),
+        model=eng,
+        prompt=[{"role": "user", "content": "q"}],
+        n=1,
+        request_id="t",
+        settings=SamplingSettings(max_tokens=40, seed=0, temperature=0.8),
+        budget=budget,
+        profile=profile,
+    )
 
 
 async def test_easy_stops_after_first_wave_hard_uses_more():
     easy = await get_strategy("majority").from_request({"wave": 4}).run(_ctx(_engine(["5"]), Budget(auto=True)))
     assert easy.info["samples_used"] == 4 and easy.info["stop_reason"] == "confident"
     assert easy.info["adaptive"]["waves"] == 1 and easy.info["tokens_saved"] > 0
-    hard = await get_strategy("majority").from_request({"wave": 4, "max_samples": 24}).run(
-        _ctx(_engine(["1", "2", "3", "1", "4", "2"]), Budget(auto=True)))
+    hard = (
+        await get_strategy("majority")
+        .from_request({"wave": 4, "max_samples": 24})
+        .run(_ctx(_engine(["1", "2", "3", "1", "4", "2"]), Budget(auto=True)))
+    )
     assert hard.info["samples_used"] > 4
 
 
 async def test_hard_limits_hold_under_auto():
-    r = await get_strategy("majority").from_request({"wave": 4}).run(
-        _ctx(_engine(["1", "2", "3"]), Budget(auto=True, tokens=100)))
+    r = (
+        await get_strategy("majority")
+        .from_request({"wave": 4})
+        .run(_ctx(_engine(["1", "2", "3"]), Budget(auto=True, tokens=100)))
+    )
     used = r.info["adaptive"]["tokens_used"]
     assert used <= 100 and r.info["stop_reason"] == "token_budget"
-    r = await get_strategy("best_of_n").from_request({"wave": 2, "scorer": "logprob"}).run(
-        _ctx(_engine(["1", "2", "3"]), Budget(target_accuracy=0.99, samples=6)))
+    r = (
+        await get_strategy("best_of_n")
+        .from_request({"wave": 2, "scorer": "logprob"})
+        .run(_ctx(_engine(["1", "2", "3"]), Budget(target_accuracy=0.99, samples=6)))
+    )
     assert r.info["samples_used"] <= 6
 
 
@@ -91,9 +168,21 @@ async def test_auto_strategy_and_budget_checks():
 
 def test_profile_roundtrip(tmp_path):
     prof = _profile()
-    d = {"version": 1, "model": "p", "tokens_per_sample": 50, "k_max": 64,
-         "buckets": [{"name": b.name, "pass1": b.pass1, "curves": {k: v.to_dict() for k, v in b.curves.items()},
-                      "points": {"k": [1, 4, 16], "majority": [0.2, 0.25, 0.3]}} for b in prof.buckets]}
+    d = {
+        "version": 1,
+        "model": "p",
+        "tokens_per_sample": 50,
+        "k_max": 64,
+        "buckets": [
+            {
+                "name": b.name,
+                "pass1": b.pass1,
+                "curves": {k: v.to_dict() for k, v in b.curves.items()},
+                "points": {"k": [1, 4, 16], "majority": [0.2, 0.25, 0.3]},
+            }
+            for b in prof.buckets
+        ],
+    }
     path = tmp_path / "p.json"
     path.write_text(json.dumps(d))
     loaded = Profile.load(path)

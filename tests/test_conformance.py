@@ -15,7 +15,12 @@ pytestmark = [pytest.mark.server, pytest.mark.vllm]
 POLICY_NAME = parse_model_arg(POLICY).name
 VERIFIER_NAME = parse_model_arg(VERIFIER).name
 DRAFT_NAME = parse_model_arg(DRAFT).name
-MSGS = [{"role": "user", "content": "Lena has 35 pens. She buys 48 more, then gives away 19. How many pens does Lena have now?"}]
+MSGS = [
+    {
+        "role": "user",
+        "content": "Lena has 35 pens. She buys 48 more, then gives away 19. How many pens does Lena have now?",
+    }
+]
 
 # strategy -> options used in the suite (small budgets keep the CPU run short)
 CONFIGS: dict[str, dict] = {
@@ -53,10 +58,16 @@ def _ask(client, strategy, options, *, budget=None, stream=False, seed=7, return
     if options.pop("auto_budget", False):
         budget["target_accuracy"] = 0.9  # adaptive waves under the samples / tokens caps
     tts = {"strategy": strategy, **options, "return_samples": return_samples, "budget": budget}
-    return client.chat.completions.create(model=POLICY_NAME, messages=MSGS, temperature=0.8, seed=seed,
-                                          max_tokens=160, stream=stream,
-                                          stream_options={"include_usage": True} if stream else None,
-                                          extra_body={"ttscale": tts})
+    return client.chat.completions.create(
+        model=POLICY_NAME,
+        messages=MSGS,
+        temperature=0.8,
+        seed=seed,
+        max_tokens=160,
+        stream=stream,
+        stream_options={"include_usage": True} if stream else None,
+        extra_body={"ttscale": tts},
+    )
 
 
 def _chargeable(tts: dict, options: dict) -> int:
@@ -79,8 +90,11 @@ def _finished_in_both(a: dict, b: dict) -> tuple[list[int], list[int]]:
     """Token counts of the samples that finished (were not aborted) in both runs. Whether a
     sample still running when a vote is decided finishes or is aborted depends on when the abort
     reaches the engine (it may finish in the same engine step), so only these must agree."""
-    pairs = [(x["tokens"], y["tokens"]) for x, y in zip(a["samples"], b["samples"])
-             if x["finish_reason"] != "abort" and y["finish_reason"] != "abort"]
+    pairs = [
+        (x["tokens"], y["tokens"])
+        for x, y in zip(a["samples"], b["samples"])
+        if x["finish_reason"] != "abort" and y["finish_reason"] != "abort"
+    ]
     return [p for p, _ in pairs], [q for _, q in pairs]
 
 
@@ -101,7 +115,7 @@ def test_strategy_conformance(client, strategy, options):
     else:
         assert ta["samples_used"] == tb["samples_used"] == SAMPLES
     # response object complete
-    assert INFO_KEYS <= set(ta), set(ta)
+    assert set(ta) >= INFO_KEYS, set(ta)
     assert ta["strategy"] == strategy
     assert 1 <= ta["samples_used"] <= SAMPLES
     assert len(ta["samples"]) == ta["samples_used"]
@@ -137,8 +151,10 @@ def test_strategy_conformance(client, strategy, options):
         if not _aborted(st) and not _aborted(ta):
             assert chunks[-1].usage.completion_tokens == a.usage.completion_tokens
     if strategy not in ("none",):
-        assert any(c.choices and (c.model_extra or {}).get("ttscale", {}) and
-                   (c.model_extra["ttscale"] or {}).get("progress") for c in chunks)
+        assert any(
+            c.choices and (c.model_extra or {}).get("ttscale", {}) and (c.model_extra["ttscale"] or {}).get("progress")
+            for c in chunks
+        )
 
 
 @pytest.mark.parametrize("strategy,options", CASES, ids=[f"{s}-{'-'.join(map(str, o.values()))}" for s, o in CASES])

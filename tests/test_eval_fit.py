@@ -230,7 +230,7 @@ def test_saturating_exponential_recovers_parameters():
     assert fit.r2 > 0.99
     assert fit.saturation(1e-3) == saturation_point(fit.params["p"], fit.params["F_max"], 1e-3)
     with pytest.raises(TypeError):
-        fit_coverage_power_law(ks, np.exp(-ks**-0.5)).saturation(1e-3)
+        fit_coverage_power_law(ks, np.exp(-(ks**-0.5))).saturation(1e-3)
     assert not fit_saturating_exponential([1, 2], [0.1, 0.2]).fittable
 
 
@@ -293,8 +293,14 @@ def test_difficulty_bins_quantiles_and_ties():
 
 
 def test_recommend_k_matches_brute_force():
-    fit = FitResult(name="coverage_power_law", params={"a": -2.0, "b": -0.5}, stderr={"a": 0.0, "b": 0.0},
-                    r2=1.0, rmse=0.0, n_points=10)
+    fit = FitResult(
+        name="coverage_power_law",
+        params={"a": -2.0, "b": -0.5},
+        stderr={"a": 0.0, "b": 0.0},
+        r2=1.0,
+        rmse=0.0,
+        n_points=10,
+    )
     cost = 0.002
     k = np.arange(1, 1025)
     u = np.exp(-2.0 * k**-0.5) - cost * k

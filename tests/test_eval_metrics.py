@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 from fractions import Fraction
 from itertools import combinations
 
@@ -64,8 +63,10 @@ def test_coverage_curve_mean_over_problems_with_per_problem_n():
     np.testing.assert_allclose(curve, expected, atol=1e-12)
     assert curve[0] == pytest.approx((0 + 0.1 + 0.5 + 1.0) / 4)
     # Scalar n broadcasts.
-    np.testing.assert_allclose(coverage_curve([2, 3], 10, [1, 5]), [
-        (pass_at_k(10, 2, 1) + pass_at_k(10, 3, 1)) / 2, (pass_at_k(10, 2, 5) + pass_at_k(10, 3, 5)) / 2])
+    np.testing.assert_allclose(
+        coverage_curve([2, 3], 10, [1, 5]),
+        [(pass_at_k(10, 2, 1) + pass_at_k(10, 3, 1)) / 2, (pass_at_k(10, 2, 5) + pass_at_k(10, 3, 5)) / 2],
+    )
     with pytest.raises(ValueError):
         coverage_curve(counts, ns, [9])  # exceeds n = 8 of two problems
 
@@ -174,7 +175,8 @@ def test_majority_monte_carlo_agrees_with_exact():
         assert mc == pytest.approx(exact, abs=0.015), k
         # Same seed, same answer.
         assert majority_at_k(ids, 1, k, exact=False, n_mc=500, seed=5) == majority_at_k(
-            ids, 1, k, exact=False, n_mc=500, seed=5)
+            ids, 1, k, exact=False, n_mc=500, seed=5
+        )
 
 
 def test_majority_special_cases():
@@ -232,7 +234,8 @@ def test_weighted_majority_weights_matter_and_mc_agrees():
     # With unit weights it is plain plurality voting.
     ones = np.ones(30)
     assert weighted_majority_at_k(ids, ones, {1: True}, 6, exact=True) == pytest.approx(
-        majority_at_k(ids, 1, 6), abs=1e-12)
+        majority_at_k(ids, 1, 6), abs=1e-12
+    )
 
 
 # ------------------------------------------------------------------------------------------

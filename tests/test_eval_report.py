@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +23,18 @@ def _synthetic_run(path, n_problems=60, seed=0, levels=True):
     the verifier scores correct samples higher on average."""
     rng = np.random.default_rng(seed)
     st = RunStore(path)
-    st.open({"dataset": "synth", "dataset_fingerprint": "x", "model": "toy", "verifier": "toy-v",
-             "k": K, "seed": seed, "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64},
-             "n_problems": n_problems})
+    st.open(
+        {
+            "dataset": "synth",
+            "dataset_fingerprint": "x",
+            "model": "toy",
+            "verifier": "toy-v",
+            "k": K,
+            "seed": seed,
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64},
+            "n_problems": n_problems,
+        }
+    )
     for i in range(n_problems):
         level = 1 + i % 5
         r = float(np.clip(rng.beta(6 - level, level), 0.0, 1.0))
@@ -33,10 +43,21 @@ def _synthetic_run(path, n_problems=60, seed=0, levels=True):
             ok = rng.random() < r
             ans = "42" if ok else str(rng.integers(0, 3))
             score = float(np.clip(rng.normal(0.7 if ok else 0.4, 0.15), 0, 1))
-            samples.append({"i": j, "seed": j, "text": f"t{ans}{j % 3}", "answer": ans, "correct": ok,
-                            "tokens": int(rng.integers(20, 40)), "finish": "stop",
-                            "mean_logprob": float(-rng.random() * (0.2 if ok else 0.6)),
-                            "sum_logprob": -1.0, "score": score, "latency_s": float(rng.random())})
+            samples.append(
+                {
+                    "i": j,
+                    "seed": j,
+                    "text": f"t{ans}{j % 3}",
+                    "answer": ans,
+                    "correct": ok,
+                    "tokens": int(rng.integers(20, 40)),
+                    "finish": "stop",
+                    "mean_logprob": float(-rng.random() * (0.2 if ok else 0.6)),
+                    "sum_logprob": -1.0,
+                    "score": score,
+                    "latency_s": float(rng.random()),
+                }
+            )
         rec = {"id": f"p{i}", "gold": "42", "prompt_tokens": 30, "wall_s": 1.0, "samples": samples}
         if levels:
             rec["level"] = level
@@ -81,11 +102,18 @@ def test_analysis_profile_and_report(tmp_path, levels):
         assert p1 == sorted(p1, reverse=True)
 
     paths = write_report(an, tmp_path / "rep", command="ttscale eval report run")
-    page = open(paths["html"]).read()
-    assert page.count("data:image/png;base64,") >= 5 and "src=\"figures/" not in page
-    md = open(paths["markdown"]).read()
-    for section in ("## Accuracy", "## Scaling curves", "## Coverage vs selected", "## Verifier",
-                    "## Saturation point", "## Tokens, latency", "## Recommended budget"):
+    page = Path(paths["html"]).read_text()
+    assert page.count("data:image/png;base64,") >= 5 and 'src="figures/' not in page
+    md = Path(paths["markdown"]).read_text()
+    for section in (
+        "## Accuracy",
+        "## Scaling curves",
+        "## Coverage vs selected",
+        "## Verifier",
+        "## Saturation point",
+        "## Tokens, latency",
+        "## Recommended budget",
+    ):
         assert section in md
     assert (tmp_path / "rep" / "figures" / "curves.png").stat().st_size > 1000
 
@@ -97,8 +125,21 @@ def test_cli_fit_and_report(tmp_path):
     r = CliRunner().invoke(app, ["fit", str(tmp_path / "run"), "--n-boot", "50", "--rpc-draws", "1"])
     assert r.exit_code == 0, r.output
     assert "coverage" in r.output and (tmp_path / "run" / "fit.json").is_file()
-    r = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep"),
-                                 "--profile", str(tmp_path / "p.json"), "--n-boot", "50", "--rpc-draws", "1"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "report",
+            str(tmp_path / "run"),
+            "--out",
+            str(tmp_path / "rep"),
+            "--profile",
+            str(tmp_path / "p.json"),
+            "--n-boot",
+            "50",
+            "--rpc-draws",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "p.json").read_text())["version"] == 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,9 +22,27 @@ K = 4
 
 
 def _cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "ttscale.cli", "eval", "run", "arith500", "--model", POLICY,
-            "--limit", str(N_PROBLEMS), "-k", str(K), "--concurrency", "2", "--max-tokens", "256",
-            "--out", str(out), "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "ttscale.cli",
+        "eval",
+        "run",
+        "arith500",
+        "--model",
+        POLICY,
+        "--limit",
+        str(N_PROBLEMS),
+        "-k",
+        str(K),
+        "--concurrency",
+        "2",
+        "--max-tokens",
+        "256",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
 
 
 def _lines(path: Path) -> list[str]:
@@ -34,26 +53,24 @@ def _lines(path: Path) -> list[str]:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=60)
 
 
 def test_kill_and_resume_loses_and_repeats_nothing(tmp_path):
     out = tmp_path / "run"
     records = out / "problems.jsonl"
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(_cmd(out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while len(_lines(records)) < 3:
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no problems recorded in time"
-            time.sleep(0.2)
-    finally:
-        _kill_group(proc)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(_cmd(out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 600
+            while len(_lines(records)) < 3:
+                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.time() < deadline, "no problems recorded in time"
+                time.sleep(0.2)
+        finally:
+            _kill_group(proc)
     before = _lines(records)
     assert 3 <= len(before) < N_PROBLEMS, "the run finished before it could be killed"
 
@@ -64,7 +81,7 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path):
     assert summary["recorded"] == N_PROBLEMS - len(before)
 
     after = _lines(records)
-    assert after[:len(before)] == before  # finished records unchanged, byte for byte
+    assert after[: len(before)] == before  # finished records unchanged, byte for byte
     ids = [json.loads(x)["id"] for x in after]
     assert len(ids) == len(set(ids)) == N_PROBLEMS  # every problem exactly once
     from ttscale.eval.data import load_dataset
@@ -79,12 +96,35 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path):
 def test_rescore_with_the_real_verifier_matches_the_run(tmp_path):
     """`eval rescore` reads the recorded samples as `eval run --verifier` does: same scores."""
     src, out = tmp_path / "src", tmp_path / "rescored"
-    run = [sys.executable, "-m", "ttscale.cli", "eval", "run", "arith500", "--model", POLICY,
-           "--verifier", VERIFIER, "--limit", "3", "-k", "3", "--max-tokens", "256", "--out", str(src), "--quiet"]
+    run = [
+        sys.executable,
+        "-m",
+        "ttscale.cli",
+        "eval",
+        "run",
+        "arith500",
+        "--model",
+        POLICY,
+        "--verifier",
+        VERIFIER,
+        "--limit",
+        "3",
+        "-k",
+        "3",
+        "--max-tokens",
+        "256",
+        "--out",
+        str(src),
+        "--quiet",
+    ]
     res = subprocess.run(run, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = subprocess.run([sys.executable, "-m", "ttscale.cli", "eval", "rescore", str(src), "--verifier", VERIFIER,
-                          "--out", str(out)], capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, "-m", "ttscale.cli", "eval", "rescore", str(src), "--verifier", VERIFIER, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["samples"] == 9
     from ttscale.eval.store import load_run

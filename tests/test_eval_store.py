@@ -12,8 +12,15 @@ from ttscale.eval.data import KNOWN_SETS, extract, load_dataset
 from ttscale.eval.runner import EvalRunner, RunConfig, problem_seed, sample_seed
 from ttscale.eval.store import ConfigMismatch, RunStore, load_run
 
-MANIFEST = {"dataset": "d", "dataset_fingerprint": "f", "model": "m", "verifier": None, "k": 4,
-            "seed": 0, "sampling": {"temperature": 1.0}}
+MANIFEST = {
+    "dataset": "d",
+    "dataset_fingerprint": "f",
+    "model": "m",
+    "verifier": None,
+    "k": 4,
+    "seed": 0,
+    "sampling": {"temperature": 1.0},
+}
 
 
 def test_store_append_and_resume_tolerates_truncated_tail(tmp_path):
@@ -85,15 +92,27 @@ def test_runner_records_everything_and_resumes_after_cancel(tmp_path):
     assert sorted(r["id"] for r in ref_recs) == sorted(f"q{i}" for i in range(20))
     r0 = ref_recs[0]
     assert len(r0["samples"]) == 6
-    assert {"answer", "correct", "tokens", "finish", "mean_logprob", "sum_logprob", "score",
-            "latency_s", "text", "seed"} <= set(r0["samples"][0])
+    assert {
+        "answer",
+        "correct",
+        "tokens",
+        "finish",
+        "mean_logprob",
+        "sum_logprob",
+        "score",
+        "latency_s",
+        "text",
+        "seed",
+    } <= set(r0["samples"][0])
 
     # Cancelled midway, then resumed.
     async def interrupted():
         run = _runner(tmp_path, data, tick=0.002)
         task = asyncio.create_task(run.run())
-        while not (tmp_path / "run" / "problems.jsonl").exists() or \
-                len((tmp_path / "run" / "problems.jsonl").read_text().splitlines()) < 5:
+        while (
+            not (tmp_path / "run" / "problems.jsonl").exists()
+            or len((tmp_path / "run" / "problems.jsonl").read_text().splitlines()) < 5
+        ):
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -105,7 +124,7 @@ def test_runner_records_everything_and_resumes_after_cancel(tmp_path):
     summary = asyncio.run(_runner(tmp_path, data).run())
     assert summary["resumed_with"] == len(before)
     after = (tmp_path / "run" / "problems.jsonl").read_text().splitlines()
-    assert after[:len(before)] == before
+    assert after[: len(before)] == before
     _, recs = load_run(tmp_path / "run")
     assert sorted(r["id"] for r in recs) == sorted(f"q{i}" for i in range(20))
     assert len(after) == 20
@@ -117,6 +136,7 @@ def test_runner_records_everything_and_resumes_after_cancel(tmp_path):
 
 def test_rescore_scores_the_recorded_samples_and_resumes(tmp_path):
     from ttscale.eval.runner import rescore
+
     data = tmp_path / "set.jsonl"
     _write_set(data, 8)
     src = tmp_path / "src"
@@ -138,8 +158,9 @@ def test_rescore_scores_the_recorded_samples_and_resumes(tmp_path):
     changed = 0
     for r in recs:
         old = by[r["id"]]["samples"]
-        assert [{k: v for k, v in s.items() if k != "score"} for s in r["samples"]] == \
-               [{k: v for k, v in s.items() if k != "score"} for s in old]
+        assert [{k: v for k, v in s.items() if k != "score"} for s in r["samples"]] == [
+            {k: v for k, v in s.items() if k != "score"} for s in old
+        ]
         changed += sum(a["score"] != b["score"] for a, b in zip(r["samples"], old))
         assert all(0 < s["score"] < 1 for s in r["samples"])
     assert changed > 0
@@ -154,6 +175,7 @@ def test_rescore_refuses_bad_input(tmp_path):
     from typer.testing import CliRunner
 
     from ttscale.eval.cli import app
+
     data = tmp_path / "set.jsonl"
     _write_set(data, 3)
     cfg = RunConfig(dataset=str(data), model="fake", k=2, keep_text=False)
@@ -161,7 +183,9 @@ def test_rescore_refuses_bad_input(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["rescore", str(tmp_path / "notext"), "--verifier", "v", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--no-text" in res.output
-    res = runner.invoke(app, ["rescore", str(tmp_path / "notext"), "--verifier", "v", "--out", str(tmp_path / "notext")])
+    res = runner.invoke(
+        app, ["rescore", str(tmp_path / "notext"), "--verifier", "v", "--out", str(tmp_path / "notext")]
+    )
     assert res.exit_code == 2 and "must differ" in res.output
     res = runner.invoke(app, ["rescore", str(tmp_path / "missing"), "--verifier", "v", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "not a run directory" in res.output

@@ -9,11 +9,11 @@ import threading
 import pytest
 
 import ttscale.answers as answers
+from test_strategies import ctx, run, scripted
 from ttscale.answers import AnswerClusters, cluster_answers, equivalent
 from ttscale.engine import SamplingSettings
 from ttscale.engine.fake import FakeEngine
 from ttscale.engine.vllm_engine import detokenizes_in_engine
-from test_strategies import ctx, run, scripted
 
 
 def test_two_different_integers_are_told_apart_without_math_verify(monkeypatch):
@@ -58,15 +58,16 @@ async def test_symbolic_answers_are_clustered_in_worker_threads(monkeypatch):
     pol = FakeEngine("p", respond=scripted(["\\frac{1}{2}", "0.5", "\\sqrt{2}", "1/2"]))
     r = await run("majority", ctx(pol, samples=8), stop_when_decided=True)
     assert r.info["answer_distribution"][0]["votes"] >= 5
-    tracked = where[:r.info["samples_used"]]  # the per-sample tracking (the final pool re-reads too)
+    tracked = where[: r.info["samples_used"]]  # the per-sample tracking (the final pool re-reads too)
     assert tracked and all(name != threading.main_thread().name for name in tracked), where
 
 
 async def test_integer_votes_are_tracked_inline_and_stop_early(monkeypatch):
     where: list[str] = []
     real = AnswerClusters.add
-    monkeypatch.setattr(AnswerClusters, "add",
-                        lambda self, a: (where.append(threading.current_thread().name), real(self, a))[1])
+    monkeypatch.setattr(
+        AnswerClusters, "add", lambda self, a: (where.append(threading.current_thread().name), real(self, a))[1]
+    )
     pol = FakeEngine("p", respond=scripted(["7"]), tick_s=0.001)
     r = await run("majority", ctx(pol, samples=16))
     assert where and set(where[:5]) == {threading.main_thread().name}

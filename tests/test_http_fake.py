@@ -22,9 +22,12 @@ def _app(limit: int, tick_s: float = 0.005):
 async def test_streams_beyond_the_limit_get_429_with_retry_after():
     app = _app(limit=2)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as h:
+
         async def one(stream: bool):
-            return await h.post("/v1/chat/completions", json={"model": "p", "messages": MSGS, "stream": stream,
-                                                              "max_tokens": 64})
+            return await h.post(
+                "/v1/chat/completions", json={"model": "p", "messages": MSGS, "stream": stream, "max_tokens": 64}
+            )
+
         rs = await asyncio.gather(*(one(i % 2 == 0) for i in range(6)))
     codes = sorted(r.status_code for r in rs)
     assert codes == [200, 200, 429, 429, 429, 429], codes
@@ -36,8 +39,12 @@ async def test_streams_beyond_the_limit_get_429_with_retry_after():
 
 async def test_majority_returns_logprobs_only_when_asked():
     app = _app(limit=8, tick_s=0.0)
-    body = {"model": "p", "messages": MSGS, "max_tokens": 128, "ttscale": {"strategy": "majority",
-                                                                          "budget": {"samples": 3}}}
+    body = {
+        "model": "p",
+        "messages": MSGS,
+        "max_tokens": 128,
+        "ttscale": {"strategy": "majority", "budget": {"samples": 3}},
+    }
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as h:
         plain = (await h.post("/v1/chat/completions", json=body)).json()
         asked = (await h.post("/v1/chat/completions", json={**body, "logprobs": True})).json()

@@ -25,9 +25,18 @@ H200 = int(139.8 * GIB)
 def _qwen_dir(tmp_path, name="qwen", layers=28, kv_heads=2, hidden=1536, heads=12, weights_gib=3.1):
     d = tmp_path / name
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "hidden_size": hidden, "torch_dtype": "bfloat16"}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "num_hidden_layers": layers,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv_heads,
+                "hidden_size": hidden,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
     with open(d / "model.safetensors", "wb") as f:  # sparse: the size is what the plan reads
         f.truncate(int(weights_gib * GIB))
     return d
@@ -42,8 +51,10 @@ def test_kv_bytes_per_token_of_a_qwen_shape(tmp_path):
 
 
 def test_embedded_family_fits_one_gpu_policy_gets_the_most():
-    needs = [need_of(n, r, embedded_path(n), {}) for n, r in
-             ((DEFAULT_MODEL, "generate"), (VERIFIER_MODEL, "score"), (DRAFT_MODEL, "generate"))]
+    needs = [
+        need_of(n, r, embedded_path(n), {})
+        for n, r in ((DEFAULT_MODEL, "generate"), (VERIFIER_MODEL, "score"), (DRAFT_MODEL, "generate"))
+    ]
     plan = plan_gpu_memory(needs, H200)
     f = plan.fractions
     assert sum(f.values()) <= DEFAULT_SHARE + 1e-9

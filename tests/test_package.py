@@ -11,9 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_library_imports_without_server_or_vllm():
-    code = ("import sys, ttscale, ttscale.engine, ttscale.strategies, ttscale.budget, ttscale.models, "
-            "ttscale.zoo; bad = [m for m in ('vllm', 'torch', 'fastapi', 'ttscale.server', 'transformers') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, ttscale, ttscale.engine, ttscale.strategies, ttscale.budget, ttscale.models, "
+        "ttscale.zoo; bad = [m for m in ('vllm', 'torch', 'fastapi', 'ttscale.server', 'transformers') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -23,14 +25,27 @@ def test_library_never_imports_the_server():
 
     pat = re.compile(r"^\s*(from ttscale\.server|import ttscale\.server)", re.M)
     # the CLI's `serve` command is the one place that starts the server
-    offenders = [str(p) for p in (ROOT / "ttscale").rglob("*.py")
-                 if pat.search(p.read_text()) and p.name != "cli.py"]
+    offenders = [str(p) for p in (ROOT / "ttscale").rglob("*.py") if pat.search(p.read_text()) and p.name != "cli.py"]
     assert offenders == []
 
 
 def test_wheel_layout(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "-q", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     wheel = next(tmp_path.glob("ttscale-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

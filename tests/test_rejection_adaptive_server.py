@@ -16,25 +16,43 @@ pytestmark = [pytest.mark.server, pytest.mark.vllm]
 
 POLICY_NAME = parse_model_arg(POLICY).name
 VERIFIER_NAME = parse_model_arg(VERIFIER).name
-ROWS = [json.loads(x) for x in open(Path(__file__).resolve().parents[1] / "eval" / "datasets" / "arith500.jsonl")]
+ROWS = [
+    json.loads(x)
+    for x in (Path(__file__).resolve().parents[1] / "eval" / "datasets" / "arith500.jsonl").read_text().splitlines()
+]
 EASY = next(r for r in ROWS if r["level"] == 1)
 HARD = [r for r in ROWS if r["level"] == 5][:3]
 
 
 def _ask(client, problem, tts, **kw):
     return client.chat.completions.create(
-        model=POLICY_NAME, messages=[{"role": "user", "content": problem}],
-        extra_body={"ttscale": {"return_samples": True, **tts}, **kw.pop("extra", {})}, **kw)
+        model=POLICY_NAME,
+        messages=[{"role": "user", "content": problem}],
+        extra_body={"ttscale": {"return_samples": True, **tts}, **kw.pop("extra", {})},
+        **kw,
+    )
 
 
 def test_speculative_rejection_aborts_in_the_engine_and_tracks_alpha(client):
     max_tokens, alpha = 300, 0.5
     rejected = decisions = 0
     for seed in range(3):
-        r = _ask(client, HARD[0]["problem"], {"strategy": "speculative_rejection", "alpha": alpha,
-                                              "checkpoints": [12, 24], "min_survivors": 2,
-                                              "verifier": VERIFIER_NAME, "budget": {"samples": 16}},
-                 seed=seed, temperature=0.9, max_tokens=max_tokens, extra={"ignore_eos": True})
+        r = _ask(
+            client,
+            HARD[0]["problem"],
+            {
+                "strategy": "speculative_rejection",
+                "alpha": alpha,
+                "checkpoints": [12, 24],
+                "min_survivors": 2,
+                "verifier": VERIFIER_NAME,
+                "budget": {"samples": 16},
+            },
+            seed=seed,
+            temperature=0.9,
+            max_tokens=max_tokens,
+            extra={"ignore_eos": True},
+        )
         tts = r.model_extra["ttscale"]
         aborted = [s for s in tts["samples"] if s["finish_reason"] == "abort"]
         assert len(aborted) == tts["rejected"] > 0
@@ -53,22 +71,36 @@ def test_easy_question_stops_after_first_wave_hard_uses_more(client):
     tts = {"strategy": "majority", "budget": "auto", "wave": 4, "max_samples": 24}
     easy = _ask(client, EASY["problem"], tts, seed=0, temperature=0.3, max_tokens=200).model_extra["ttscale"]
     assert easy["samples_used"] == 4 and easy["stop_reason"] == "confident", easy["adaptive"]
-    used = [_ask(client, h["problem"], tts, seed=0, temperature=0.8, max_tokens=320).model_extra["ttscale"]
-            for h in HARD]
+    used = [
+        _ask(client, h["problem"], tts, seed=0, temperature=0.8, max_tokens=320).model_extra["ttscale"] for h in HARD
+    ]
     assert max(u["samples_used"] for u in used) > 4, [u["adaptive"] for u in used]
     for u in used:
         assert u["adaptive"]["difficulty"]["bucket"] is not None  # the shipped profile is in use
 
 
 def test_auto_budget_hard_limits(client):
-    r = _ask(client, HARD[1]["problem"], {"strategy": "auto", "budget": {"target_accuracy": 0.99, "tokens": 500}},
-             seed=1, temperature=0.8, max_tokens=320)
+    r = _ask(
+        client,
+        HARD[1]["problem"],
+        {"strategy": "auto", "budget": {"target_accuracy": 0.99, "tokens": 500}},
+        seed=1,
+        temperature=0.8,
+        max_tokens=320,
+    )
     tts = r.model_extra["ttscale"]
-    spent = sum(m["completion_tokens"] for m in tts["usage"]["models"].values()) + \
-        tts["usage"]["models"].get(VERIFIER_NAME, {}).get("prompt_tokens", 0)
+    spent = sum(m["completion_tokens"] for m in tts["usage"]["models"].values()) + tts["usage"]["models"].get(
+        VERIFIER_NAME, {}
+    ).get("prompt_tokens", 0)
     assert spent <= 500, tts["usage"]
-    r = _ask(client, HARD[2]["problem"], {"strategy": "majority", "budget": {"target_accuracy": 0.99,
-                                                                             "deadline_ms": 300}},
-             seed=1, temperature=0.8, max_tokens=1500, extra={"ignore_eos": True})
+    r = _ask(
+        client,
+        HARD[2]["problem"],
+        {"strategy": "majority", "budget": {"target_accuracy": 0.99, "deadline_ms": 300}},
+        seed=1,
+        temperature=0.8,
+        max_tokens=1500,
+        extra={"ignore_eos": True},
+    )
     tts = r.model_extra["ttscale"]
     assert tts["stop_reason"] == "deadline" and tts["elapsed_ms"] < 15_000

@@ -12,18 +12,12 @@ from ttscale.selection import (
     VoteResult,
     beta_stop_probability,
     bottom_fraction_confidence,
-    confidence_filter,
-    dirichlet_stop_probability,
     fit_weibull_mixture,
     group_confidences,
     lowest_group_confidence,
     mean_confidence,
     multi_temperature_exit,
     rpc,
-    should_stop_beta,
-    should_stop_dirichlet,
-    should_stop_entropy,
-    should_stop_majority,
     tail_confidence,
     token_confidence,
     vote,
@@ -158,9 +152,9 @@ def test_rpc_skips_pruning_on_constant_probabilities():
 
 
 def test_rpc_answerless_paths_and_determinism():
-    cids = [None] + _CIDS + [None]
-    ell = [math.log(0.95)] + _ELL + [math.log(0.2)]
-    texts = ["x"] + _TEXTS + ["y"]
+    cids = [None, *_CIDS, None]
+    ell = [math.log(0.95), *_ELL, math.log(0.2)]
+    texts = ["x", *_TEXTS, "y"]
     first = rpc(cids, ell, texts)
     second = rpc(cids, ell, texts)
     assert first == second
@@ -228,79 +222,25 @@ def test_trace_scores_hand_computed():
     assert lowest_group_confidence([], window=2) == 0.0
 
 
-def test_confidence_filter():
-    scores = [float(v) for v in range(1, 11)]
-    assert confidence_filter(scores, 0.1) == [False] * 9 + [True]  # threshold 9.1
-    assert confidence_filter(scores, 0.5) == [False] * 5 + [True] * 5  # threshold 5.5
-    assert confidence_filter(scores, 1.0) == [True] * 10
-    assert confidence_filter([3.0, 9.0, 1.0], 0.01) == [False, True, False]  # at least one
-    assert confidence_filter([], 0.5) == []
-    with pytest.raises(ValueError):
-        confidence_filter(scores, 0.0)
-
-
 # --------------------------------------------------------------------------------------------
-# Adaptive-Consistency stopping rules
+# Adaptive-Consistency's Beta stopping probability
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("a", "b", "prob", "stop"),
+    ("a", "b", "prob"),
     [
-        (1, 0, 0.75, False),
-        (3, 0, 0.9375, False),
-        (4, 0, 0.96875, True),
-        (5, 1, 0.9375, False),
-        (6, 1, 0.96484, True),
-        (7, 2, 0.94531, False),
-        (8, 2, 0.96729, True),
+        (1, 0, 0.75),
+        (3, 0, 0.9375),
+        (4, 0, 0.96875),
+        (5, 1, 0.9375),
+        (6, 1, 0.96484),
+        (7, 2, 0.94531),
+        (8, 2, 0.96729),
     ],
 )
-def test_beta_rule_vectors(a, b, prob, stop):
+def test_beta_stop_probability_vectors(a, b, prob):
     assert beta_stop_probability(a, b) == pytest.approx(prob, abs=5e-6)
-    counts = [a, b] if b else [a]
-    assert should_stop_beta(counts) is stop
-    assert should_stop_beta(list(reversed(counts)) + [0]) is stop  # order and zeros do not matter
-
-
-def test_beta_rule_uses_top_two_only_and_accepts_mappings():
-    assert should_stop_beta([8, 2, 2, 1]) is True
-    assert should_stop_beta({"12": 7, "13": 2}) is False
-    assert should_stop_beta([]) is False
-    assert should_stop_beta([4], threshold=0.97) is False
-
-
-def test_dirichlet_rule():
-    # Fewer than three distinct answers: exactly the Beta probability.
-    assert dirichlet_stop_probability([7, 2]) == beta_stop_probability(7, 2)
-    assert dirichlet_stop_probability([4]) == beta_stop_probability(4, 0)
-    # Symmetric counts: each answer is the largest with probability 1/3.
-    assert dirichlet_stop_probability([3, 3, 3]) == pytest.approx(1 / 3, abs=0.01)
-    # Seeded: deterministic.
-    assert dirichlet_stop_probability([6, 2, 1, 1]) == dirichlet_stop_probability([6, 2, 1, 1])
-    assert should_stop_dirichlet([20, 1, 1]) is True
-    assert should_stop_dirichlet([4, 3, 2]) is False
-    # Only the five largest counts take part.
-    many = [9, 1, 1, 1, 1, 1, 1, 1]
-    assert dirichlet_stop_probability(many) == dirichlet_stop_probability(many[:5])
-
-
-def test_entropy_rule():
-    assert should_stop_entropy([4]) is True  # [4, 1]: H = 0.722 bits
-    assert should_stop_entropy([3]) is False  # [3, 1]: H = 0.811
-    assert should_stop_entropy([9, 1]) is True  # H = 0.469
-    assert should_stop_entropy([5, 5]) is False  # H = 1
-    assert should_stop_entropy([8, 1, 1]) is True  # 0.922 / log2(3) = 0.582
-    assert should_stop_entropy([1]) is False  # fewer than two samples
-    assert should_stop_entropy([]) is False
-
-
-def test_majority_rule():
-    assert should_stop_majority([4, 1]) is True
-    assert should_stop_majority([3, 1]) is False
-    assert should_stop_majority([2]) is True
-    assert should_stop_majority([1]) is False
-    assert should_stop_majority([8, 1, 1], threshold=0.9) is False
 
 
 # --------------------------------------------------------------------------------------------

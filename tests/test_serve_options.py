@@ -22,26 +22,47 @@ from ttscale.errors import ConfigError
 def test_command_line_words_go_through_vllms_parser(tmp_path):
     model = tmp_path / "m"
     model.mkdir()
-    opts, bare = parse_engine_cli(["--tensor-parallel-size", "2", str(model), "--enforce-eager",
-                                   "--kv-cache-dtype", "fp8", "--served-model-name", "a", "b",
-                                   "--hf-overrides", '{"rope_theta": 1e6}'])
+    opts, bare = parse_engine_cli(
+        [
+            "--tensor-parallel-size",
+            "2",
+            str(model),
+            "--enforce-eager",
+            "--kv-cache-dtype",
+            "fp8",
+            "--served-model-name",
+            "a",
+            "b",
+            "--hf-overrides",
+            '{"rope_theta": 1e6}',
+        ]
+    )
     assert bare == [str(model)]
-    assert opts == {"tensor_parallel_size": 2, "enforce_eager": True, "kv_cache_dtype": "fp8",
-                    "served_model_name": ["a", "b"], "hf_overrides": {"rope_theta": 1e6}}
+    assert opts == {
+        "tensor_parallel_size": 2,
+        "enforce_eager": True,
+        "kv_cache_dtype": "fp8",
+        "served_model_name": ["a", "b"],
+        "hf_overrides": {"rope_theta": 1e6},
+    }
     # vLLM's own spellings, and values equal to vLLM's defaults, still count as set
-    opts, bare = parse_engine_cli(["/x/first-word-is-the-model", "--max_num_seqs", "4",
-                                   "--gpu-memory-utilization", "0.92", "--no-enforce-eager"])
+    opts, bare = parse_engine_cli(
+        ["/x/first-word-is-the-model", "--max_num_seqs", "4", "--gpu-memory-utilization", "0.92", "--no-enforce-eager"]
+    )
     assert bare == ["/x/first-word-is-the-model"]
     assert opts == {"max_num_seqs": 4, "gpu_memory_utilization": 0.92, "enforce_eager": False}
 
 
-@pytest.mark.parametrize("words,needle", [
-    (["--max-num-seqs", "many"], "--max-num-seqs"),
-    (["--no-such-option", "1"], "--no-such-option"),
-    (["--kv-cache-dtype", "int3"], "--kv-cache-dtype"),
-    (["a", "b"], "unrecognized"),
-    (["--model", "x"], "--model is set by ttscale"),
-])
+@pytest.mark.parametrize(
+    "words,needle",
+    [
+        (["--max-num-seqs", "many"], "--max-num-seqs"),
+        (["--no-such-option", "1"], "--no-such-option"),
+        (["--kv-cache-dtype", "int3"], "--kv-cache-dtype"),
+        (["a", "b"], "unrecognized"),
+        (["--model", "x"], "--model is set by ttscale"),
+    ],
+)
 def test_bad_engine_options_are_named(words, needle):
     with pytest.raises(ConfigError) as e:
         parse_engine_cli(words)
@@ -49,11 +70,25 @@ def test_bad_engine_options_are_named(words, needle):
 
 
 def test_config_mappings_are_typed_like_the_command_line():
-    opts = parse_engine_mapping({"max_num_seqs": 64, "enforce_eager": True, "enable_prefix_caching": False,
-                                 "served_model_name": ["x"], "gpu_memory_utilization": 0.25,
-                                 "hf_overrides": {"a": 1}}, where="test")
-    assert opts == {"max_num_seqs": 64, "enforce_eager": True, "enable_prefix_caching": False,
-                    "served_model_name": ["x"], "gpu_memory_utilization": 0.25, "hf_overrides": {"a": 1}}
+    opts = parse_engine_mapping(
+        {
+            "max_num_seqs": 64,
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+            "served_model_name": ["x"],
+            "gpu_memory_utilization": 0.25,
+            "hf_overrides": {"a": 1},
+        },
+        where="test",
+    )
+    assert opts == {
+        "max_num_seqs": 64,
+        "enforce_eager": True,
+        "enable_prefix_caching": False,
+        "served_model_name": ["x"],
+        "gpu_memory_utilization": 0.25,
+        "hf_overrides": {"a": 1},
+    }
     assert "--no-enable-prefix-caching" in to_tokens({"enable_prefix_caching": False}, where="test")
     with pytest.raises(ConfigError, match="unknown vLLM engine option 'max_num_seq'"):
         parse_engine_mapping({"max_num_seq": 1}, where="test")
@@ -67,8 +102,9 @@ def captured(monkeypatch):
 
 
 def test_serve_model_argument_and_options_in_any_order(captured):
-    r = CliRunner().invoke(cli.app, ["serve", "--max-num-seqs", "8", POLICY, "--port", "9",
-                                     "--served-model-name", "pol", "pol2"])
+    r = CliRunner().invoke(
+        cli.app, ["serve", "--max-num-seqs", "8", POLICY, "--port", "9", "--served-model-name", "pol", "pol2"]
+    )
     assert r.exit_code == 0, r.output
     pool = captured["pool"]
     assert pool.names == ["pol"] and pool.aliases == {"pol2": "pol"} and captured["port"] == 9
@@ -103,13 +139,16 @@ models:
     assert ver.options.engine_args() == {"max_model_len": 640, "enforce_eager": True}
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("models: [{name: a, path: x, engine: {max_num_seq: 1}}]", "unknown vLLM engine option 'max_num_seq'"),
-    ("models: [{name: a}]", "needs a 'path'"),
-    ("modles: []", "unknown key 'modles'"),
-    ("models: [{name: a, path: x, engine: {max_num_seqs: lots}}]", "--max-num-seqs"),
-    ("[1, 2", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("models: [{name: a, path: x, engine: {max_num_seq: 1}}]", "unknown vLLM engine option 'max_num_seq'"),
+        ("models: [{name: a}]", "needs a 'path'"),
+        ("modles: []", "unknown key 'modles'"),
+        ("models: [{name: a, path: x, engine: {max_num_seqs: lots}}]", "--max-num-seqs"),
+        ("[1, 2", "not valid YAML"),
+    ],
+)
 def test_bad_config_files_fail_with_a_clear_message(tmp_path, captured, text, needle):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
@@ -125,14 +164,25 @@ def test_help_engine_prints_vllms_options():
 
 # -- a real server started from a config file ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def configured(tmp_path_factory):
     d = tmp_path_factory.mktemp("configured")
     cfg = d / "serve.json"
-    cfg.write_text(json.dumps({"models": [
-        {"name": "pol", "path": POLICY, "engine": {"max_model_len": 384, "served_model_name": ["pol", "pol-alias"]}},
-        {"name": "drf", "path": DRAFT, "engine": {"max_model_len": 256, "max_num_seqs": 4}},
-    ]}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {
+                        "name": "pol",
+                        "path": POLICY,
+                        "engine": {"max_model_len": 384, "served_model_name": ["pol", "pol-alias"]},
+                    },
+                    {"name": "drf", "path": DRAFT, "engine": {"max_model_len": 256, "max_num_seqs": 4}},
+                ]
+            }
+        )
+    )
     srv = start_server([], d / "server.log", "--config", str(cfg), "--max-num-seqs", "16")
     yield srv
     srv.stop()
@@ -145,8 +195,9 @@ def test_config_file_options_reach_the_engines(configured):
     assert cards["pol"]["max_model_len"] == 384 and cards["drf"]["max_model_len"] == 256
     assert cards["pol-alias"]["root"] == "pol"
     client = openai.OpenAI(base_url=configured.v1, api_key="unused", max_retries=0, timeout=120)
-    r = client.chat.completions.create(model="pol-alias", max_tokens=16, seed=1,
-                                       messages=[{"role": "user", "content": "What is 2 + 3?"}])
+    r = client.chat.completions.create(
+        model="pol-alias", max_tokens=16, seed=1, messages=[{"role": "user", "content": "What is 2 + 3?"}]
+    )
     assert r.model == "pol" and r.usage.completion_tokens > 0
     with pytest.raises(openai.BadRequestError) as e:  # the configured context length holds
         client.completions.create(model="drf", prompt="1 + 1 = ", max_tokens=300)
@@ -159,8 +210,9 @@ def test_health_goes_503_when_an_engine_process_dies(configured):
     h = configured.health()
     assert h["status"] == "ok" and h["engines"] == {"pol": "up", "drf": "up"}
     server = psutil.Process(configured.proc.pid)
-    cores = [p for p in server.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or
-             "EngineCore" in p.name()]
+    cores = [
+        p for p in server.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+    ]
     assert cores, [(p.name(), p.cmdline()) for p in server.children(recursive=True)]
     victim = cores[-1]
     os.kill(victim.pid, signal.SIGKILL)

@@ -55,8 +55,9 @@ def test_chat_solves_level1(client):
 
 
 def test_chat_logprobs(client):
-    r = client.chat.completions.create(model=POLICY_NAME, messages=MSGS, max_tokens=16, seed=1,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=POLICY_NAME, messages=MSGS, max_tokens=16, seed=1, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert "".join(t.token for t in content) == r.choices[0].message.content
@@ -67,8 +68,9 @@ def test_chat_logprobs(client):
 
 async def test_chat_async_concurrent(aclient):
     async def one(seed):
-        r = await aclient.chat.completions.create(model=POLICY_NAME, messages=MSGS, seed=seed,
-                                                  temperature=0.8, max_tokens=48)
+        r = await aclient.chat.completions.create(
+            model=POLICY_NAME, messages=MSGS, seed=seed, temperature=0.8, max_tokens=48
+        )
         return r.choices[0].message.content
 
     outs = await asyncio.gather(*(one(s) for s in range(6)))
@@ -105,8 +107,13 @@ def test_completions_and_stream(client):
     assert "\\boxed{" in r.choices[0].text and r.object == "text_completion"
     chat = client.chat.completions.create(model=POLICY_NAME, messages=MSGS, max_tokens=64, temperature=0.0)
     assert r.choices[0].text == chat.choices[0].message.content  # same rendered prompt
-    pieces = [c.choices[0].text for c in client.completions.create(
-        model=POLICY_NAME, prompt=prompt, max_tokens=64, temperature=0.0, stream=True) if c.choices]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model=POLICY_NAME, prompt=prompt, max_tokens=64, temperature=0.0, stream=True
+        )
+        if c.choices
+    ]
     assert "".join(pieces) == r.choices[0].text
     echo = client.completions.create(model=POLICY_NAME, prompt=prompt, max_tokens=8, temperature=0.0, echo=True)
     assert echo.choices[0].text.startswith(prompt)
@@ -116,8 +123,13 @@ def test_completions_and_stream(client):
 
 def test_extra_body_ttscale(client):
     r = client.chat.completions.create(
-        model=POLICY_NAME, messages=MSGS, n=2, seed=3, max_tokens=32,
-        extra_body={"ttscale": {"strategy": "none", "budget": {"samples": 4}, "return_samples": True}})
+        model=POLICY_NAME,
+        messages=MSGS,
+        n=2,
+        seed=3,
+        max_tokens=32,
+        extra_body={"ttscale": {"strategy": "none", "budget": {"samples": 4}, "return_samples": True}},
+    )
     tts = r.model_extra["ttscale"]
     assert tts["budget"] == {"samples": 4}
     assert [s["text"] for s in tts["samples"]] == [c.message.content for c in r.choices]
@@ -126,8 +138,13 @@ def test_extra_body_ttscale(client):
 
 def test_token_budget_is_never_exceeded(client):
     r = client.chat.completions.create(
-        model=POLICY_NAME, messages=MSGS, n=4, seed=3, max_tokens=100, extra_body={
-            "ignore_eos": True, "ttscale": {"budget": {"tokens": 150}, "return_samples": True}})
+        model=POLICY_NAME,
+        messages=MSGS,
+        n=4,
+        seed=3,
+        max_tokens=100,
+        extra_body={"ignore_eos": True, "ttscale": {"budget": {"tokens": 150}, "return_samples": True}},
+    )
     assert r.usage.completion_tokens <= 150
     assert r.model_extra["ttscale"]["samples_used"] <= 4
 
@@ -140,8 +157,12 @@ def long_tokens(client) -> int:
 
 def test_deadline_answers_with_what_exists(client, long_tokens):
     r = client.chat.completions.create(
-        model=POLICY_NAME, messages=MSGS, n=2, max_tokens=long_tokens,
-        extra_body={"ignore_eos": True, "ttscale": {"budget": {"deadline_ms": 1500}}})
+        model=POLICY_NAME,
+        messages=MSGS,
+        n=2,
+        max_tokens=long_tokens,
+        extra_body={"ignore_eos": True, "ttscale": {"budget": {"deadline_ms": 1500}}},
+    )
     tts = r.model_extra["ttscale"]
     assert tts["stop_reason"] == "deadline"
     assert tts["elapsed_ms"] < 20_000
@@ -170,10 +191,8 @@ BAD = [
     ({"messages": [{"role": "user", "content": "hi \ud800"}]}, 400, "messages"),
     ({"top_k": 10**30}, 400, "top_k"),
     ({"temperature": float("nan")}, 400, "temperature"),
-    ({"ttscale": {"strategy": "temperature_sweep", "temperatures": [float("nan")]}}, 400,
-     "ttscale.temperatures.0"),
-    ({"ttscale": {"strategy": "majority", "budget": "auto", "token_cost": float("inf")}}, 400,
-     "ttscale.token_cost"),
+    ({"ttscale": {"strategy": "temperature_sweep", "temperatures": [float("nan")]}}, 400, "ttscale.temperatures.0"),
+    ({"ttscale": {"strategy": "majority", "budget": "auto", "token_cost": float("inf")}}, 400, "ttscale.token_cost"),
     ({"ttscale": {"strategy": "no-such-strategy"}}, 400, "ttscale.strategy"),
     ({"ttscale": {"strategy": 7}}, 400, "ttscale.strategy"),
     ({"ttscale": {"budget": {"samples": 0}}}, 400, "ttscale.budget.samples"),
@@ -192,8 +211,12 @@ def test_bad_requests(server, change, status, param):
     body.update(change)
     # json.dumps escapes lone surrogates (\ud800) and writes NaN / Infinity as JSON5-style literals,
     # which the server must refuse by name
-    r = httpx.post(server.v1 + "/chat/completions", content=json.dumps(body),
-                   headers={"content-type": "application/json"}, timeout=120)
+    r = httpx.post(
+        server.v1 + "/chat/completions",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+        timeout=120,
+    )
     assert r.status_code == status, r.text
     if status != 200:
         err = r.json()["error"]
@@ -202,8 +225,9 @@ def test_bad_requests(server, change, status, param):
 
 
 def test_malformed_json_and_unknown_route(server):
-    r = httpx.post(server.v1 + "/chat/completions", content=b"{not json",
-                   headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        server.v1 + "/chat/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=30
+    )
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(server.v1 + "/completions", json={"model": POLICY_NAME, "prompt": ["a", "b"]}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
@@ -215,8 +239,7 @@ def test_sdk_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=MSGS)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=POLICY_NAME, messages=MSGS,
-                                       extra_body={"ttscale": {"strategy": "nope"}})
+        client.chat.completions.create(model=POLICY_NAME, messages=MSGS, extra_body={"ttscale": {"strategy": "nope"}})
     assert e.value.body["param"] == "ttscale.strategy"
 
 
@@ -226,7 +249,7 @@ def _engine_idle(server) -> bool:
 
 def _tokens(server, kind: str) -> float:
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    m = re.search(r'ttscale_tokens_total\{kind="%s",model="%s"\} ([0-9.e+]+)' % (kind, re.escape(POLICY_NAME)), text)
+    m = re.search(rf'ttscale_tokens_total\{{kind="{kind}",model="{re.escape(POLICY_NAME)}"\}} ([0-9.e+]+)', text)
     return float(m.group(1)) if m else 0.0
 
 
@@ -237,18 +260,27 @@ DROP_AFTER_S = 0.3 if has_cuda() else 2.0
 
 
 def _long_body(stream: bool, max_tokens: int) -> dict:
-    return {"model": POLICY_NAME, "messages": MSGS, "n": N_LONG, "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": stream, "seed": 2}
+    return {
+        "model": POLICY_NAME,
+        "messages": MSGS,
+        "n": N_LONG,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+        "seed": 2,
+    }
 
 
 def test_dropped_streaming_client_aborts_engine_requests(server, long_tokens):
     assert wait_until(lambda: _engine_idle(server), 60)
     before = _tokens(server, "completion")
-    with httpx.Client(timeout=60) as h:
-        with h.stream("POST", server.v1 + "/chat/completions", json=_long_body(True, long_tokens)) as r:
-            for line in r.iter_lines():
-                if line.startswith("data:") and '"content":"' in line and '"content":""' not in line:
-                    break
+    with (
+        httpx.Client(timeout=60) as h,
+        h.stream("POST", server.v1 + "/chat/completions", json=_long_body(True, long_tokens)) as r,
+    ):
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content":"' in line and '"content":""' not in line:
+                break
     assert wait_until(lambda: _engine_idle(server), 15), server.health()
     assert wait_until(lambda: _tokens(server, "completion") > before, 10)
     spent = _tokens(server, "completion") - before
@@ -263,8 +295,10 @@ def test_dropped_client_without_stream_aborts_engine_requests(server, long_token
     before = _tokens(server, "completion")
     body = json.dumps(_long_body(False, long_tokens)).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
     try:  # leave only once the engine is working on it (and has had time for a first token,
         # so that the aborted tokens' accounting is exercised too, even on a loaded machine)
         assert wait_until(lambda: server.health()["engine_requests_running"] > 0, 60)
@@ -282,7 +316,7 @@ def test_health_and_metrics(server):
     assert h["status"] == "ok" and POLICY_NAME in h["models"]
     text = httpx.get(server.url + "/metrics", timeout=10).text
     assert "ttscale_requests_total" in text and "ttscale_engine_requests_running" in text
-    assert re.search(r'ttscale_tokens_total\{kind="completion",model="%s"\} [1-9]' % re.escape(POLICY_NAME), text)
+    assert re.search(rf'ttscale_tokens_total\{{kind="completion",model="{re.escape(POLICY_NAME)}"\}} [1-9]', text)
 
 
 def test_strategies_listing(server):

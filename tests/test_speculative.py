@@ -52,20 +52,30 @@ def test_realised_rejection_rate_tracks_alpha(alpha):
 
 
 def _ctx(pool, policy, samples, **kw):
-    return RunContext(pool=pool, model=policy, prompt=Q, n=1, request_id="t",
-                      settings=SamplingSettings(max_tokens=kw.pop("max_tokens", 120), seed=0, temperature=0.8),
-                      budget=Budget(samples=samples, **kw))
+    return RunContext(
+        pool=pool,
+        model=policy,
+        prompt=Q,
+        n=1,
+        request_id="t",
+        settings=SamplingSettings(max_tokens=kw.pop("max_tokens", 120), seed=0, temperature=0.8),
+        budget=Budget(samples=samples, **kw),
+    )
 
 
 async def test_speculative_rejection_aborts_weak_partials():
     # even seeds write good solutions, odd seeds bad ones; the verifier sees it early
     def respond(prompt, s):
         return ("good " if s.seed % 2 == 0 else "bad! ") * 20 + f"\\boxed{{{s.seed % 2}}}"
+
     pol = FakeEngine("p", respond=respond, tick_s=0.002)
     ver = FakeEngine("v", role="score", scorer=lambda t: 0.9 if "good" in t else 0.05)
     ctx = _ctx(ModelPool([pol, ver]), pol, 16)
-    r = await get_strategy("speculative_rejection").from_request(
-        {"alpha": 0.5, "checkpoints": [10, 30], "min_survivors": 2}).run(ctx)
+    r = (
+        await get_strategy("speculative_rejection")
+        .from_request({"alpha": 0.5, "checkpoints": [10, 30], "min_survivors": 2})
+        .run(ctx)
+    )
     info = r.info
     assert info["answer"] == "0" and info["rejected"] >= 4
     assert info["decisions"] >= info["rejected"] and 0 < info["rejection_rate"] <= 0.6
@@ -88,8 +98,11 @@ async def test_speculative_rejection_reports_progress_without_rejections():
         events.append(ev)
 
     ctx.on_progress = on_progress
-    r = await get_strategy("speculative_rejection").from_request(
-        {"alpha": 0.1, "checkpoints": [10], "min_survivors": 4}).run(ctx)
+    r = (
+        await get_strategy("speculative_rejection")
+        .from_request({"alpha": 0.1, "checkpoints": [10], "min_survivors": 4})
+        .run(ctx)
+    )
     assert r.info["rejected"] == 0
     kinds = [e["type"] for e in events]
     assert [e["samples_done"] for e in events if e["type"] == "sample"] == [1, 2, 3, 4]
@@ -101,23 +114,32 @@ async def test_draft_target_accepts_resamples_and_takes_over():
 
     def target_respond(prompt, s):
         done = prompt.split("A: ", 1)[-1] if "A: " in prompt else ""
-        return solution[len(done):] if solution.startswith(done) else "\\boxed{15}"
+        return solution[len(done) :] if solution.startswith(done) else "\\boxed{15}"
 
     def draft_respond(prompt, s):
         # the draft garbles every other chunk
-        return ("#~#~#~#~" if s.seed % 2 else target_respond(prompt, s))
+        return "#~#~#~#~" if s.seed % 2 else target_respond(prompt, s)
 
     def lp(prompt, text, pos):  # target perplexity: garbage is unlikely
-        return -4.0 if "#~" in text[max(0, pos - 8):pos + 1] else -0.1
+        return -4.0 if "#~" in text[max(0, pos - 8) : pos + 1] else -0.1
 
     target = FakeEngine("t", respond=target_respond, logprob=lp)
     draft = FakeEngine("d", respond=draft_respond)
     ver = FakeEngine("v", role="score", scorer=lambda t: 0.9 if t.endswith("{15}") else 0.1)
-    ctx = RunContext(pool=ModelPool([target, draft, ver]), model=target, prompt="Q: x\nA: ", n=1,
-                     request_id="t", settings=SamplingSettings(max_tokens=200, seed=0, temperature=0.8),
-                     budget=Budget(samples=4))
-    r = await get_strategy("draft_target").from_request(
-        {"alpha": 0.3, "chunk_tokens": 8, "max_resamples": 1, "draft": "d"}).run(ctx)
+    ctx = RunContext(
+        pool=ModelPool([target, draft, ver]),
+        model=target,
+        prompt="Q: x\nA: ",
+        n=1,
+        request_id="t",
+        settings=SamplingSettings(max_tokens=200, seed=0, temperature=0.8),
+        budget=Budget(samples=4),
+    )
+    r = (
+        await get_strategy("draft_target")
+        .from_request({"alpha": 0.3, "chunk_tokens": 8, "max_resamples": 1, "draft": "d"})
+        .run(ctx)
+    )
     info = r.info
     assert info["answer"] == "15"
     assert info["calibration_chunks"] == 4  # every chain's first chunk

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from ttscale.budget import Budget
@@ -16,18 +15,26 @@ Q = [{"role": "user", "content": "q"}]
 
 def scripted(answers):
     """Candidate i (seed i) answers answers[i % len]; None gives an answerless sample."""
+
     def respond(prompt, s):
         a = answers[(s.seed or 0) % len(answers)]
         body = "work " * (1 + (s.seed or 0) % 3)
         return body + (f"\\boxed{{{a}}}" if a is not None else "no idea")
+
     return respond
 
 
 def ctx(policy, *others, samples=None, tokens=None, n=1, seed=0, temperature=0.8, deadline_ms=None):
     pool = ModelPool([policy, *others])
-    return RunContext(pool=pool, model=policy, prompt=Q, n=n, request_id="t",
-                      settings=SamplingSettings(max_tokens=64, seed=seed, temperature=temperature),
-                      budget=Budget(samples=samples, tokens=tokens, deadline_ms=deadline_ms))
+    return RunContext(
+        pool=pool,
+        model=policy,
+        prompt=Q,
+        n=n,
+        request_id="t",
+        settings=SamplingSettings(max_tokens=64, seed=seed, temperature=temperature),
+        budget=Budget(samples=samples, tokens=tokens, deadline_ms=deadline_ms),
+    )
 
 
 async def run(name, c, **opts):
@@ -96,13 +103,15 @@ async def test_selection_strategies_need_n_1_and_refine_needs_chat():
 
 async def test_temperature_sweep_quotas_and_early_exit():
     pol = FakeEngine("p", respond=scripted(["9"]))
-    r = await run("temperature_sweep", ctx(pol, samples=24), temperatures=[0.3, 0.9], round_size=4,
-                  min_per_temperature=4)
+    r = await run(
+        "temperature_sweep", ctx(pol, samples=24), temperatures=[0.3, 0.9], round_size=4, min_per_temperature=4
+    )
     assert r.info["answer"] == "9" and r.info["stop_reason"] == "early_stop"
     assert r.info["samples_used"] == 8 and r.info["temperatures"] == {"0.3": 4, "0.9": 4}
     mixed = FakeEngine("p", respond=scripted(["1", "2"]))
-    r = await run("temperature_sweep", ctx(mixed, samples=12), temperatures=[0.0, 0.5, 1.0], round_size=4,
-                  min_per_temperature=4)
+    r = await run(
+        "temperature_sweep", ctx(mixed, samples=12), temperatures=[0.0, 0.5, 1.0], round_size=4, min_per_temperature=4
+    )
     assert r.info["samples_used"] == 12 and r.info["temperatures"]["0.0"] == 1
     assert r.info["stop_reason"] == "complete"
 
@@ -124,6 +133,7 @@ async def test_refine_stops_on_stable_answer_and_on_critic():
 async def test_rpc_runs_and_reports_pruning():
     def lp(prompt, text, pos):
         return -0.05 if "{7}" in text else -1.5
+
     pol = FakeEngine("p", respond=scripted(["7", "8", "8", "8", "7", "8", "8", "8", "8", "8"]), logprob=lp)
     r = await run("perplexity_consistency", ctx(pol, samples=10))
     assert r.info["answer"] == "7"  # few high-probability paths beat many low-probability ones

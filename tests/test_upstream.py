@@ -44,8 +44,7 @@ def test_front_errors_and_abort(server, front):
     r = httpx.post(front.v1 + "/chat/completions", json={"model": "up", "messages": MSGS, "temperature": 9})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     assert wait_until(lambda: server.health()["engine_requests_running"] == 0, 60)
-    body = {"model": "up", "messages": MSGS, "n": 8, "ignore_eos": True, "stream": True,
-            "max_tokens": 1500}
+    body = {"model": "up", "messages": MSGS, "n": 8, "ignore_eos": True, "stream": True, "max_tokens": 1500}
     with httpx.Client(timeout=60) as h, h.stream("POST", front.v1 + "/chat/completions", json=body) as r:
         for line in r.iter_lines():
             if '"content":"' in line and '"content":""' not in line:

@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -29,8 +28,14 @@ def test_package_files_and_size():
     total = 0
     for name in EMBEDDED_MODELS:
         d = MODELS_DIR / name
-        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "README.md"):
+        for f in (
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "README.md",
+        ):
             assert (d / f).is_file(), (name, f)
         assert not (d / "chat_template.jinja").exists()
         cfg = json.loads((d / "tokenizer_config.json").read_text())
@@ -42,8 +47,9 @@ def test_package_files_and_size():
 
 def _params(name):
     from safetensors import safe_open
+
     with safe_open(str(MODELS_DIR / name / "model.safetensors"), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safetensors' safe_open is not iterable)
 
 
 def test_draft_is_at_least_three_times_smaller():
@@ -65,12 +71,17 @@ def test_transformers_generate_boxed(name, level1):
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     answers = []
     for r in level1:
-        ids = tok.apply_chat_template([{"role": "user", "content": r["problem"]}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=True, return_tensors="pt")
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": r["problem"]}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
         assert ids["input_ids"][0].tolist() == T.encode(T.format_prompt(r["problem"]))
         with torch.no_grad():
             out = model.generate(**ids, do_sample=False, max_new_tokens=64)
-        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         answers.append(tasks.extract_answer(text))
         assert tasks.extract_answer(text) is not None, text
     if name == "ttscale-arith":
@@ -85,9 +96,12 @@ def test_transformers_verifier_one_logit(level1):
     tok = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32).eval()
     assert model.config.num_labels == 1 and model.config.pad_token_id == T.PAD_ID
-    texts = [tok.apply_chat_template([{"role": "user", "content": r["problem"]},
-                                      {"role": "assistant", "content": r["solution"]}], tokenize=False)
-             for r in level1]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["solution"]}], tokenize=False
+        )
+        for r in level1
+    ]
     enc = tok(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**enc).logits

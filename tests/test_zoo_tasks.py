@@ -37,8 +37,9 @@ def test_levels_and_worked_solutions(level):
 
 
 def test_difficulty_grows_with_level():
-    mean_steps = [sum(len(r["solution"].split("\n")) for r in tasks.generate(100, L, seed=2)) / 100
-                  for L in tasks.LEVELS]
+    mean_steps = [
+        sum(len(r["solution"].split("\n")) for r in tasks.generate(100, L, seed=2)) / 100 for L in tasks.LEVELS
+    ]
     assert mean_steps == sorted(mean_steps)
     mean_len = [sum(len(r["answer"]) for r in tasks.generate(100, L, seed=2)) / 100 for L in tasks.LEVELS]
     assert mean_len[-1] > mean_len[0]
@@ -102,17 +103,19 @@ def test_chat_template_renders_like_format_prompt():
     p = "Ava has 3 pens. She gets 4 more. How many pens does Ava have now?"
     msgs = [{"role": "user", "content": p}]
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == T.format_prompt(p)
-    full = msgs + [{"role": "assistant", "content": "3 + 4 = 7\n\\boxed{7}"}]
+    full = [*msgs, {"role": "assistant", "content": "3 + 4 = 7\n\\boxed{7}"}]
     assert tok.apply_chat_template(full, tokenize=False) == T.format_scored(p, "3 + 4 = 7\n\\boxed{7}")
     ids = T.encode(T.format_prompt(p))
     assert ids[0] == T.BOS_ID and ids.count(T.BOS_ID) == 1
     import ttscale.zoo as zoo
+
     assert zoo.format_prompt(p) == T.format_prompt(p)
 
 
 def test_zoo_import_is_light():
     import subprocess
     import sys
+
     code = "import sys, ttscale.zoo, ttscale.models; print('torch' in sys.modules or 'vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
@@ -120,7 +123,9 @@ def test_zoo_import_is_light():
 
 def test_noisy_solution_stays_consistent():
     import random
+
     from ttscale.zoo.train import noisy_solution
+
     rng = random.Random(0)
     for r in itertools.islice(tasks.training_stream(seed=3), 300):
         s = noisy_solution(r["solution"], 0.5, rng)
@@ -131,7 +136,9 @@ def test_noisy_solution_stays_consistent():
 @pytest.mark.parametrize("unit", ["step", "digit", "size"])
 def test_noisy_solution_units_keep_later_steps_consistent(unit):
     import random
+
     from ttscale.zoo.train import noisy_solution, step_labels
+
     rng = random.Random(1)
     n_wrong = 0
     for r in itertools.islice(tasks.training_stream(seed=4), 300):
@@ -150,13 +157,16 @@ def test_noisy_solution_units_keep_later_steps_consistent(unit):
 
 def test_digit_slips_grow_with_result_length():
     import random
+
     from ttscale.zoo.train import noisy_solution
+
     rng = random.Random(2)
 
     def wrong_rate(level, unit):
         recs = tasks.generate(200, level, 9, prefix="x")
-        return sum(not tasks.is_correct(noisy_solution(r["solution"], 0.05, rng, unit), r["answer"])
-                   for r in recs) / len(recs)
+        return sum(
+            not tasks.is_correct(noisy_solution(r["solution"], 0.05, rng, unit), r["answer"]) for r in recs
+        ) / len(recs)
 
     # per-digit slips: long solutions (level 5) go wrong far more often than level 1
     assert wrong_rate(5, "digit") > 3 * wrong_rate(1, "digit")
@@ -166,18 +176,27 @@ def test_digit_slips_grow_with_result_length():
 
 def test_dense_labels_mark_the_first_wrong_digit():
     from ttscale.zoo.train import dense_labels
+
     s = "12 + 5 = 17\n17 * 3 = 41\n41 - 1 = 40\n\\boxed{40}"
     got = [(s[p], ok) for p, ok in dense_labels(s)]
-    assert got == [("1", 1.0), ("7", 1.0), ("\n", 1.0),   # 17 is right
-                   ("4", 0.0), ("1", 0.0), ("\n", 0.0),   # 17 * 3 = 51, not 41
-                   ("\n", 0.0)]                           # later lines stay wrong
+    assert got == [
+        ("1", 1.0),
+        ("7", 1.0),
+        ("\n", 1.0),  # 17 is right
+        ("4", 0.0),
+        ("1", 0.0),
+        ("\n", 0.0),  # 17 * 3 = 51, not 41
+        ("\n", 0.0),
+    ]  # later lines stay wrong
     s2 = "12 + 5 = 17\n17 * 3 = 54\n\\boxed{54}"
     assert [ok for _, ok in dense_labels(s2)][3:5] == [1.0, 0.0]  # "5" right, "4" wrong
 
 
 def test_floor_div_keeps_slips_before_divisions():
     import random
+
     from ttscale.zoo.train import noisy_solution, step_labels
+
     recs = [r for r in tasks.generate(300, 5, 11, prefix="x") if " / " in r["solution"]]
     assert len(recs) > 100
 
@@ -202,6 +221,7 @@ def test_floor_div_keeps_slips_before_divisions():
 
 def test_expected_digits_stop_at_the_first_wrong_digit_of_a_line():
     from ttscale.zoo.train import expected_digits
+
     s = "12 + 30 = 42\n42 * 3 = 136\n136 - 6 = 130\n\\boxed{130}"
     got = [(s[p], want) for p, want in expected_digits(s)]
     # 42 * 3 is 126: the reader expects "2" where "3" was written, then stops reading that
@@ -212,7 +232,9 @@ def test_expected_digits_stop_at_the_first_wrong_digit_of_a_line():
 def test_previous_token_heads_attend_to_the_previous_position():
     torch = pytest.importorskip("torch")
     from transformers import LlamaModel
+
     from ttscale.zoo.train import init_previous_token_heads, llama_config
+
     cfg = llama_config((1, 64, 128, 4, 4), attention_bias=True)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -223,5 +245,5 @@ def test_previous_token_heads_attend_to_the_previous_position():
         att = m(input_ids=ids, output_attentions=True).attentions[0][0]  # heads, query, key
     n = ids.shape[1]
     prev = att[:, torch.arange(1, n), torch.arange(0, n - 1)]
-    assert prev[:2].min() > 0.99          # the two initialised heads: all weight on t - 1
-    assert prev[2:].mean() < 0.5          # the others are untouched (spread out)
+    assert prev[:2].min() > 0.99  # the two initialised heads: all weight on t - 1
+    assert prev[2:].mean() < 0.5  # the others are untouched (spread out)

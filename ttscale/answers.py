@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = [
     "MAX_SYMBOLIC_CHARS",
@@ -127,7 +128,7 @@ def extract_answer(text: str | None) -> str | None:
         if line:
             return line
 
-    hashes = _GSM8K_RE.findall(text)
+    hashes: list[str] = _GSM8K_RE.findall(text)
     if hashes:
         ans = hashes[-1].replace(",", "").replace("$", "").rstrip(".")
         if ans and ans != "-":
@@ -244,7 +245,7 @@ def _math_verify() -> Any:
     with _mv_lock:
         if _mv_module is None:
             try:
-                import math_verify  # noqa: PLC0415 (deliberately lazy)
+                import math_verify  # deliberately lazy
 
                 notice = _NoTimeoutNotice()
                 for name in ("math_verify.parser", "math_verify.grader", "math_verify.utils"):
@@ -296,7 +297,7 @@ def _as_latex(ans: str) -> str:
 
 
 @lru_cache(maxsize=8192)
-def _parsed(ans: str) -> tuple:
+def _parsed(ans: str) -> tuple[Any, ...]:
     """math-verify parse of one answer (empty when unparseable, risky or unavailable)."""
     if _too_risky(ans):
         return ()
@@ -389,7 +390,7 @@ def _is_integer(ans: str) -> bool:
 
 
 @lru_cache(maxsize=65536)
-def equivalent(a: str, b: str) -> bool:
+def equivalent(a: str | None, b: str | None) -> bool:
     """Whether answer *b* matches gold answer *a* (math-verify ``verify(gold, pred)``).
 
     Equal canonical keys match immediately. Long or risky answers are compared by key only.
@@ -452,12 +453,12 @@ class AnswerClusters:
         text = None if answer is None or not str(answer).strip() else str(answer).strip()
         key = None if text is None else answer_key(text)
         self._keys.append(key)
-        if key is None or key in self._index:
+        if text is None or key is None or key in self._index:
             return
         j = len(self._texts)
         self._index[key] = j
-        self._all_integers = self._all_integers and _is_integer(text)  # type: ignore[arg-type]
-        self._texts.append(text)  # type: ignore[arg-type]
+        self._all_integers = self._all_integers and _is_integer(text)
+        self._texts.append(text)
         self._parent.append(j)
         for i in range(j):
             ri, rj = self._find(i), self._find(j)

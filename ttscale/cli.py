@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Test-time-scaling inference server on vLLM.")
+if TYPE_CHECKING:
+    from ttscale.engine import ModelPool, ModelSpec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Test-time-scaling inference server on vLLM.")
 
 
 def default_model_args() -> list[str]:
@@ -20,9 +22,17 @@ def default_model_args() -> list[str]:
     return [n for n in names if (embedded_path(n) / "config.json").is_file()] or [DEFAULT_MODEL]
 
 
-def build_pool(models: list[str] | None, *, dtype: str = "auto", max_model_len: int | None = None,
-               kv_cache_gib: float | None = None, enforce_eager: bool | None = None, seed: int = 0,
-               engine_args: dict[str, Any] | None = None, config: dict[str, Any] | None = None):
+def build_pool(
+    models: list[str] | None,
+    *,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    kv_cache_gib: float | None = None,
+    enforce_eager: bool | None = None,
+    seed: int = 0,
+    engine_args: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> ModelPool:
     """The served models: ``models`` (command-line ``--model`` values; default the embedded
     family) or a config file's ``models``, each with the vLLM ``engine_args`` given for all and
     its own on top.
@@ -34,11 +44,12 @@ def build_pool(models: list[str] | None, *, dtype: str = "auto", max_model_len: 
     from ttscale.engine.options import parse_engine_mapping
 
     common = dict(engine_args or {})
-    specs = []
+    specs: list[tuple[ModelSpec, dict[str, Any]]] = []
     if config and config.get("models"):
         if models:
-            raise typer.BadParameter("give models either with --model / MODEL or in the config file",
-                                     param_hint="--model")
+            raise typer.BadParameter(
+                "give models either with --model / MODEL or in the config file", param_hint="--model"
+            )
         common = {**parse_engine_mapping(config.get("engine"), where="the config's engine"), **common}
         for i, m in enumerate(config["models"]):
             if isinstance(m, str):
@@ -66,13 +77,22 @@ def build_pool(models: list[str] | None, *, dtype: str = "auto", max_model_len: 
     if len(in_process) > 1 and "gpu_memory_utilization" in common:
         share = float(common.pop("gpu_memory_utilization"))
     if "served_model_name" in common and len(specs) > 1:
-        raise typer.BadParameter("--served-model-name names one model; with several use NAME=PATH",
-                                 param_hint="--served-model-name")
+        raise typer.BadParameter(
+            "--served-model-name names one model; with several use NAME=PATH", param_hint="--served-model-name"
+        )
     engines, aliases = [], {}
     for spec, own in specs:
         spec = with_engine_options(spec, {**common, **own})
-        engines.append(build_engine(spec, dtype=dtype, max_model_len=max_model_len,
-                                    kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager, seed=seed))
+        engines.append(
+            build_engine(
+                spec,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                kv_cache_gib=kv_cache_gib,
+                enforce_eager=enforce_eager,
+                seed=seed,
+            )
+        )
         aliases.update({a: spec.name for a in spec.aliases})
     return ModelPool(engines, gpu_share=share, aliases=aliases)
 
@@ -80,31 +100,49 @@ def build_pool(models: list[str] | None, *, dtype: str = "auto", max_model_len: 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
-    model: Annotated[list[str] | None, typer.Option(
-        "--model", "-m",
-        help="Model to serve: an embedded name (ttscale-arith, ttscale-arith-draft, "
-             "ttscale-arith-verifier), a local Hugging Face directory, NAME=DIR, or "
-             "NAME=http://host:port[@upstream-id] for an OpenAI-compatible upstream. Repeat for "
-             "several; the first generating model is the default. A first bare argument "
-             "(`ttscale serve DIR`) is taken as a model too. Default: the embedded family.")] = None,
-    config: Annotated[Path | None, typer.Option(
-        help="YAML or JSON file: models with per-model vLLM engine options "
-             "(see ttscale.engine.options).")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model to serve: an embedded name (ttscale-arith, ttscale-arith-draft, "
+            "ttscale-arith-verifier), a local Hugging Face directory, NAME=DIR, or "
+            "NAME=http://host:port[@upstream-id] for an OpenAI-compatible upstream. Repeat for "
+            "several; the first generating model is the default. A first bare argument "
+            "(`ttscale serve DIR`) is taken as a model too. Default: the embedded family.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML or JSON file: models with per-model vLLM engine options (see ttscale.engine.options)."),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     kv_cache_gib: Annotated[float | None, typer.Option(help="CPU: KV cache GiB per model.")] = None,
-    eager: Annotated[bool | None, typer.Option("--eager/--compile",
-                                               help="Skip / use torch.compile and CUDA graphs "
-                                                    "(default: eager on CPU, compiled on GPU).")] = None,
+    eager: Annotated[
+        bool | None,
+        typer.Option(
+            "--eager/--compile",
+            help="Skip / use torch.compile and CUDA graphs (default: eager on CPU, compiled on GPU).",
+        ),
+    ] = None,
     max_concurrent_requests: Annotated[int, typer.Option(help="Beyond this, requests get 429.")] = 256,
-    budget_profile: Annotated[list[str] | None, typer.Option(
-        help="NAME=PATH: budget profile (from `ttscale eval report`) for adaptive budgets of model NAME; "
-             "default: the profile shipped for it, if any.")] = None,
+    budget_profile: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=PATH: budget profile (from `ttscale eval report`) for adaptive budgets of model NAME; "
+            "default: the profile shipped for it, if any."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
-    keep_alive: Annotated[float, typer.Option(
-        help="Seconds an idle client connection stays open. Longer than the pools of common clients "
-             "(httpx, which the OpenAI SDK uses, drops idle connections after 5 s), so a client never "
-             "sends a request on a connection the server is closing at that moment.")] = 75.0,
+    keep_alive: Annotated[
+        float,
+        typer.Option(
+            help="Seconds an idle client connection stays open. Longer than the pools of common clients "
+            "(httpx, which the OpenAI SDK uses, drops idle connections after 5 s), so a client never "
+            "sends a request on a connection the server is closing at that moment."
+        ),
+    ] = 75.0,
     help_engine: Annotated[bool, typer.Option("--help-engine", help="Show vLLM's engine options and exit.")] = False,
 ) -> None:
     """Start the OpenAI-compatible server.
@@ -125,8 +163,9 @@ def serve(
         engine_args, bare = parse_engine_cli(list(ctx.args))  # `ttscale serve MODEL [vLLM options]`
         models = bare + list(model or [])
         cfg = load_config(config) if config is not None else None
-        pool = build_pool(models or None, kv_cache_gib=kv_cache_gib, enforce_eager=eager,
-                          engine_args=engine_args, config=cfg)
+        pool = build_pool(
+            models or None, kv_cache_gib=kv_cache_gib, enforce_eager=eager, engine_args=engine_args, config=cfg
+        )
     except ConfigError as e:
         typer.echo(f"Error: {e.message}", err=True)
         raise typer.Exit(2) from None
@@ -136,12 +175,27 @@ def serve(
         if not sep:
             raise typer.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--budget-profile")
         profiles[name] = path
-    run_server(pool, host=host, port=port, log_level=log_level, keep_alive=keep_alive,
-               max_concurrent_requests=max_concurrent_requests, profiles=profiles)
+    run_server(
+        pool,
+        host=host,
+        port=port,
+        log_level=log_level,
+        keep_alive=keep_alive,
+        max_concurrent_requests=max_concurrent_requests,
+        profiles=profiles,
+    )
 
 
-def run_server(pool, *, host: str, port: int, log_level: str, keep_alive: float,
-               max_concurrent_requests: int, profiles: dict[str, str]) -> None:
+def run_server(
+    pool: ModelPool,
+    *,
+    host: str,
+    port: int,
+    log_level: str,
+    keep_alive: float,
+    max_concurrent_requests: int,
+    profiles: dict[str, str],
+) -> None:
     """Serve ``pool``; a startup failure of the engines (e.g. models that do not fit the GPU)
     ends the process with a one-paragraph error, not a traceback."""
     import uvicorn
@@ -150,8 +204,16 @@ def run_server(pool, *, host: str, port: int, log_level: str, keep_alive: float,
     from ttscale.server import create_app
 
     api = create_app(pool, max_concurrent_requests=max_concurrent_requests, profiles=profiles)
-    server = uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level=log_level.lower(),
-                                           timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            api,
+            host=host,
+            port=port,
+            log_level=log_level.lower(),
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # uvicorn annotates int; any timeout works
+        )
+    )
     try:
         pool.plan()  # the GPU memory plan, before anything starts: a clear error if it cannot fit
     except ConfigError as e:

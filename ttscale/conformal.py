@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -39,7 +40,7 @@ class OnlineConformal:
         greater = len(self._seen) - hi
         return (greater + u * (hi - lo + 1)) / (len(self._seen) + 1)
 
-    def calibrate(self, scores) -> None:
+    def calibrate(self, scores: Iterable[float]) -> None:
         """Set the calibration array (e.g. from a calibration phase)."""
         self._seen = sorted(s if self.higher_is_worse else -s for s in scores)
 

@@ -2,16 +2,16 @@
 
 Everything here works on plain Python sequences and numpy arrays (cluster ids from
 :func:`ttscale.answers.cluster_answers`, per-sample log-probs, per-token top-k log-probs), so the
-strategies can call it without any engine types. All functions are deterministic; the only
-Monte Carlo estimate (:func:`dirichlet_stop_probability`) uses a fixed seed.
+strategies can call it without any engine types. All functions are deterministic.
 
 Contents:
 
 * :func:`vote`: (weighted) majority vote with deterministic tie-breaking;
 * :func:`rpc`: Perplexity Consistency with Reasoning Pruning (Weibull-mixture threshold);
 * DeepConf confidences: :func:`token_confidence`, :func:`group_confidences` and the trace
-  scores built on them, plus :func:`confidence_filter`;
-* Adaptive-Consistency stopping rules: Beta, Dirichlet, entropy and majority;
+  scores built on them;
+* :func:`beta_stop_probability`: Adaptive-Consistency's Beta stopping probability (used by the
+  adaptive budget);
 * :func:`multi_temperature_exit`: the early exit of multi-temperature voting.
 """
 
@@ -29,25 +29,19 @@ __all__ = [
     "VoteResult",
     "beta_stop_probability",
     "bottom_fraction_confidence",
-    "confidence_filter",
-    "dirichlet_stop_probability",
     "fit_weibull_mixture",
     "group_confidences",
     "lowest_group_confidence",
     "mean_confidence",
     "multi_temperature_exit",
     "rpc",
-    "should_stop_beta",
-    "should_stop_dirichlet",
-    "should_stop_entropy",
-    "should_stop_majority",
     "tail_confidence",
     "token_confidence",
     "vote",
 ]
 
 
-def _check_len(name: str, values: Sequence | None, n: int) -> None:
+def _check_len(name: str, values: Sequence[object] | None, n: int) -> None:
     if values is not None and len(values) != n:
         raise ValueError(f"{name} has {len(values)} entries for {n} samples")
 
@@ -150,10 +144,11 @@ _WEIBULL_MAXITER = 500
 
 def _weibull_logpdf(x: np.ndarray, k: float, lam: float) -> np.ndarray:
     z = np.log(x) - math.log(lam)
-    return math.log(k) - math.log(lam) + (k - 1.0) * z - np.exp(k * z)
+    out: np.ndarray = math.log(k) - math.log(lam) + (k - 1.0) * z - np.exp(k * z)
+    return out
 
 
-def _component_logs(x: np.ndarray, params: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _component_logs(x: np.ndarray, params: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """log(w f1(x)) and log((1-w) f2(x)), each floored at log(1e-300)."""
     w, k1, l1, k2, l2 = (float(v) for v in params)
     a = math.log(w) + _weibull_logpdf(x, k1, l1)
@@ -173,14 +168,14 @@ def _weibull_mean(k: float, lam: float) -> float:
     return lam * math.gamma(1.0 + 1.0 / k)
 
 
-def fit_weibull_mixture(p: Sequence[float]) -> tuple[float, float, float, float, float]:
+def fit_weibull_mixture(p: Sequence[float] | np.ndarray) -> tuple[float, float, float, float, float]:
     """Maximum-likelihood 2-component Weibull mixture of the path probabilities *p*.
 
     L-BFGS-B from ``(w, k1, lam1, k2, lam2) = (0.5, 1, 1, 1.5, 2)`` with ``w`` in [0.2, 0.8]
     and the shapes/scales at least 0.01. Component 1 is returned as the one with the larger
     Weibull mean (the "high-probability" component); ``w`` is its weight.
     """
-    from scipy.optimize import minimize  # noqa: PLC0415 (keeps the module import light)
+    from scipy.optimize import minimize  # here: keeps the module import light
 
     x = np.clip(np.asarray(p, dtype=float), _PDF_FLOOR, None)
     if x.size == 0:
@@ -217,7 +212,7 @@ class RPCResult:
     weibull: tuple[float, float, float, float, float] | None = None
 
 
-def _prune_mask(p: np.ndarray, min_paths: int) -> tuple[list[bool], tuple | None]:
+def _prune_mask(p: np.ndarray, min_paths: int) -> tuple[list[bool], tuple[float, float, float, float, float] | None]:
     n = p.size
     if n < max(min_paths, 2) or float(np.ptp(p)) < 1e-6 * max(float(np.max(p)), 1e-12):
         return [False] * n, None
@@ -318,7 +313,8 @@ def token_confidence(top_logprobs: Sequence[Sequence[float]], k: int = 20) -> np
     if grid is not None and grid.ndim == 2 and grid.shape[1] > 0 and np.isfinite(grid).all():
         if grid.shape[1] > k:
             grid = np.partition(grid, grid.shape[1] - k, axis=1)[:, grid.shape[1] - k :]
-        return -grid.mean(axis=1)
+        conf: np.ndarray = -grid.mean(axis=1)
+        return conf
     out = np.zeros(len(top_logprobs), dtype=float)
     for i, row in enumerate(top_logprobs):
         vals = np.asarray(row, dtype=float).reshape(-1)
@@ -345,7 +341,8 @@ def group_confidences(conf: Sequence[float] | np.ndarray, window: int = 2048) ->
     if c.size < window:
         return np.array([float(c.mean())])
     csum = np.concatenate(([0.0], np.cumsum(c)))
-    return (csum[window:] - csum[:-window]) / window
+    means: np.ndarray = (csum[window:] - csum[:-window]) / window
+    return means
 
 
 def lowest_group_confidence(conf: Sequence[float] | np.ndarray, window: int = 2048) -> float:
@@ -354,9 +351,7 @@ def lowest_group_confidence(conf: Sequence[float] | np.ndarray, window: int = 20
     return float(groups.min()) if groups.size else 0.0
 
 
-def bottom_fraction_confidence(
-    conf: Sequence[float] | np.ndarray, window: int = 2048, fraction: float = 0.1
-) -> float:
+def bottom_fraction_confidence(conf: Sequence[float] | np.ndarray, window: int = 2048, fraction: float = 0.1) -> float:
     """Mean of the lowest *fraction* of window means (at least one window); 0 when empty."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError("fraction must lie in (0, 1]")
@@ -381,37 +376,9 @@ def mean_confidence(conf: Sequence[float] | np.ndarray) -> float:
     return float(c.mean()) if c.size else 0.0
 
 
-def confidence_filter(scores: Sequence[float], keep_fraction: float) -> list[bool]:
-    """Keep the top *keep_fraction* of traces by score.
-
-    The threshold is the ``(1 - keep_fraction)`` quantile (numpy's linear interpolation);
-    traces scoring at or above it are kept. At least one trace (the best) is always kept.
-    """
-    if not 0.0 < keep_fraction <= 1.0:
-        raise ValueError("keep_fraction must lie in (0, 1]")
-    s = np.asarray(scores, dtype=float).reshape(-1)
-    if s.size == 0:
-        return []
-    finite = np.isfinite(s)
-    if not finite.any():
-        keep = [False] * s.size
-        keep[0] = True
-        return keep
-    threshold = float(np.quantile(s[finite], 1.0 - keep_fraction))
-    keep = [bool(f and v >= threshold) for f, v in zip(finite, s)]
-    if not any(keep):
-        keep[int(np.argmax(np.where(finite, s, -np.inf)))] = True
-    return keep
-
-
 # ---------------------------------------------------------------------------------------------
-# Adaptive-Consistency stopping rules
+# Adaptive-Consistency's Beta stopping probability
 # ---------------------------------------------------------------------------------------------
-
-
-def _sorted_counts(counts: Sequence[int] | Mapping[object, int]) -> list[int]:
-    values = counts.values() if isinstance(counts, Mapping) else counts
-    return sorted((int(c) for c in values if c and c > 0), reverse=True)
 
 
 def beta_stop_probability(a: float, b: float) -> float:
@@ -419,72 +386,9 @@ def beta_stop_probability(a: float, b: float) -> float:
 
     Equals ``1 - I_0.5(a + 1, b + 1)`` with I the regularised incomplete beta function.
     """
-    from scipy.special import betainc  # noqa: PLC0415
+    from scipy.special import betainc
 
     return float(1.0 - betainc(a + 1.0, b + 1.0, 0.5))
-
-
-def should_stop_beta(counts: Sequence[int] | Mapping[object, int], threshold: float = 0.95) -> bool:
-    """Beta rule: stop when ``beta_stop_probability(top, second) >= threshold``."""
-    c = _sorted_counts(counts)
-    if not c:
-        return False
-    second = c[1] if len(c) > 1 else 0
-    return beta_stop_probability(c[0], second) >= threshold
-
-
-def dirichlet_stop_probability(
-    counts: Sequence[int] | Mapping[object, int], n_mc: int = 50_000, seed: int = 0
-) -> float:
-    """P(the top answer's probability exceeds every other) under Dirichlet(counts + 1).
-
-    Uses the five largest counts and a seeded Monte Carlo estimate with *n_mc* draws. With
-    fewer than three distinct answers it is the Beta probability of the top two.
-    """
-    c = _sorted_counts(counts)[:5]
-    if not c:
-        return 0.0
-    if len(c) < 3:
-        return beta_stop_probability(c[0], c[1] if len(c) > 1 else 0)
-    rng = np.random.default_rng(seed)
-    draws = rng.dirichlet(np.asarray(c, dtype=float) + 1.0, size=int(n_mc))
-    return float(np.mean(draws[:, 0] > draws[:, 1:].max(axis=1)))
-
-
-def should_stop_dirichlet(
-    counts: Sequence[int] | Mapping[object, int],
-    threshold: float = 0.95,
-    n_mc: int = 50_000,
-    seed: int = 0,
-) -> bool:
-    """Dirichlet rule: stop when ``dirichlet_stop_probability(counts) >= threshold``."""
-    if not _sorted_counts(counts):
-        return False
-    return dirichlet_stop_probability(counts, n_mc=n_mc, seed=seed) >= threshold
-
-
-def should_stop_entropy(counts: Sequence[int] | Mapping[object, int], threshold: float = 0.75) -> bool:
-    """Entropy rule: stop when ``H(counts) / log2(#distinct) <= threshold``.
-
-    Needs at least two samples; a single distinct answer gets a pseudo-count of 1 appended.
-    """
-    c = _sorted_counts(counts)
-    if sum(c) < 2:
-        return False
-    if len(c) == 1:
-        c = c + [1]
-    probs = np.asarray(c, dtype=float) / float(sum(c))
-    entropy = -float(np.sum(probs * np.log2(probs)))
-    return entropy / math.log2(len(c)) <= threshold
-
-
-def should_stop_majority(counts: Sequence[int] | Mapping[object, int], threshold: float = 0.8) -> bool:
-    """Majority rule: stop when the top answer's share is at least *threshold* (>= 2 samples)."""
-    c = _sorted_counts(counts)
-    total = sum(c)
-    if total < 2:
-        return False
-    return c[0] / total >= threshold
 
 
 # ---------------------------------------------------------------------------------------------

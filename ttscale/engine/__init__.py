@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -24,8 +24,18 @@ from ttscale.engine.base import (
 from ttscale.errors import ConfigError, ModelNotFoundError, ModelRoleError
 
 __all__ = [
-    "Candidate", "CandidateEvent", "Engine", "Fanout", "ModelPool", "ModelSpec", "PromptInput",
-    "SamplingSettings", "build_engine", "new_request_id", "parse_model_arg", "perplexity",
+    "Candidate",
+    "CandidateEvent",
+    "Engine",
+    "Fanout",
+    "ModelPool",
+    "ModelSpec",
+    "PromptInput",
+    "SamplingSettings",
+    "build_engine",
+    "new_request_id",
+    "parse_model_arg",
+    "perplexity",
     "with_engine_options",
 ]
 
@@ -75,29 +85,28 @@ def with_engine_options(spec: ModelSpec, options: dict[str, Any]) -> ModelSpec:
     return replace(spec, engine=tuple(merged.items()))
 
 
-def build_engine(spec: ModelSpec, **vllm_options) -> Engine:
+def build_engine(spec: ModelSpec, **vllm_options: Any) -> Engine:
     """An engine for ``spec``; ``vllm_options`` are :class:`VLLMOptions` fields (the spec's own
     engine arguments override them)."""
     if spec.is_upstream:
         from ttscale.engine.openai_engine import OpenAIEngine
 
-        return OpenAIEngine(spec.name, spec.source, upstream_model=spec.upstream_model,
-                            role=spec.role or "generate")
+        return OpenAIEngine(spec.name, spec.source, upstream_model=spec.upstream_model, role=spec.role or "generate")
     from ttscale.engine.vllm_engine import VLLMEngine, VLLMOptions
     from ttscale.models import resolve_model
 
     path = resolve_model(spec.source)
     extra = dict(vllm_options.pop("extra", ()))
     extra.update(dict(spec.engine))
-    return VLLMEngine(spec.name, path, role=spec.role,
-                      options=VLLMOptions(**vllm_options, extra=tuple(extra.items())))
+    return VLLMEngine(spec.name, path, role=spec.role, options=VLLMOptions(**vllm_options, extra=tuple(extra.items())))
 
 
 class ModelPool:
     """The models a server (or eval run) has loaded, addressed by name."""
 
-    def __init__(self, engines: Iterable[Engine] = (), *, gpu_share: float | None = None,
-                 aliases: dict[str, str] | None = None):
+    def __init__(
+        self, engines: Iterable[Engine] = (), *, gpu_share: float | None = None, aliases: dict[str, str] | None = None
+    ) -> None:
         """``gpu_share``: the part of the GPU all in-process engines together may take (split
         by the memory plan); ``aliases`` maps further names to served models."""
         self._engines: dict[str, Engine] = {}
@@ -126,7 +135,7 @@ class ModelPool:
     def names(self) -> list[str]:
         return list(self._engines)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Engine]:
         return iter(self._engines.values())
 
     def __contains__(self, name: str) -> bool:
@@ -140,24 +149,25 @@ class ModelPool:
         raise ModelNotFoundError("no generating model is loaded", param="model")
 
     def get(self, name: str | None, *, role: str | None = None, param: str = "model") -> Engine:
+        eng: Engine | None
         if name is None:
-            eng = self.default if role in (None, "generate") else self.first(role)
+            eng = self.default if role in (None, "generate") else self.first(role, param=param)
         else:
             eng = self._engines.get(self._aliases.get(name, name))
             if eng is None:
                 raise ModelNotFoundError(
-                    f"model {name!r} is not served here (served: {', '.join(self._engines) or 'none'})",
-                    param=param)
+                    f"model {name!r} is not served here (served: {', '.join(self._engines) or 'none'})", param=param
+                )
         if role is not None and eng.role != role:
             what = "a scoring (verifier / reward) model" if role == "score" else "a generating model"
             raise ModelRoleError(f"model {eng.name!r} is not {what}", param=param)
         return eng
 
-    def first(self, role: str) -> Engine:
+    def first(self, role: str, *, param: str = "model") -> Engine:
         for e in self._engines.values():
             if e.role == role:
                 return e
-        raise ModelNotFoundError(f"no model with role {role!r} is loaded", param="model")
+        raise ModelNotFoundError(f"no model with role {role!r} is loaded", param=param)
 
     def plan(self) -> None:
         """Split the GPU between the in-process engines (no-op on CPU); raises ``ConfigError``

@@ -14,12 +14,21 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 Messages = list[dict[str, Any]]
 # A prompt is raw text (sent as is), chat messages (rendered with the model's chat template),
 # or token ids.
 PromptInput = str | Messages | list[int]
+
+
+def is_token_ids(prompt: PromptInput) -> TypeIs[list[int]]:
+    """Whether ``prompt`` is token ids (a non-empty list of ints)."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -182,39 +191,46 @@ class Engine(abc.ABC):
         """Release the model."""
 
     @abc.abstractmethod
-    def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
-               request_id: str | None = None, stream: bool = True) -> Fanout:
+    def fanout(
+        self,
+        prompt: PromptInput,
+        settings: Sequence[SamplingSettings],
+        *,
+        request_id: str | None = None,
+        stream: bool = True,
+    ) -> Fanout:
         """Start ``len(settings)`` candidates of ``prompt`` together, candidate i with settings[i].
 
         With ``stream`` each candidate reports its tokens as they come; without, it reports once
         when it finishes (or is aborted, with the tokens it had): much less per-token work.
         """
 
-    async def generate(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
-                       request_id: str | None = None) -> tuple[list[Candidate], int]:
+    async def generate(
+        self, prompt: PromptInput, settings: Sequence[SamplingSettings], *, request_id: str | None = None
+    ) -> tuple[list[Candidate], int]:
         """Run a fan-out to completion; returns (candidates, prompt_tokens)."""
         async with self.fanout(prompt, settings, request_id=request_id, stream=False) as fo:
             await fo.wait()
         return fo.candidates, fo.prompt_tokens
 
-    async def score(self, prompts: Sequence[PromptInput], *,
-                    request_id: str | None = None) -> list[float]:
+    async def score(self, prompts: Sequence[PromptInput], *, request_id: str | None = None) -> list[float]:
         """Scores from a classification / reward model (one float per prompt)."""
         from ttscale.errors import ModelRoleError
 
         raise ModelRoleError(f"model {self.name!r} cannot score", param="model")
 
-    async def prompt_logprobs(self, prompt: PromptInput, *, start: int = 0,
-                              request_id: str | None = None) -> list[float]:
+    async def prompt_logprobs(
+        self, prompt: PromptInput, *, start: int = 0, request_id: str | None = None
+    ) -> list[float]:
         """Log-probability of each prompt token from position ``start`` on (prefill only)."""
         from ttscale.errors import ModelRoleError
 
-        raise ModelRoleError(f"model {self.name!r} cannot score prompt log-probabilities",
-                             param="model")
+        raise ModelRoleError(f"model {self.name!r} cannot score prompt log-probabilities", param="model")
 
     @abc.abstractmethod
-    def render(self, prompt: PromptInput, *, add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> list[int]:
+    def render(
+        self, prompt: PromptInput, *, add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
         """Token ids the engine would see for ``prompt``."""
 
     @property

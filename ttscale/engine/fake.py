@@ -8,6 +8,7 @@ per tick, so aborts, deadlines and token budgets behave as with a real engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +19,10 @@ from ttscale.engine.base import (
     CandidateEvent,
     Engine,
     Fanout,
+    FinishReason,
     PromptInput,
     SamplingSettings,
+    is_token_ids,
     new_request_id,
 )
 from ttscale.errors import ModelRoleError
@@ -28,9 +31,9 @@ from ttscale.errors import ModelRoleError
 def _text_of(prompt: PromptInput) -> str:
     if isinstance(prompt, str):
         return prompt
-    if prompt and isinstance(prompt[0], int):
-        return "".join(chr(t) for t in prompt)  # type: ignore[arg-type]
-    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt)  # type: ignore[index]
+    if is_token_ids(prompt):
+        return "".join(chr(t) for t in prompt)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt)
 
 
 def _default_respond(prompt: str, s: SamplingSettings) -> str:
@@ -44,11 +47,17 @@ def _default_logprob(prompt: str, text: str, pos: int) -> float:
 
 
 class FakeEngine(Engine):
-    def __init__(self, name: str = "fake", *, role: Literal["generate", "score"] = "generate",
-                 respond: Callable[[str, SamplingSettings], str] = _default_respond,
-                 logprob: Callable[[str, str, int], float] = _default_logprob,
-                 scorer: Callable[[str], float] | None = None,
-                 tick_s: float = 0.0, max_model_len: int = 4096):
+    def __init__(
+        self,
+        name: str = "fake",
+        *,
+        role: Literal["generate", "score"] = "generate",
+        respond: Callable[[str, SamplingSettings], str] = _default_respond,
+        logprob: Callable[[str, str, int], float] = _default_logprob,
+        scorer: Callable[[str], float] | None = None,
+        tick_s: float = 0.0,
+        max_model_len: int = 4096,
+    ):
         self.name = name
         self.role = role
         self.respond = respond
@@ -59,36 +68,44 @@ class FakeEngine(Engine):
         self.requests_started = 0
         self._live: set[str] = set()
 
-    def render(self, prompt: PromptInput, *, add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> list[int]:
+    def render(
+        self, prompt: PromptInput, *, add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
         return [ord(ch) for ch in _text_of(prompt)]
 
     @property
     def num_running(self) -> int:
         return len(self._live)
 
-    def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
-               request_id: str | None = None, stream: bool = True) -> Fanout:
+    def fanout(
+        self,
+        prompt: PromptInput,
+        settings: Sequence[SamplingSettings],
+        *,
+        request_id: str | None = None,
+        stream: bool = True,
+    ) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
         self.requests_started += len(settings)
         return _FakeFanout(self, _text_of(prompt), list(settings), request_id or new_request_id(), stream)
 
-    async def score(self, prompts: Sequence[PromptInput], *,
-                    request_id: str | None = None) -> list[float]:
+    async def score(self, prompts: Sequence[PromptInput], *, request_id: str | None = None) -> list[float]:
         if self.role != "score":
             raise ModelRoleError(f"model {self.name!r} is not a scoring model", param="model")
         return [float(self.scorer(_text_of(p))) for p in prompts]
 
-    async def prompt_logprobs(self, prompt: PromptInput, *, start: int = 0,
-                              request_id: str | None = None) -> list[float]:
+    async def prompt_logprobs(
+        self, prompt: PromptInput, *, start: int = 0, request_id: str | None = None
+    ) -> list[float]:
         text = _text_of(prompt)
         return [self.logprob("", text, i) for i in range(max(start, 1), len(text))]
 
 
 class _FakeFanout(Fanout):
-    def __init__(self, engine: FakeEngine, prompt: str, settings: list[SamplingSettings],
-                 request_id: str, stream: bool = True):
+    def __init__(
+        self, engine: FakeEngine, prompt: str, settings: list[SamplingSettings], request_id: str, stream: bool = True
+    ):
         super().__init__([Candidate(i, s) for i, s in enumerate(settings)], len(prompt), request_id)
         self._stream = stream
         self._engine = engine
@@ -131,14 +148,15 @@ class _FakeFanout(Fanout):
                     c.logprobs.append(lp)
                     if c.top_logprobs is not None:
                         k = c.settings.logprobs or 0
-                        c.top_logprobs.append([(ord(ch), lp)] + [(j, lp - 1.0 - j) for j in range(k - 1)])
+                        row: list[tuple[int | str, float]] = [(ord(ch), lp), *((j, lp - 1.0 - j) for j in range(k - 1))]
+                        c.top_logprobs.append(row)
                 if self._stream:
                     self._emit(CandidateEvent(c, ch, 1, False))
             step += 1
             await asyncio.sleep(self._engine.tick_s)
 
-    def _finish(self, c: Candidate, reason: str) -> None:
-        c.finish_reason = reason  # type: ignore[assignment]
+    def _finish(self, c: Candidate, reason: FinishReason) -> None:
+        c.finish_reason = reason
         c.finished_at = time.perf_counter()
         self._engine._live.discard(self._rids[c.index])
         if self._stream:
@@ -156,10 +174,8 @@ class _FakeFanout(Fanout):
                 self._aborted.add(c.index)
         if not self._task.done():
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         for c in self.candidates:
             if not c.finished:
                 c.finish_reason = "abort"

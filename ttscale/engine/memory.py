@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ttscale.errors import ConfigError
 
@@ -60,20 +60,25 @@ class MemoryPlan:
     needs: tuple[MemoryNeed, ...]
 
     def describe(self) -> str:
-        rows = [f"GPU memory plan ({self.total_bytes / GIB:.1f} GiB device, "
-                f"{self.budget_bytes / GIB:.1f} GiB for {len(self.needs)} engines):"]
+        rows = [
+            f"GPU memory plan ({self.total_bytes / GIB:.1f} GiB device, "
+            f"{self.budget_bytes / GIB:.1f} GiB for {len(self.needs)} engines):"
+        ]
         for n in self.needs:
             kv = self.kv_bytes[n.name]
             tokens = kv // max(n.kv_bytes_per_token, 1)
-            rows.append(f"  {n.name} ({n.role}): gpu_memory_utilization {self.fractions[n.name]:.3f} = "
-                        f"weights {n.weight_bytes / GIB:.2f} GiB + working set "
-                        f"{(n.base_bytes - n.weight_bytes) / GIB:.2f} GiB + KV {kv / GIB:.2f} GiB "
-                        f"(~{tokens:,} tokens)" + (" [set by the user]" if n.fixed_fraction else ""))
+            rows.append(
+                f"  {n.name} ({n.role}): gpu_memory_utilization {self.fractions[n.name]:.3f} = "
+                f"weights {n.weight_bytes / GIB:.2f} GiB + working set "
+                f"{(n.base_bytes - n.weight_bytes) / GIB:.2f} GiB + KV {kv / GIB:.2f} GiB "
+                f"(~{tokens:,} tokens)" + (" [set by the user]" if n.fixed_fraction else "")
+            )
         return "\n".join(rows)
 
 
-def plan_gpu_memory(needs: list[MemoryNeed], total_bytes: int, *, share: float = DEFAULT_SHARE,
-                    free_bytes: int | None = None) -> MemoryPlan:
+def plan_gpu_memory(
+    needs: list[MemoryNeed], total_bytes: int, *, share: float = DEFAULT_SHARE, free_bytes: int | None = None
+) -> MemoryPlan:
     """Split ``share`` of a device of ``total_bytes`` between ``needs`` (see the module doc)."""
     if not needs:
         return MemoryPlan(total_bytes, 0, {}, {}, ())
@@ -85,7 +90,7 @@ def plan_gpu_memory(needs: list[MemoryNeed], total_bytes: int, *, share: float =
     fixed = [n for n in needs if n.fixed_fraction is not None]
     scorers = [n for n in needs if n.fixed_fraction is None and n.role == "score"]
     gens = [n for n in needs if n.fixed_fraction is None and n.role == "generate"]
-    sizes: dict[str, int] = {n.name: int(n.fixed_fraction * total_bytes) for n in fixed}  # type: ignore[operator]
+    sizes: dict[str, int] = {n.name: int(f * total_bytes) for n in fixed if (f := n.fixed_fraction) is not None}
     kv: dict[str, int] = {n.name: max(0, sizes[n.name] - n.base_bytes) for n in fixed}
     for n in scorers:
         kv[n.name] = max(GIB // 2, SCORE_KV_TOKENS * n.kv_bytes_per_token)
@@ -94,9 +99,12 @@ def plan_gpu_memory(needs: list[MemoryNeed], total_bytes: int, *, share: float =
     per_token = sum(n.kv_bytes_per_token for n in gens)
     short = left < MIN_GENERATE_KV_TOKENS * per_token if gens else left < 0
     if short or any(kv[n.name] <= 0 for n in fixed):
-        lines = [f"the models do not fit on one GPU: {budget / GIB:.1f} GiB available to ttscale "
-                 f"({share:.2f} of {total_bytes / GIB:.1f} GiB"
-                 + (f", {free_bytes / GIB:.1f} GiB free" if free_bytes is not None else "") + ")"]
+        lines = [
+            f"the models do not fit on one GPU: {budget / GIB:.1f} GiB available to ttscale "
+            f"({share:.2f} of {total_bytes / GIB:.1f} GiB"
+            + (f", {free_bytes / GIB:.1f} GiB free" if free_bytes is not None else "")
+            + ")"
+        ]
         for n in needs:
             if n.fixed_fraction is not None:
                 what = f"gpu_memory_utilization {n.fixed_fraction} = {sizes[n.name] / GIB:.2f} GiB (set)"
@@ -105,18 +113,24 @@ def plan_gpu_memory(needs: list[MemoryNeed], total_bytes: int, *, share: float =
             elif n.role == "score":
                 what = f"{sizes[n.name] / GIB:.2f} GiB (weights {n.weight_bytes / GIB:.2f} GiB)"
             else:
-                what = (f"weights {n.weight_bytes / GIB:.2f} GiB + working set "
-                        f"{(n.base_bytes - n.weight_bytes) / GIB:.2f} GiB + KV for "
-                        f"{MIN_GENERATE_KV_TOKENS:,} tokens {MIN_GENERATE_KV_TOKENS * n.kv_bytes_per_token / GIB:.2f} GiB")
+                what = (
+                    f"weights {n.weight_bytes / GIB:.2f} GiB + working set "
+                    f"{(n.base_bytes - n.weight_bytes) / GIB:.2f} GiB + KV for "
+                    f"{MIN_GENERATE_KV_TOKENS:,} tokens {MIN_GENERATE_KV_TOKENS * n.kv_bytes_per_token / GIB:.2f} GiB"
+                )
             lines.append(f"  {n.name} ({n.role}): {what}")
-        lines.append("serve fewer or smaller models, quantize, use more GPUs (tensor_parallel_size), "
-                     "or set gpu_memory_utilization per model in a config file")
+        lines.append(
+            "serve fewer or smaller models, quantize, use more GPUs (tensor_parallel_size), "
+            "or set gpu_memory_utilization per model in a config file"
+        )
         raise ConfigError("\n".join(lines), param="gpu_memory_utilization", code="gpu_memory")
     for n in gens:
         kv[n.name] = int(left * n.kv_bytes_per_token / per_token)
         sizes[n.name] = n.base_bytes + kv[n.name]
-    fractions = {n.name: (n.fixed_fraction if n.fixed_fraction is not None
-                          else _floor3(sizes[n.name] / total_bytes)) for n in needs}
+    fractions = {
+        n.name: (n.fixed_fraction if n.fixed_fraction is not None else _floor3(sizes[n.name] / total_bytes))
+        for n in needs
+    }
     return MemoryPlan(total_bytes, budget, fractions, kv, tuple(needs))
 
 
@@ -125,6 +139,7 @@ def _floor3(x: float) -> float:
 
 
 # -- reading a checkpoint -------------------------------------------------------------------------
+
 
 def checkpoint_bytes(path: Path) -> int:
     """Bytes of the weights a model directory's loader reads: the safetensors index's total size,
@@ -146,20 +161,36 @@ def checkpoint_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
-def _config(path: Path) -> dict:
+def _config(path: Path) -> dict[str, Any]:
     try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
+        cfg: dict[str, Any] = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-    return cfg.get("text_config") or cfg  # multimodal checkpoints nest the language model's
+    lm: dict[str, Any] = cfg.get("text_config") or cfg  # multimodal checkpoints nest the language model's
+    return lm
 
 
-_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1,
-                "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1}
+_DTYPE_BYTES = {
+    "float32": 4,
+    "float": 4,
+    "float16": 2,
+    "half": 2,
+    "bfloat16": 2,
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+    "fp8_inc": 1,
+}
 
 
-def kv_bytes_per_token(path: Path, *, dtype: str = "auto", kv_cache_dtype: str = "auto",
-                       tensor_parallel: int = 1, pipeline_parallel: int = 1) -> int:
+def kv_bytes_per_token(
+    path: Path,
+    *,
+    dtype: str = "auto",
+    kv_cache_dtype: str = "auto",
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+) -> int:
     """KV cache bytes one token takes on one GPU (K and V of every layer of its ranks)."""
     cfg = _config(path)
     layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 32)
@@ -177,7 +208,7 @@ def kv_bytes_per_token(path: Path, *, dtype: str = "auto", kv_cache_dtype: str =
     return 2 * layers_here * kv_heads_here * head_dim * elt
 
 
-def need_of(name: str, role: Literal["generate", "score"], path: Path, options: dict) -> MemoryNeed:
+def need_of(name: str, role: Literal["generate", "score"], path: Path, options: dict[str, Any]) -> MemoryNeed:
     """An engine's :class:`MemoryNeed` from its checkpoint and vLLM options."""
     tp = int(options.get("tensor_parallel_size") or 1)
     pp = int(options.get("pipeline_parallel_size") or 1)
@@ -188,11 +219,18 @@ def need_of(name: str, role: Literal["generate", "score"], path: Path, options: 
             weights *= 2
     fixed = options.get("gpu_memory_utilization")
     return MemoryNeed(
-        name=name, role=role, weight_bytes=weights // (tp * pp),
-        kv_bytes_per_token=kv_bytes_per_token(path, dtype=str(options.get("dtype", "auto")),
-                                              kv_cache_dtype=str(options.get("kv_cache_dtype", "auto")),
-                                              tensor_parallel=tp, pipeline_parallel=pp),
-        fixed_fraction=float(fixed) if fixed is not None else None)
+        name=name,
+        role=role,
+        weight_bytes=weights // (tp * pp),
+        kv_bytes_per_token=kv_bytes_per_token(
+            path,
+            dtype=str(options.get("dtype", "auto")),
+            kv_cache_dtype=str(options.get("kv_cache_dtype", "auto")),
+            tensor_parallel=tp,
+            pipeline_parallel=pp,
+        ),
+        fixed_fraction=float(fixed) if fixed is not None else None,
+    )
 
 
 def device_memory() -> tuple[int, int] | None:

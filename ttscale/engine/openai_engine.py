@@ -9,10 +9,11 @@ the upstream's ``usage`` (``stream_options.include_usage``). Scoring uses vLLM's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
@@ -23,6 +24,7 @@ from ttscale.engine.base import (
     Fanout,
     PromptInput,
     SamplingSettings,
+    is_token_ids,
     new_request_id,
 )
 from ttscale.errors import (
@@ -32,11 +34,22 @@ from ttscale.errors import (
     UpstreamError,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 class OpenAIEngine(Engine):
-    def __init__(self, name: str, base_url: str, *, upstream_model: str | None = None,
-                 api_key: str | None = None, role: Literal["generate", "score"] = "generate",
-                 timeout_s: float = 600.0, tokenizer_path: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        *,
+        upstream_model: str | None = None,
+        api_key: str | None = None,
+        role: Literal["generate", "score"] = "generate",
+        timeout_s: float = 600.0,
+        tokenizer_path: str | None = None,
+    ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
@@ -47,12 +60,11 @@ class OpenAIEngine(Engine):
         self._timeout = timeout_s
         self._client: httpx.AsyncClient | None = None
         self._tokenizer_path = tokenizer_path
-        self._tokenizer = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
         self._open_streams = 0
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(headers=self._headers,
-                                         timeout=httpx.Timeout(self._timeout, connect=10.0))
+        self._client = httpx.AsyncClient(headers=self._headers, timeout=httpx.Timeout(self._timeout, connect=10.0))
         try:
             r = await self._client.get(f"{self.base_url}/models")
             r.raise_for_status()
@@ -60,14 +72,14 @@ class OpenAIEngine(Engine):
         except (httpx.HTTPError, ValueError) as e:
             raise EngineUnavailableError(f"upstream {self.base_url} is not reachable: {e}") from e
         if self.upstream_model not in cards:
-            raise EngineUnavailableError(f"upstream {self.base_url} does not serve "
-                                         f"{self.upstream_model!r} (it serves {list(cards)})")
+            raise EngineUnavailableError(
+                f"upstream {self.base_url} does not serve {self.upstream_model!r} (it serves {list(cards)})"
+            )
         self.max_model_len = cards[self.upstream_model].get("max_model_len")
         if self._tokenizer_path:
             from transformers import AutoTokenizer
 
-            self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained,
-                                                      self._tokenizer_path)
+            self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._tokenizer_path)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -92,21 +104,31 @@ class OpenAIEngine(Engine):
     def can_render(self) -> bool:
         return self._tokenizer is not None
 
-    def render(self, prompt: PromptInput, *, add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> list[int]:
+    def render(
+        self, prompt: PromptInput, *, add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
         if self._tokenizer is None:
             raise ModelRoleError(f"model {self.name!r} has no local tokenizer", param="model")
         if isinstance(prompt, str):
             return list(self._tokenizer.encode(prompt))
-        if prompt and isinstance(prompt[0], int):
-            return list(prompt)  # type: ignore[arg-type]
+        if is_token_ids(prompt):
+            return list(prompt)
         text = self._tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message)
+            prompt,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-    def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
-               request_id: str | None = None, stream: bool = True) -> Fanout:
+    def fanout(
+        self,
+        prompt: PromptInput,
+        settings: Sequence[SamplingSettings],
+        *,
+        request_id: str | None = None,
+        stream: bool = True,
+    ) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
         return _HTTPFanout(self, prompt, list(settings), request_id or new_request_id())
@@ -118,10 +140,10 @@ class OpenAIEngine(Engine):
             raise EngineUnavailableError(f"upstream {self.base_url} failed: {e}") from e
         if r.status_code >= 400:
             raise _upstream_error(r.status_code, r.text)
-        return r.json()
+        data: dict[str, Any] = r.json()
+        return data
 
-    async def score(self, prompts: Sequence[PromptInput], *,
-                    request_id: str | None = None) -> list[float]:
+    async def score(self, prompts: Sequence[PromptInput], *, request_id: str | None = None) -> list[float]:
         if self.role != "score":
             raise ModelRoleError(f"model {self.name!r} is not a scoring model", param="model")
         root = self.base_url[: -len("/v1")]
@@ -136,13 +158,18 @@ class OpenAIEngine(Engine):
             out.append(float(data["data"][0]["probs"][0]))
         return out
 
-    async def prompt_logprobs(self, prompt: PromptInput, *, start: int = 0,
-                              request_id: str | None = None) -> list[float]:
-        ids = self.render(prompt, add_generation_prompt=False, continue_final_message=True) \
-            if not (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)) else prompt
-        data = await self._post("/completions", {
-            "model": self.upstream_model, "prompt": ids, "max_tokens": 1, "temperature": 0,
-            "prompt_logprobs": 0})
+    async def prompt_logprobs(
+        self, prompt: PromptInput, *, start: int = 0, request_id: str | None = None
+    ) -> list[float]:
+        ids = (
+            self.render(prompt, add_generation_prompt=False, continue_final_message=True)
+            if not is_token_ids(prompt)
+            else prompt
+        )
+        data = await self._post(
+            "/completions",
+            {"model": self.upstream_model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0},
+        )
         plp = data["choices"][0].get("prompt_logprobs") or []
         res = []
         for pos in range(max(start, 1), len(ids)):
@@ -164,8 +191,7 @@ def _upstream_error(status: int, text: str) -> Exception:
 
 
 class _HTTPFanout(Fanout):
-    def __init__(self, engine: OpenAIEngine, prompt: PromptInput, settings: list[SamplingSettings],
-                 request_id: str):
+    def __init__(self, engine: OpenAIEngine, prompt: PromptInput, settings: list[SamplingSettings], request_id: str):
         prompt_tokens = 0
         super().__init__([Candidate(i, s) for i, s in enumerate(settings)], prompt_tokens, request_id)
         self._engine = engine
@@ -175,10 +201,14 @@ class _HTTPFanout(Fanout):
 
     def _body(self, s: SamplingSettings) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self._engine.upstream_model, "stream": True,
+            "model": self._engine.upstream_model,
+            "stream": True,
             "stream_options": {"include_usage": True},
-            "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
-            "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+            "presence_penalty": s.presence_penalty,
+            "frequency_penalty": s.frequency_penalty,
         }
         if s.seed is not None:
             body["seed"] = s.seed
@@ -212,8 +242,7 @@ class _HTTPFanout(Fanout):
         c.started_at = time.perf_counter()
         eng._open_streams += 1
         try:
-            async with eng.client.stream("POST", f"{eng.base_url}{path}",
-                                         json=self._body(c.settings)) as r:
+            async with eng.client.stream("POST", f"{eng.base_url}{path}", json=self._body(c.settings)) as r:
                 if r.status_code >= 400:
                     raise _upstream_error(r.status_code, (await r.aread()).decode())
                 async for line in r.aiter_lines():
@@ -258,15 +287,18 @@ class _HTTPFanout(Fanout):
             for it in items:
                 c.logprobs.append(float(it["logprob"]))
                 if c.top_logprobs is not None:
-                    c.top_logprobs.append(sorted(((t["token"], float(t["logprob"]))
-                                                  for t in it.get("top_logprobs") or []), key=lambda x: -x[1]))
+                    c.top_logprobs.append(
+                        sorted(
+                            ((t["token"], float(t["logprob"])) for t in it.get("top_logprobs") or []),
+                            key=lambda x: -x[1],
+                        )
+                    )
             return len(items)
         vals = lp.get("token_logprobs") or []
         c.logprobs.extend(float(v) for v in vals)
         if c.top_logprobs is not None:
             for top in lp.get("top_logprobs") or []:
-                c.top_logprobs.append(sorted(((t, float(v)) for t, v in (top or {}).items()),
-                                             key=lambda x: -x[1]))
+                c.top_logprobs.append(sorted(((t, float(v)) for t, v in (top or {}).items()), key=lambda x: -x[1]))
         return len(vals)
 
     async def abort(self, index: int) -> None:
@@ -274,10 +306,8 @@ class _HTTPFanout(Fanout):
         c = self.candidates[index]
         if not c.finished and not t.done():
             t.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await t
-            except asyncio.CancelledError:
-                pass
             c.finish_reason = "abort"
             c.finished_at = time.perf_counter()
             self._emit(CandidateEvent(c, "", 0, True))

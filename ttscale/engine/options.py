@@ -41,7 +41,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = AsyncEngineArgs.add_cli_args(
-        FlexibleArgumentParser(prog="ttscale serve", description="vLLM engine options"))
+        FlexibleArgumentParser(prog="ttscale serve", description="vLLM engine options")
+    )
     defaults = vars(parser.parse_args([]))
     return parser, defaults
 
@@ -59,8 +60,9 @@ def parse_engine_args(tokens: list[str], *, where: str = "the command line") -> 
     return parse_engine_cli(tokens, where=where, positionals=0)[0]
 
 
-def parse_engine_cli(tokens: list[str], *, where: str = "the command line",
-                     positionals: int = 1) -> tuple[dict[str, Any], list[str]]:
+def parse_engine_cli(
+    tokens: list[str], *, where: str = "the command line", positionals: int = 1
+) -> tuple[dict[str, Any], list[str]]:
     """Like :func:`parse_engine_args`, also returning up to ``positionals`` bare words that name a
     model (the ``MODEL`` of ``ttscale serve MODEL --opt ...``: the first word, or an existing
     directory / embedded model name anywhere). The rest goes through vLLM's own parser as it is
@@ -75,7 +77,8 @@ def parse_engine_cli(tokens: list[str], *, where: str = "the command line",
     rest: list[str] = []
     for i, t in enumerate(tokens):
         model_like = not t.startswith("-") and (
-            i == 0 or t in EMBEDDED_MODELS or ("/" in t and Path(t).expanduser().is_dir()))
+            i == 0 or t in EMBEDDED_MODELS or ("/" in t and Path(t).expanduser().is_dir())
+        )
         if model_like and len(bare) < positionals:
             bare.append(t)
         else:
@@ -87,13 +90,18 @@ def parse_engine_cli(tokens: list[str], *, where: str = "the command line",
             ns = vars(parser.parse_args(rest, namespace=argparse.Namespace(**{k: unset for k in defaults})))
     except SystemExit:
         msg = err.getvalue().strip().splitlines()
-        raise ConfigError(f"bad vLLM engine option in {where}: {msg[-1] if msg else ' '.join(tokens)}",
-                          param=next((t for t in tokens if t.startswith("-")), None)) from None
+        raise ConfigError(
+            f"bad vLLM engine option in {where}: {msg[-1] if msg else ' '.join(tokens)}",
+            param=next((t for t in tokens if t.startswith("-")), None),
+        ) from None
     explicit = {k: v for k, v in ns.items() if v is not unset}
     owned = OWNED & set(explicit)
     if owned:
-        raise ConfigError(f"--{sorted(owned)[0].replace('_', '-')} is set by ttscale from the model "
-                          f"argument; give the model as MODEL or --model NAME=PATH", param=sorted(owned)[0])
+        raise ConfigError(
+            f"--{sorted(owned)[0].replace('_', '-')} is set by ttscale from the model "
+            f"argument; give the model as MODEL or --model NAME=PATH",
+            param=sorted(owned)[0],
+        )
     return explicit, bare
 
 
@@ -101,7 +109,7 @@ def to_tokens(options: dict[str, Any], *, where: str) -> list[str]:
     """Command-line words for a mapping of options (config files), so they are parsed, typed and
     checked by vLLM's parser exactly as on the command line."""
     parser, _ = _parser()
-    actions = {s: a for a in parser._actions for s in a.option_strings}  # noqa: SLF001
+    actions = {s: a for a in parser._actions for s in a.option_strings}
     words: list[str] = []
     for key, value in options.items():
         flag = "--" + str(key).replace("_", "-")
@@ -153,14 +161,16 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
-        raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}",
-                          param="--config") from None
+        raise ConfigError(
+            f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}", param="--config"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: expected a mapping at the top", param="--config")
     unknown = set(data) - {"models", "engine"}
     if unknown:
-        raise ConfigError(f"config file {p}: unknown key {sorted(unknown)[0]!r} "
-                          "(expected models, engine)", param="--config")
+        raise ConfigError(
+            f"config file {p}: unknown key {sorted(unknown)[0]!r} (expected models, engine)", param="--config"
+        )
     models = data.get("models") or []
     if not isinstance(models, list):
         raise ConfigError(f"config file {p}: 'models' must be a list", param="--config")
@@ -171,6 +181,5 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"config file {p}: models[{i}] needs a 'path' (or 'url')", param="--config")
         bad = set(m) - {"name", "path", "url", "upstream_model", "role", "engine"}
         if bad:
-            raise ConfigError(f"config file {p}: models[{i}] has unknown key {sorted(bad)[0]!r}",
-                              param="--config")
+            raise ConfigError(f"config file {p}: models[{i}] has unknown key {sorted(bad)[0]!r}", param="--config")
     return data

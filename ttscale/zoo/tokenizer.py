@@ -11,7 +11,7 @@ and BOS never appears twice.
 
 Rendered conversation (``format_prompt``)::
 
-    <s>Q: {problem}\\nA: 
+    <s>Q: {problem}\\nA:
 
 and with the assistant's answer (training text, verifier input)::
 
@@ -22,7 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, SupportsInt
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
@@ -48,7 +54,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """Pure-Python rendering identical to :data:`CHAT_TEMPLATE`."""
     out = [BOS]
     for m in messages:
@@ -70,8 +76,7 @@ def format_prompt(problem: str) -> str:
 
 def format_scored(problem: str, solution: str) -> str:
     """Verifier input: user problem + assistant solution, no generation prompt."""
-    return render([{"role": "user", "content": problem},
-                   {"role": "assistant", "content": solution}])
+    return render([{"role": "user", "content": problem}, {"role": "assistant", "content": solution}])
 
 
 def encode(text: str) -> list[int]:
@@ -97,8 +102,8 @@ def encode(text: str) -> list[int]:
 _INV = {i: t for t, i in VOCAB.items()}
 
 
-def decode(ids, skip_special_tokens: bool = True) -> str:
-    out = []
+def decode(ids: Iterable[SupportsInt], skip_special_tokens: bool = True) -> str:
+    out: list[str] = []
     for i in ids:
         t = _INV.get(int(i), UNK)
         if skip_special_tokens and t in SPECIAL_TOKENS:
@@ -107,7 +112,7 @@ def decode(ids, skip_special_tokens: bool = True) -> str:
     return "".join(out)
 
 
-def build_tokenizer():
+def build_tokenizer() -> Tokenizer:
     """A ``tokenizers.Tokenizer`` (WordLevel over single characters)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -118,10 +123,16 @@ def build_tokenizer():
     return tok
 
 
-def tokenizer_config() -> dict:
+def tokenizer_config() -> dict[str, Any]:
     added = {
-        str(VOCAB[t]): {"content": t, "lstrip": False, "normalized": False,
-                        "rstrip": False, "single_word": False, "special": True}
+        str(VOCAB[t]): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for t in SPECIAL_TOKENS
     }
     return {
@@ -140,30 +151,38 @@ def tokenizer_config() -> dict:
     }
 
 
-def save_tokenizer(directory: str | os.PathLike) -> None:
+def save_tokenizer(directory: str | os.PathLike[str]) -> None:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     build_tokenizer().save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
-    (d / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}, indent=2) + "\n")
+    (d / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}, indent=2) + "\n"
+    )
     stale = d / "chat_template.jinja"  # would take precedence over tokenizer_config.json
     if stale.exists():
         stale.unlink()
 
 
-def load_hf_tokenizer(directory: str | os.PathLike | None = None):
+def load_hf_tokenizer(directory: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
     """``transformers`` tokenizer from ``directory`` (or built in memory)."""
     from transformers import PreTrainedTokenizerFast
 
     if directory is not None:
         from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(directory))
     cfg = tokenizer_config()
     t = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(), bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        unk_token=UNK, model_max_length=MODEL_MAX_LENGTH, padding_side="left",
-        clean_up_tokenization_spaces=False)
+        tokenizer_object=build_tokenizer(),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=MODEL_MAX_LENGTH,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
     t.chat_template = cfg["chat_template"]
     return t

@@ -56,12 +56,20 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import torch
+    from numpy.typing import ArrayLike
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedModel
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from ttscale.zoo import tasks
 from ttscale.zoo import tokenizer as T
 
-DEV_SEED = 777_001          # model-selection set (not arith500)
+DEV_SEED = 777_001  # model-selection set (not arith500)
 DEV_PER_LEVEL = 40
 VERIFIER_DATA_SEED_OFFSET = 10_000
 
@@ -74,17 +82,17 @@ DEFAULT_STEPS = {"policy": 6000, "draft": 2500}
 MAX_POSITIONS = 2048
 
 
-def log(*a):
+def log(*a: object) -> None:
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
 # ----------------------------------------------------------------------------- data
 
-def dev_set(per_level: int = DEV_PER_LEVEL) -> list[dict]:
-    out = []
+
+def dev_set(per_level: int = DEV_PER_LEVEL) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for L in tasks.LEVELS:
-        out += tasks.generate(per_level, L, DEV_SEED, prefix=f"dev-L{L}",
-                              exclude=tasks.eval_signatures())
+        out += tasks.generate(per_level, L, DEV_SEED, prefix=f"dev-L{L}", exclude=tasks.eval_signatures())
     return out
 
 
@@ -95,8 +103,7 @@ def _slip(c: int, q: float, unit: str, rng: random.Random) -> int:
     ds = list(str(c))
 
     def other(i: int) -> str:
-        return rng.choice([d for d in "0123456789"
-                           if d != ds[i] and not (i == 0 and d == "0" and len(ds) > 1)])
+        return rng.choice([d for d in "0123456789" if d != ds[i] and not (i == 0 and d == "0" and len(ds) > 1)])
 
     if unit in ("digit", "size"):
         # every digit of the result slips independently: long results are harder; with
@@ -111,8 +118,7 @@ def _slip(c: int, q: float, unit: str, rng: random.Random) -> int:
     return int("".join(ds))
 
 
-def noisy_solution(solution: str, q: float, rng: random.Random, unit: str = "step",
-                   floor_div: bool = False) -> str:
+def noisy_solution(solution: str, q: float, rng: random.Random, unit: str = "step", floor_div: bool = False) -> str:
     """Simulated slips; later steps compute consistently from the wrong value.
 
     ``unit="step"``: each step's result has, with probability ``q``, one digit
@@ -154,14 +160,18 @@ def noisy_solution(solution: str, q: float, rng: random.Random, unit: str = "ste
         if c != true_c:
             sub[true_c] = c
         out.append(f"{a} {op} {b} = {c}")
-    final = sub.get(int(re.search(r"\{(\d+)\}", lines[-1])[1]), None)
+    boxed = re.search(r"\{(\d+)\}", lines[-1])
+    assert boxed is not None, "a solution ends with its boxed answer"
+    final = sub.get(int(boxed[1]))
     ans = out[-1].rsplit(" ", 1)[1] if out else None
     if final is None and ans is None:
         return solution
-    return "\n".join(out + [f"\\boxed{{{ans}}}"])
+    return "\n".join([*out, f"\\boxed{{{ans}}}"])
 
 
-def _stream_examples(seed: int, noise: float = 0.0, unit: str = "step", floor_div: bool = False):
+def _stream_examples(
+    seed: int, noise: float = 0.0, unit: str = "step", floor_div: bool = False
+) -> Iterator[tuple[list[int], list[int]]]:
     """Endless (input_ids, labels) for causal-LM training; excludes eval and dev."""
     dev = frozenset(tasks.signature(r["problem"]) for r in dev_set())
     rng = random.Random(f"noise:{seed}")
@@ -170,50 +180,70 @@ def _stream_examples(seed: int, noise: float = 0.0, unit: str = "step", floor_di
             continue
         p = T.encode(T.format_prompt(rec["problem"]))
         sol = noisy_solution(rec["solution"], noise, rng, unit, floor_div) if noise > 0 else rec["solution"]
-        s = T.encode(sol) + [T.EOS_ID]
+        s = [*T.encode(sol), T.EOS_ID]
         yield p + s, [-100] * len(p) + s
 
 
-def _make_loader(seed: int, batch: int, workers: int, noise: float = 0.0, unit: str = "step",
-                 floor_div: bool = False):
+def _make_loader(
+    seed: int, batch: int, workers: int, noise: float = 0.0, unit: str = "step", floor_div: bool = False
+) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     import torch
     from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-    class DS(IterableDataset):
-        def __iter__(self):
+    class DS(IterableDataset[tuple[list[int], list[int]]]):
+        def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
             wi = get_worker_info()
             wid = wi.id if wi is not None else 0
             torch.set_num_threads(1)
             return _stream_examples(seed * 1000 + wid + 1, noise, unit, floor_div)
 
-    def collate(items):
+    def collate(items: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = max(len(x) for x, _ in items)
         ids = torch.full((len(items), n), T.PAD_ID, dtype=torch.long)
         lab = torch.full((len(items), n), -100, dtype=torch.long)
         att = torch.zeros((len(items), n), dtype=torch.long)
         for i, (x, y) in enumerate(items):
-            ids[i, :len(x)] = torch.tensor(x)
-            lab[i, :len(y)] = torch.tensor(y)
-            att[i, :len(x)] = 1
+            ids[i, : len(x)] = torch.tensor(x)
+            lab[i, : len(y)] = torch.tensor(y)
+            att[i, : len(x)] = 1
         return ids, lab, att
 
-    return DataLoader(DS(), batch_size=batch, collate_fn=collate, num_workers=workers,
-                      prefetch_factor=8 if workers else None, persistent_workers=bool(workers))
+    # collate turns the examples into tensor batches (torch types a loader by its dataset's items)
+    batches = DataLoader(
+        DS(),
+        batch_size=batch,
+        collate_fn=collate,
+        num_workers=workers,
+        prefetch_factor=8 if workers else None,
+        persistent_workers=bool(workers),
+    )
+    return cast("Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]", batches)
 
 
 # ----------------------------------------------------------------------------- models
 
-def llama_config(arch: tuple[int, int, int, int, int], classifier: bool = False,
-                 attention_bias: bool = False):
+
+def llama_config(arch: Sequence[int], classifier: bool = False, attention_bias: bool = False) -> LlamaConfig:
     from transformers import LlamaConfig
 
     layers, hidden, inter, heads, kv = arch
     cfg = LlamaConfig(
-        vocab_size=T.VOCAB_SIZE, hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-        max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=not classifier, bos_token_id=T.BOS_ID, eos_token_id=T.EOS_ID,
-        pad_token_id=T.PAD_ID, attention_bias=attention_bias, mlp_bias=False,
+        vocab_size=T.VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        # transformers 5 takes rope_theta through **kwargs (into rope_parameters); 4.x names it
+        rope_theta=10000.0,  # type: ignore[call-arg]
+        tie_word_embeddings=not classifier,
+        bos_token_id=T.BOS_ID,
+        eos_token_id=T.EOS_ID,
+        pad_token_id=T.PAD_ID,
+        attention_bias=attention_bias,
+        mlp_bias=False,
     )
     if classifier:
         cfg.num_labels = 1
@@ -223,17 +253,22 @@ def llama_config(arch: tuple[int, int, int, int, int], classifier: bool = False,
     return cfg
 
 
-def n_params(model) -> int:
+def arch_of(c: PreTrainedConfig) -> tuple[int, int, int, int, int]:
+    """(layers, hidden, intermediate, heads, kv_heads) of a Llama config."""
+    return (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads)
+
+
+def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_model(model, out: str | os.PathLike, card_extra: dict | None = None) -> None:
+def save_model(model: PreTrainedModel, out: str | os.PathLike[str], card_extra: dict[str, Any] | None = None) -> None:
     """save_pretrained in bfloat16 + tokenizer files."""
     import torch
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    m = model.to(torch.bfloat16)
+    m = model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' @wraps on PreTrainedModel.to mistypes the bound call
     m.config.use_cache = True
     m.save_pretrained(str(out), safe_serialization=True)
     gc = out / "generation_config.json"
@@ -248,8 +283,16 @@ def save_model(model, out: str | os.PathLike, card_extra: dict | None = None) ->
 
 # ----------------------------------------------------------------------------- sampling
 
-def sample(model, prompts: list[str], n: int, temperature: float = 0.8, max_new_tokens: int = 256,
-           batch: int = 2048, seed: int = 0) -> list[list[str]]:
+
+def sample(
+    model: LlamaForCausalLM,
+    prompts: list[str],
+    n: int,
+    temperature: float = 0.8,
+    max_new_tokens: int = 256,
+    batch: int = 2048,
+    seed: int = 0,
+) -> list[list[str]]:
     """n samples per prompt with HF generate (left padding); returns decoded completions."""
     import torch
 
@@ -261,32 +304,41 @@ def sample(model, prompts: list[str], n: int, temperature: float = 0.8, max_new_
     torch.manual_seed(seed)
     model.eval()
     for s in range(0, len(flat), batch):
-        chunk = flat[s:s + batch]
+        chunk = flat[s : s + batch]
         enc = [T.encode(p) for _, p in chunk]
         L = max(map(len, enc))
         ids = torch.full((len(enc), L), T.PAD_ID, dtype=torch.long)
         att = torch.zeros((len(enc), L), dtype=torch.long)
         for j, e in enumerate(enc):
-            ids[j, L - len(e):] = torch.tensor(e)
-            att[j, L - len(e):] = 1
+            ids[j, L - len(e) :] = torch.tensor(e)
+            att[j, L - len(e) :] = 1
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            gen = model.generate(
-                input_ids=ids.to(dev), attention_mask=att.to(dev), do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
-                max_new_tokens=max_new_tokens, pad_token_id=T.PAD_ID, eos_token_id=T.EOS_ID)
+            gen = model.generate(  # type: ignore[misc]  # transformers types generate's self as a protocol its models miss
+                input_ids=ids.to(dev),
+                attention_mask=att.to(dev),
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_k=None,
+                top_p=None,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=T.PAD_ID,
+                eos_token_id=T.EOS_ID,
+            )
         for (i, _), row in zip(chunk, gen[:, L:].tolist()):
             if T.EOS_ID in row:
-                row = row[:row.index(T.EOS_ID)]
+                row = row[: row.index(T.EOS_ID)]
             out[i].append(T.decode(row))
     return out
 
 
-def evaluate(model, records: list[dict], n: int = 16, seed: int = 0) -> dict:
+def evaluate(
+    model: LlamaForCausalLM, records: list[dict[str, Any]], n: int = 16, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """pass@1 / pass@n / maj@n per level at T=0.8."""
     from collections import Counter
 
     comps = sample(model, [T.format_prompt(r["problem"]) for r in records], n, seed=seed)
-    per: dict = {}
+    per: dict[int, list[float]] = {}
     for r, cs in zip(records, comps):
         ans = [tasks.extract_answer(c) for c in cs]
         c = sum(a == int(r["answer"]) for a in ans)
@@ -297,8 +349,9 @@ def evaluate(model, records: list[dict], n: int = 16, seed: int = 0) -> dict:
         d[1] += c > 0
         d[2] += maj == int(r["answer"])
         d[3] += 1
-    res = {f"L{L}": {"pass1": v[0] / v[3], f"pass{n}": v[1] / v[3], f"maj{n}": v[2] / v[3]}
-           for L, v in sorted(per.items())}
+    res = {
+        f"L{L}": {"pass1": v[0] / v[3], f"pass{n}": v[1] / v[3], f"maj{n}": v[2] / v[3]} for L, v in sorted(per.items())
+    }
     for k in ("pass1", f"pass{n}", f"maj{n}"):
         res.setdefault("all", {})[k] = sum(res[f"L{L}"][k] for L in per) / len(per)
     return res
@@ -306,14 +359,15 @@ def evaluate(model, records: list[dict], n: int = 16, seed: int = 0) -> dict:
 
 # ----------------------------------------------------------------------------- causal LM
 
-def train_lm(kind: str, a) -> None:
+
+def train_lm(kind: str, a: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(a.seed)
     random.seed(a.seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    arch = ARCHS[kind]
+    arch: tuple[int, ...] = ARCHS[kind]
     if a.arch:
         arch = tuple(int(x) for x in a.arch.split(","))
     if a.init:
@@ -325,12 +379,10 @@ def train_lm(kind: str, a) -> None:
             meta = json.loads((init.parent / "history.json").read_text())
             model = LlamaForCausalLM(llama_config(tuple(meta["arch"])))
             model.load_state_dict({k: v.float() for k, v in torch.load(str(init), map_location="cpu").items()})
-        c = model.config
-        arch = (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                c.num_key_value_heads)
-        model.to(dev)
+        arch = arch_of(model.config)
+        model.to(dev)  # type: ignore[arg-type]  # transformers' @wraps on PreTrainedModel.to mistypes the bound call
     else:
-        model = LlamaForCausalLM(llama_config(arch)).to(dev)
+        model = LlamaForCausalLM(llama_config(arch)).to(dev)  # type: ignore[arg-type]  # transformers' @wraps on PreTrainedModel.to mistypes the bound call
     log(f"{kind}: arch={arch} params={n_params(model):,} device={dev} init={a.init}")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.1)
     warm = a.warmup
@@ -360,38 +412,65 @@ def train_lm(kind: str, a) -> None:
             res = evaluate(model, dev_recs, n=a.eval_n, seed=a.seed)
             model.train()
             history.append({"step": step, "time_s": round(time.time() - t0, 1), **res})
-            log(f"{kind} EVAL step {step}: " + json.dumps(
-                {k: {m: round(x, 3) for m, x in v.items()} for k, v in res.items()}))
+            log(
+                f"{kind} EVAL step {step}: "
+                + json.dumps({k: {m: round(x, 3) for m, x in v.items()} for k, v in res.items()})
+            )
             if a.ckpt_dir:
                 Path(a.ckpt_dir).mkdir(parents=True, exist_ok=True)
-                torch.save({k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items()},
-                           str(Path(a.ckpt_dir) / f"step{step}.pt"))
-                (Path(a.ckpt_dir) / "history.json").write_text(json.dumps(
-                    {"kind": kind, "arch": list(arch), "lr": a.lr, "noise": a.noise, "noise_unit": a.noise_unit,
-                     "floor_div": a.floor_div,
-                     "init": a.init,
-                     "batch": a.batch,
-                     "seed": a.seed, "history": history}, indent=1))
+                torch.save(
+                    {k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items()},
+                    str(Path(a.ckpt_dir) / f"step{step}.pt"),
+                )
+                (Path(a.ckpt_dir) / "history.json").write_text(
+                    json.dumps(
+                        {
+                            "kind": kind,
+                            "arch": list(arch),
+                            "lr": a.lr,
+                            "noise": a.noise,
+                            "noise_unit": a.noise_unit,
+                            "floor_div": a.floor_div,
+                            "init": a.init,
+                            "batch": a.batch,
+                            "seed": a.seed,
+                            "history": history,
+                        },
+                        indent=1,
+                    )
+                )
         if done:
             break
-    info = {"kind": kind, "arch": list(arch), "params": n_params(model), "seed": a.seed, "steps": step,
-            "batch": a.batch, "lr": a.lr, "warmup": warm, "noise": a.noise,
-            "noise_unit": a.noise_unit, "floor_div": a.floor_div, "init": a.init,
-            "train_seconds": round(time.time() - t0, 1),
-            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-            "dev_history": history}
+    info = {
+        "kind": kind,
+        "arch": list(arch),
+        "params": n_params(model),
+        "seed": a.seed,
+        "steps": step,
+        "batch": a.batch,
+        "lr": a.lr,
+        "warmup": warm,
+        "noise": a.noise,
+        "noise_unit": a.noise_unit,
+        "floor_div": a.floor_div,
+        "init": a.init,
+        "train_seconds": round(time.time() - t0, 1),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "dev_history": history,
+    }
     save_model(model, a.out, info)
     log(f"{kind}: saved to {a.out} after {step} steps")
 
 
 # ----------------------------------------------------------------------------- verifier data
 
-def cmd_sample(a) -> None:
+
+def cmd_sample(a: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(dev)
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(dev)  # type: ignore[arg-type]  # transformers' @wraps on PreTrainedModel.to mistypes the bound call
     excl = frozenset(tasks.signature(r["problem"]) for r in dev_set())
     if a.dev:
         recs = dev_set()
@@ -410,12 +489,23 @@ def cmd_sample(a) -> None:
             for c in cs:
                 ok = tasks.is_correct(c, r["answer"])
                 n_ok += ok
-                fh.write(json.dumps({"id": r["id"], "level": r["level"], "problem": r["problem"],
-                                     "answer": r["answer"], "completion": c, "correct": ok}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "id": r["id"],
+                            "level": r["level"],
+                            "problem": r["problem"],
+                            "answer": r["answer"],
+                            "completion": c,
+                            "correct": ok,
+                        }
+                    )
+                    + "\n"
+                )
     log(f"wrote {a.out}: accuracy {n_ok / (len(recs) * a.n):.3f}")
 
 
-def auroc(scores, labels) -> float:
+def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     import numpy as np
 
     s = np.asarray(scores, dtype=float)
@@ -434,7 +524,9 @@ def auroc(scores, labels) -> float:
     return float((ranks[y].sum() - npos * (npos + 1) / 2) / (npos * nneg))
 
 
-def init_previous_token_heads(layer, config, heads: int, sharpness: float = 12.0) -> None:
+def init_previous_token_heads(
+    layer: LlamaDecoderLayer, config: PreTrainedConfig, heads: int, sharpness: float = 12.0
+) -> None:
     """Make the first ``heads`` attention heads of ``layer`` attend to the previous position.
 
     The query and key of those heads are constant biases (their weights are zeroed), chosen
@@ -453,7 +545,7 @@ def init_previous_token_heads(layer, config, heads: int, sharpness: float = 12.0
     q = torch.full((d,), 1.0, dtype=torch.float64)
     # k = R(1) q in the rotate-half layout: pairs (i, i + d/2) rotated by theta_i
     c, s_ = torch.cos(inv), torch.sin(inv)
-    k = torch.cat([q[: d // 2] * c - q[d // 2:] * s_, q[d // 2:] * c + q[: d // 2] * s_])
+    k = torch.cat([q[: d // 2] * c - q[d // 2 :] * s_, q[d // 2 :] * c + q[: d // 2] * s_])
     scale = math.sqrt(sharpness * math.sqrt(d) / float((1 - torch.cos(inv)).sum()))
     attn = layer.self_attn
     with torch.no_grad():
@@ -473,15 +565,14 @@ def _truncate(completion: str, rng: random.Random) -> str:
     return completion[:cut]
 
 
-def _true_result(m: re.Match) -> str:
+def _true_result(m: re.Match[str]) -> str:
     """The right result of a written step ``a op b = c`` as a string ("" if there is none)."""
     x, op, y = int(m[1]), m[2], int(m[3])
-    v = x + y if op == "+" else x - y if op == "-" else x * y if op == "*" else (
-        x // y if y and x % y == 0 else None)
+    v = x + y if op == "+" else x - y if op == "-" else x * y if op == "*" else (x // y if y and x % y == 0 else None)
     return str(v) if v is not None and v >= 0 else ""
 
 
-def _complete_lines(solution: str):
+def _complete_lines(solution: str) -> Iterator[tuple[int, str, re.Match[str] | None]]:
     """(character index of the line's start, line, its ``a op b = c`` match or None) for every
     line followed by a newline."""
     pos = 0
@@ -511,7 +602,7 @@ def dense_labels(solution: str) -> list[tuple[int, float]]:
             z, true = m[4], _true_result(m)
             start = pos + m.start(4)
             for j in range(len(z)):
-                good = ok if z[:j + 1] == true[:j + 1] else 0.0
+                good = ok if z[: j + 1] == true[: j + 1] else 0.0
                 out.append((start + j, good))
             if z != true:
                 ok = 0.0
@@ -535,11 +626,15 @@ def expected_digits(solution: str) -> list[tuple[int, str]]:
     return out
 
 
-def _token_targets(items, offsets, label_fn) -> tuple[list[int], list[int], list]:
+def _token_targets(
+    items: Sequence[tuple[str, str]], offsets: Sequence[int], label_fn: Callable[[str], Sequence[tuple[int, Any]]]
+) -> tuple[list[int], list[int], list[Any]]:
     """(batch rows, token positions, targets) of ``label_fn(completion)``'s (character index,
     target) pairs for (problem, completion) items whose completions start at token
     ``offsets[j]``; one token per character."""
-    bi, ti, out = [], [], []
+    bi: list[int] = []
+    ti: list[int] = []
+    out: list[Any] = []
     for j, ((_, comp), off) in enumerate(zip(items, offsets)):
         for pos, target in label_fn(comp):
             bi.append(j)
@@ -548,7 +643,7 @@ def _token_targets(items, offsets, label_fn) -> tuple[list[int], list[int], list
     return bi, ti, out
 
 
-def _synthetic_stream(seed: int, q: float):
+def _synthetic_stream(seed: int, q: float) -> Iterator[tuple[str, str, float]]:
     """Fresh training problems with simulated per-digit slips: (problem, solution, correct)."""
     dev = frozenset(tasks.signature(r["problem"]) for r in dev_set())
     rng = random.Random(f"synthetic:{seed}")
@@ -559,7 +654,7 @@ def _synthetic_stream(seed: int, q: float):
         yield rec["problem"], sol, float(tasks.is_correct(sol, rec["answer"]))
 
 
-def train_verifier(a) -> None:
+def train_verifier(a: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
@@ -569,16 +664,15 @@ def train_verifier(a) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = LlamaForCausalLM.from_pretrained(a.init, dtype=torch.float32)
     c = base.config
-    arch = (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
-            c.num_key_value_heads)
+    arch = arch_of(c)
     n_body = arch[0]
-    arch = (n_body + a.extra_layers,) + arch[1:]
+    arch = (n_body + a.extra_layers, *arch[1:])
     prev_heads = a.prev_token_heads if a.extra_layers else 0
     model = LlamaForSequenceClassification(llama_config(arch, classifier=True, attention_bias=bool(prev_heads)))
     missing, unexpected = model.model.load_state_dict(base.model.state_dict(), strict=False)
     assert not unexpected and all(
-        (k.startswith("layers.") and int(k.split(".")[1]) >= n_body) or k.endswith("_proj.bias")
-        for k in missing), (missing, unexpected)
+        (k.startswith("layers.") and int(k.split(".")[1]) >= n_body) or k.endswith("_proj.bias") for k in missing
+    ), (missing, unexpected)
     if prev_heads:
         with torch.no_grad():
             for layer in model.model.layers:
@@ -599,60 +693,63 @@ def train_verifier(a) -> None:
         # the policy's own layers stay as they are (they already predict every digit); the
         # extra layers and the head learn to compare what was written with what was expected
         for prm in list(model.model.embed_tokens.parameters()) + [
-                q for layer in model.model.layers[:n_body] for q in layer.parameters()]:
+            q for layer in model.model.layers[:n_body] for q in layer.parameters()
+        ]:
             prm.requires_grad_(False)
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]  # transformers' @wraps on PreTrainedModel.to mistypes the bound call
     del base
     synth = _synthetic_stream(a.seed, a.synthetic_q) if a.synthetic > 0 else None
-    rows = [json.loads(x) for x in open(a.samples)]
+    rows = [json.loads(x) for x in Path(a.samples).read_text().splitlines()]
     if a.mixed_only:
         # keep problems whose samples are partly right and partly wrong: the verifier must
         # then tell solutions of the same problem apart instead of predicting difficulty
-        outcome: dict = {}
+        outcome: dict[str, set[bool]] = {}
         for r in rows:
             outcome.setdefault(r["id"], set()).add(bool(r["correct"]))
         rows = [r for r in rows if len(outcome[r["id"]]) == 2]
-    dev_rows = [json.loads(x) for x in open(a.dev_samples)] if a.dev_samples else []
+    dev_rows = [json.loads(x) for x in Path(a.dev_samples).read_text().splitlines()] if a.dev_samples else []
     # within-problem ranking data: distinct completions per problem (correct samples of one
     # problem are often the identical string), problems with both outcomes only, sorted for
     # reproducibility
     groups: list[tuple[str, list[str], list[str]]] = []
     if a.pairwise > 0:
-        by_id: dict = {}
+        by_id: dict[str, tuple[str, dict[str, None], dict[str, None]]] = {}
         for r in rows:
             g = by_id.setdefault(r["id"], (r["problem"], {}, {}))
             (g[1] if r["correct"] else g[2])[r["completion"]] = None
         groups = [(p_, list(c_), list(w_)) for _, (p_, c_, w_) in sorted(by_id.items()) if c_ and w_]
         log(f"verifier: {len(groups)} problems with right and wrong samples for the pairwise loss")
-    log(f"verifier: arch={arch} params={n_params(model):,}; {len(rows)} samples "
-        f"(acc {sum(r['correct'] for r in rows) / len(rows):.3f}), dev {len(dev_rows)}")
+    log(
+        f"verifier: arch={arch} params={n_params(model):,}; {len(rows)} samples "
+        f"(acc {sum(r['correct'] for r in rows) / len(rows):.3f}), dev {len(dev_rows)}"
+    )
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
     if expect_head is not None:
         params += list(expect_head.parameters())
-    opt = torch.optim.AdamW(params, lr=a.lr,
-                            betas=(0.9, 0.98), weight_decay=0.1)
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.98), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * max(0.0, 0.5 * (1 + math.cos(math.pi * s / a.steps))))
+        opt, lambda s: min(1.0, (s + 1) / 100) * max(0.0, 0.5 * (1 + math.cos(math.pi * s / a.steps)))
+    )
 
-    def batchify(items):
+    def batchify(items: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = [T.encode(T.format_scored(p, c)) for p, c in items]
         L = max(map(len, enc))
         ids = torch.full((len(enc), L), T.PAD_ID, dtype=torch.long)
         for j, e in enumerate(enc):
-            ids[j, :len(e)] = torch.tensor(e)  # right padding; last non-pad token is pooled
+            ids[j, : len(e)] = torch.tensor(e)  # right padding; last non-pad token is pooled
         return ids.to(dev), (ids != T.PAD_ID).long().to(dev)
 
-    def score(items, bs=1024):
+    def score(items: Sequence[tuple[str, str]], bs: int = 1024) -> list[float]:
         model.eval()
-        out = []
+        out: list[float] = []
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             for s in range(0, len(items), bs):
-                ids, att = batchify(items[s:s + bs])
+                ids, att = batchify(items[s : s + bs])
                 out += model(input_ids=ids, attention_mask=att).logits[:, 0].float().tolist()
         model.train()
         return out
 
-    def dev_eval():
+    def dev_eval() -> dict[str, float]:
         if not dev_rows:
             return {}
         sc = score([(r["problem"], r["completion"]) for r in dev_rows])
@@ -663,7 +760,7 @@ def train_verifier(a) -> None:
         fp = sum(1 for s_, t in zip(sc, y) if s_ > 0 and not t)
         neg = sum(1 for t in y if not t)
         # best-of-n over each problem's samples
-        by: dict = {}
+        by: dict[str, list[tuple[float, bool]]] = {}
         for s_, r in zip(sc, dev_rows):
             by.setdefault(r["id"], []).append((s_, r["correct"]))
         bo = 0.0
@@ -672,15 +769,21 @@ def train_verifier(a) -> None:
             tied = [ok for x, ok in v if x == top]
             bo += sum(tied) / len(tied)
         bo /= len(by)
-        return {"auroc": auroc(sc, y), "auroc_prefix": auroc(sp, y), "fpr@0.5": fp / max(1, neg),
-                "best_of_group": bo, "pass1": sum(y) / len(y)}
+        return {
+            "auroc": auroc(sc, y),
+            "auroc_prefix": auroc(sp, y),
+            "fpr@0.5": fp / max(1, neg),
+            "best_of_group": bo,
+            "pass1": sum(y) / len(y),
+        }
 
     model.train()
     t0 = time.time()
     hist = []
     best = None
     for step in range(1, a.steps + 1):
-        items, labels = [], []
+        items: list[tuple[str, str]] = []
+        labels: list[float] = []
         n_pair = a.batch // 2 if a.pairwise > 0 else 0
         pairs: list[tuple[int, int]] = []
         while len(items) < n_pair:
@@ -696,11 +799,11 @@ def train_verifier(a) -> None:
                 items.append((p_, comp))
                 labels.append(0.0)
             pairs += [(i, j) for i in c_idx for j in w_idx]
-        n_syn = int(a.batch * a.synthetic) if synth is not None else 0
-        for _ in range(n_syn):
-            p_, sol, ok = next(synth)
-            items.append((p_, sol))
-            labels.append(ok)
+        if synth is not None:
+            for _ in range(int(a.batch * a.synthetic)):
+                p_, sol, ok = next(synth)
+                items.append((p_, sol))
+                labels.append(ok)
         for r in rng.sample(rows, a.batch - len(items)):
             comp = r["completion"]
             if rng.random() < a.prefix_frac:
@@ -727,8 +830,8 @@ def train_verifier(a) -> None:
             bi, ti, sl = _token_targets(items, offsets, dense_labels if a.digit_aux else step_labels)
             if bi:
                 aux = F.binary_cross_entropy_with_logits(
-                    tok_logit[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)],
-                    torch.tensor(sl, device=dev))
+                    tok_logit[torch.tensor(bi, device=dev), torch.tensor(ti, device=dev)], torch.tensor(sl, device=dev)
+                )
                 loss = loss + a.step_aux * aux
         if expect_head is not None:
             bi, ti, tgt = _token_targets(items, offsets, expected_digits)
@@ -753,30 +856,48 @@ def train_verifier(a) -> None:
             hist.append({"step": step, **res})
             log(f"verifier EVAL step {step}: {json.dumps(res)}")
             if a.keep_best and res and (best is None or res["best_of_group"] > best[0]):
-                best = (res["best_of_group"], step,
-                        {k: v.detach().clone() for k, v in model.state_dict().items()})
+                best = (res["best_of_group"], step, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if out_of_time:
             log(f"verifier: stopping at step {step} (--max-minutes / --stop-at)")
             break
     if a.keep_best and best is not None:
         model.load_state_dict(best[2])
         log(f"verifier: keeping step {best[1]} (dev best-of-group {best[0]:.3f})")
-    info = {"kind": "verifier", "arch": list(arch), "params": n_params(model), "seed": a.seed,
-            "steps": step, "batch": a.batch, "lr": a.lr, "prefix_frac": a.prefix_frac,
-            "train_samples": len(rows), "mixed_only": a.mixed_only, "init": "policy body",
-            "pairwise": a.pairwise, "group": a.group, "step_aux": a.step_aux, "pair_problems": len(groups),
-            "digit_aux": a.digit_aux, "extra_layers": a.extra_layers, "freeze_body": a.freeze_body,
-            "prev_token_heads": prev_heads, "expect_aux": a.expect_aux,
-            "synthetic": a.synthetic, "synthetic_q": a.synthetic_q,
-            "kept_step": best[1] if (a.keep_best and best) else a.steps, "dev_history": hist,
-            "train_seconds": round(time.time() - t0, 1)}
+    info = {
+        "kind": "verifier",
+        "arch": list(arch),
+        "params": n_params(model),
+        "seed": a.seed,
+        "steps": step,
+        "batch": a.batch,
+        "lr": a.lr,
+        "prefix_frac": a.prefix_frac,
+        "train_samples": len(rows),
+        "mixed_only": a.mixed_only,
+        "init": "policy body",
+        "pairwise": a.pairwise,
+        "group": a.group,
+        "step_aux": a.step_aux,
+        "pair_problems": len(groups),
+        "digit_aux": a.digit_aux,
+        "extra_layers": a.extra_layers,
+        "freeze_body": a.freeze_body,
+        "prev_token_heads": prev_heads,
+        "expect_aux": a.expect_aux,
+        "synthetic": a.synthetic,
+        "synthetic_q": a.synthetic_q,
+        "kept_step": best[1] if (a.keep_best and best) else a.steps,
+        "dev_history": hist,
+        "train_seconds": round(time.time() - t0, 1),
+    }
     save_model(model, a.out, info)
     log(f"verifier saved to {a.out}")
 
 
 # ----------------------------------------------------------------------------- selection
 
-def select(a) -> None:
+
+def select(a: argparse.Namespace) -> None:
     """Pick the checkpoint whose dev metrics best fit the policy targets."""
     best = None
     for run in a.runs:
@@ -784,17 +905,25 @@ def select(a) -> None:
         for h in hist:
             al = h["all"]
             p1 = al["pass1"]
-            pk = [v for k, v in al.items() if k.startswith("pass") and k != "pass1"][0]
-            mk = [v for k, v in al.items() if k.startswith("maj")][0]
-            viol = (max(0, 0.42 - p1) + max(0, p1 - 0.58) + max(0, 0.90 - h["L1"]["pass1"])
-                    + max(0, h["L5"]["pass1"] - 0.20) + max(0, p1 + 0.12 - mk) + max(0, 0.95 - pk))
+            pk = next(v for k, v in al.items() if k.startswith("pass") and k != "pass1")
+            mk = next(v for k, v in al.items() if k.startswith("maj"))
+            viol = (
+                max(0, 0.42 - p1)
+                + max(0, p1 - 0.58)
+                + max(0, 0.90 - h["L1"]["pass1"])
+                + max(0, h["L5"]["pass1"] - 0.20)
+                + max(0, p1 + 0.12 - mk)
+                + max(0, 0.95 - pk)
+            )
             key = (round(viol, 3), -pk)
             if best is None or key < best[0]:
                 best = (key, run, h["step"], h)
+    if best is None:
+        raise SystemExit("select: no evaluated checkpoints in the given runs")
     print(json.dumps({"run": best[1], "step": best[2], "violation": best[0][0], "metrics": best[3]}))
 
 
-def export(a) -> None:
+def export(a: argparse.Namespace) -> None:
     """Turn a checkpoint written with --ckpt-dir into a model directory."""
     import torch
     from transformers import LlamaForCausalLM
@@ -809,8 +938,18 @@ def export(a) -> None:
         if k in meta:
             hist_meta = meta[k]
             a.info = json.dumps({**json.loads(a.info or "{}"), k: hist_meta})
-    save_model(model, a.out, {"kind": meta["kind"], "arch": meta["arch"], "params": n_params(model),
-                              "steps": step, "dev_history": hist, **json.loads(a.info or "{}")})
+    save_model(
+        model,
+        a.out,
+        {
+            "kind": meta["kind"],
+            "arch": meta["arch"],
+            "params": n_params(model),
+            "steps": step,
+            "dev_history": hist,
+            **json.loads(a.info or "{}"),
+        },
+    )
     log(f"exported {a.ckpt} -> {a.out}")
 
 
@@ -828,14 +967,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--warmup", type=int, default=300)
         p.add_argument("--workers", type=int, default=3)
         p.add_argument("--arch", default=None, help="layers,hidden,intermediate,heads,kv_heads")
-        p.add_argument("--noise", type=float, default=0.0,
-                       help="probability of a simulated slip (per step or per digit, --noise-unit)")
+        p.add_argument(
+            "--noise",
+            type=float,
+            default=0.0,
+            help="probability of a simulated slip (per step or per digit, --noise-unit)",
+        )
         p.add_argument("--noise-unit", choices=("step", "digit", "size"), default="step")
-        p.add_argument("--floor-div", action="store_true",
-                       help="after a slip, an inexact division writes the floored quotient (instead "
-                            "of dropping the slips of that solution)")
+        p.add_argument(
+            "--floor-div",
+            action="store_true",
+            help="after a slip, an inexact division writes the floored quotient (instead "
+            "of dropping the slips of that solution)",
+        )
         p.add_argument("--init", default=None, help="continue from a model directory or a --ckpt-dir checkpoint")
-        p.add_argument("--eval-every", type=int, default=0)  # noqa
+        p.add_argument("--eval-every", type=int, default=0)
         p.add_argument("--eval-n", type=int, default=16)
         p.add_argument("--ckpt-dir", default=None)
     s = sub.add_parser("sample")
@@ -859,28 +1005,50 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--eval-every", type=int, default=250)
     v.add_argument("--mixed-only", action="store_true")
     v.add_argument("--keep-best", action="store_true", help="keep the step with the best dev best-of-n")
-    v.add_argument("--pairwise", type=float, default=0.0,
-                   help="weight of a within-problem Bradley-Terry loss (half of each batch: groups of "
-                        "distinct right and wrong samples of one problem); BCE stays on")
+    v.add_argument(
+        "--pairwise",
+        type=float,
+        default=0.0,
+        help="weight of a within-problem Bradley-Terry loss (half of each batch: groups of "
+        "distinct right and wrong samples of one problem); BCE stays on",
+    )
     v.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long")
-    v.add_argument("--stop-at", type=int, default=0,
-                   help="stop at this step (the learning-rate schedule still spans --steps)")
+    v.add_argument(
+        "--stop-at", type=int, default=0, help="stop at this step (the learning-rate schedule still spans --steps)"
+    )
     v.add_argument("--group", type=int, default=4, help="samples per problem in a pairwise group")
-    v.add_argument("--step-aux", type=float, default=0.0,
-                   help="weight of a dense BCE at each line end: were all steps so far arithmetically right")
-    v.add_argument("--digit-aux", action="store_true",
-                   help="with --step-aux: also label every digit of every step's result")
-    v.add_argument("--expect-aux", type=float, default=0.0,
-                   help="weight of a training-only loss: predict, at each result digit, the digit "
-                        "that belongs there (teaches the reader to hold the expected digit where it "
-                        "can compare it with the written one)")
+    v.add_argument(
+        "--step-aux",
+        type=float,
+        default=0.0,
+        help="weight of a dense BCE at each line end: were all steps so far arithmetically right",
+    )
+    v.add_argument(
+        "--digit-aux", action="store_true", help="with --step-aux: also label every digit of every step's result"
+    )
+    v.add_argument(
+        "--expect-aux",
+        type=float,
+        default=0.0,
+        help="weight of a training-only loss: predict, at each result digit, the digit "
+        "that belongs there (teaches the reader to hold the expected digit where it "
+        "can compare it with the written one)",
+    )
     v.add_argument("--extra-layers", type=int, default=0, help="layers added on top of the policy body")
     v.add_argument("--freeze-body", action="store_true", help="train only the extra layers, norm and head")
-    v.add_argument("--prev-token-heads", type=int, default=0,
-                   help="with --extra-layers: start this many heads of the first extra layer as "
-                        "previous-token heads (adds attention biases to the architecture)")
-    v.add_argument("--synthetic", type=float, default=0.0,
-                   help="share of each batch drawn from fresh problems with simulated slips")
+    v.add_argument(
+        "--prev-token-heads",
+        type=int,
+        default=0,
+        help="with --extra-layers: start this many heads of the first extra layer as "
+        "previous-token heads (adds attention biases to the architecture)",
+    )
+    v.add_argument(
+        "--synthetic",
+        type=float,
+        default=0.0,
+        help="share of each batch drawn from fresh problems with simulated slips",
+    )
     v.add_argument("--synthetic-q", type=float, default=0.04, help="per-digit slip rate of those")
     se = sub.add_parser("select")
     se.add_argument("runs", nargs="+")
