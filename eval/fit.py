@@ -18,139 +18,30 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
+from ttscale.curves import MODELS, ArrayLike, FitResult, _saturating_exp, _saturating_power, saturation_point
+
 __all__ = [
-    "FitResult",
     "MODELS",
+    "FitResult",
+    "difficulty_bins",
     "fit_coverage_power_law",
-    "fit_selected_accuracy_ceiling",
     "fit_saturating_exponential",
-    "saturation_point",
-    "flaws_accuracy",
-    "flaws_fp",
+    "fit_selected_accuracy_ceiling",
     "flaws_abstain",
+    "flaws_accuracy",
     "flaws_ceiling",
     "flaws_expected_utility",
+    "flaws_fp",
     "flaws_optimal_k",
-    "difficulty_bins",
     "recommend_k",
+    "saturation_point",
 ]
-
-ArrayLike = float | Sequence[float] | np.ndarray
-
-# --------------------------------------------------------------------------------------------
-# Model registry and the fit result
-# --------------------------------------------------------------------------------------------
-
-
-def _power_law_coverage(k: np.ndarray, a: float, b: float) -> np.ndarray:
-    return np.exp(a * np.power(k, b))
-
-
-def _saturating_power(k: np.ndarray, A_inf: float, A_1: float, beta: float) -> np.ndarray:
-    return A_inf - (A_inf - A_1) * np.power(k, -beta)
-
-
-def _saturating_exp(k: np.ndarray, F_max: float, p: float) -> np.ndarray:
-    return F_max * (1.0 - np.power(1.0 - p, k))
-
-
-#: name → (parameter names, model function f(k, *params)).
-MODELS: dict[str, tuple[tuple[str, ...], Callable[..., np.ndarray]]] = {
-    "coverage_power_law": (("a", "b"), _power_law_coverage),
-    "selected_accuracy_ceiling": (("A_inf", "A_1", "beta"), _saturating_power),
-    "saturating_exponential": (("F_max", "p"), _saturating_exp),
-}
-
-
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def _none_to_nan(x: Any) -> Any:
-    return float("nan") if x is None else x
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """A fitted (or unfittable) curve.
-
-    Attributes:
-        name: model name, a key of :data:`MODELS` (decides what ``predict`` computes).
-        params: fitted parameters by name (NaN when not fittable).
-        stderr: standard errors from the fit covariance (NaN when unavailable).
-        r2, rmse: goodness of fit in the space the residuals were minimised in (see each fit).
-        n_points: number of points the fit used.
-        fittable: False when the data cannot support the model; ``reason`` says why.
-        extra: further JSON-compatible details (fit method, fit space, comparison values).
-    """
-
-    name: str
-    params: dict[str, float]
-    stderr: dict[str, float]
-    r2: float
-    rmse: float
-    n_points: int
-    fittable: bool = True
-    reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.name not in MODELS:
-            raise ValueError(f"unknown model {self.name!r}; known: {sorted(MODELS)}")
-
-    def predict(self, k: ArrayLike) -> np.ndarray:
-        """Model value at budget(s) ``k`` (always an ndarray). Raises ValueError if not fittable."""
-        if not self.fittable:
-            raise ValueError(f"{self.name} fit is not usable: {self.reason}")
-        names, f = MODELS[self.name]
-        kk = np.asarray(k, dtype=np.float64)
-        return np.asarray(f(kk, *(self.params[p] for p in names)), dtype=np.float64)
-
-    def saturation(self, eps: float = 1e-3) -> int:
-        """Saturation point (:func:`saturation_point`) of a ``saturating_exponential`` fit."""
-        if self.name != "saturating_exponential":
-            raise TypeError(f"saturation() needs a saturating_exponential fit, not {self.name}")
-        if not self.fittable:
-            raise ValueError(f"fit is not usable: {self.reason}")
-        return saturation_point(self.params["p"], F_max=self.params["F_max"], eps=eps)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (non-finite floats become None)."""
-        return {
-            "name": self.name,
-            "params": {k: _nan_to_none(float(v)) for k, v in self.params.items()},
-            "stderr": {k: _nan_to_none(float(v)) for k, v in self.stderr.items()},
-            "r2": _nan_to_none(float(self.r2)),
-            "rmse": _nan_to_none(float(self.rmse)),
-            "n_points": int(self.n_points),
-            "fittable": bool(self.fittable),
-            "reason": self.reason,
-            "extra": {k: _nan_to_none(v) for k, v in self.extra.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FitResult:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            name=d["name"],
-            params={k: float(_none_to_nan(v)) for k, v in d["params"].items()},
-            stderr={k: float(_none_to_nan(v)) for k, v in d["stderr"].items()},
-            r2=float(_none_to_nan(d["r2"])),
-            rmse=float(_none_to_nan(d["rmse"])),
-            n_points=int(d["n_points"]),
-            fittable=bool(d.get("fittable", True)),
-            reason=str(d.get("reason", "")),
-            extra={k: _none_to_nan(v) for k, v in dict(d.get("extra", {})).items()},
-        )
 
 
 def _unfittable(name: str, reason: str, n_points: int, **extra: Any) -> FitResult:
@@ -271,8 +162,13 @@ def fit_coverage_power_law(ks: ArrayLike, coverage: ArrayLike, *, n_grid: int = 
         r2=r2,
         rmse=rmse,
         n_points=int(k.size),
-        extra={"method": method, "space": "log_coverage", "rmse_coverage": rmse_c,
-               "k_min": float(k.min()), "k_max": float(k.max())},
+        extra={
+            "method": method,
+            "space": "log_coverage",
+            "rmse_coverage": rmse_c,
+            "k_min": float(k.min()),
+            "k_max": float(k.max()),
+        },
     )
 
 
@@ -338,12 +234,12 @@ def fit_selected_accuracy_ceiling(
         raise ValueError("r_per_problem, c and s must be given together")
     k, y = _clean_xy(ks, accuracy)
     extra: dict[str, Any] = {"space": "accuracy"}
-    if all(given):
+    if r_per_problem is not None and c is not None and s is not None:
         r = np.asarray(r_per_problem, dtype=np.float64).ravel()
-        ceil_i = np.nan_to_num(flaws_ceiling(r, c, s), nan=0.0)  # type: ignore[arg-type]
+        ceil_i = np.nan_to_num(flaws_ceiling(r, c, s), nan=0.0)
         extra["flaws_ceiling"] = float(np.mean(ceil_i))
         if k.size:
-            mix = np.mean(flaws_accuracy(r[None, :], c, s, k[:, None]), axis=1)  # type: ignore[arg-type]
+            mix = np.mean(flaws_accuracy(r[None, :], c, s, k[:, None]), axis=1)
             extra["flaws_rmse"] = float(np.sqrt(np.mean((mix - y) ** 2)))
     if k.size < 3:
         return _unfittable(name, f"{k.size} distinct budgets (need >= 3)", int(k.size), **extra)
@@ -393,7 +289,8 @@ def fit_saturating_exponential(ks: ArrayLike, y: ArrayLike) -> FitResult:
         return _unfittable(name, f"{k.size} distinct budgets (need >= 3)", int(k.size))
 
     def basis(kk: np.ndarray, p: float) -> np.ndarray:
-        return (1.0 - np.power(1.0 - p, kk))[:, None]
+        col: np.ndarray = (1.0 - np.power(1.0 - p, kk))[:, None]
+        return col
 
     grid = np.concatenate([np.logspace(-5, np.log10(0.5), 100), 1.0 - np.logspace(np.log10(0.5), -6, 60)[1:]])
     p0, coef, _ = _profile_fit(k, v, basis, grid)
@@ -402,8 +299,14 @@ def fit_saturating_exponential(ks: ArrayLike, y: ArrayLike) -> FitResult:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OptimizeWarning)
-            popt, pcov = curve_fit(_saturating_exp, k, v, p0=(min(F0, 1 - 1e-9), min(max(p0, 1e-9), 1 - 1e-9)),
-                                   bounds=([0.0, 0.0], [1.0, 1.0]), maxfev=20000)
+            popt, pcov = curve_fit(
+                _saturating_exp,
+                k,
+                v,
+                p0=(min(F0, 1 - 1e-9), min(max(p0, 1e-9), 1 - 1e-9)),
+                bounds=([0.0, 0.0], [1.0, 1.0]),
+                maxfev=20000,
+            )
     except (RuntimeError, ValueError):
         method = "profile_grid"
         popt, pcov = np.array([F0, p0]), None
@@ -420,51 +323,32 @@ def fit_saturating_exponential(ks: ArrayLike, y: ArrayLike) -> FitResult:
     )
 
 
-def saturation_point(p: float, F_max: float = 1.0, eps: float = 1e-3) -> int:
-    """Smallest budget N >= 1 whose next unit gains at most ``eps``: ``F_max·p·(1−p)^N <= eps``.
-
-    ``N* = ⌈ln(eps/(F_max·p)) / ln(1 − p)⌉`` clamped to >= 1; N* = 1 when ``F_max·p <= eps``
-    (including p = 0) or p = 1. The ceiling ignores float noise of 1e-9 so exact boundary cases
-    (e.g. p = 0.5, eps = 0.125 → 2) are not pushed up by rounding.
-    """
-    p, F_max, eps = float(p), float(F_max), float(eps)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be in [0, 1], got {p}")
-    if not 0.0 < F_max <= 1.0:
-        raise ValueError(f"F_max must be in (0, 1], got {F_max}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if p >= 1.0 or F_max * p <= eps:
-        return 1
-    n = math.log(eps / (F_max * p)) / math.log1p(-p)
-    return max(1, math.ceil(n - 1e-9))
-
-
 # --------------------------------------------------------------------------------------------
 # Verifier-limited resampling (completeness c, soundness s)
 # --------------------------------------------------------------------------------------------
 
 
-def _flaws_parts(r: ArrayLike, c: ArrayLike, s: ArrayLike):
-    r, c, s = (np.asarray(x, dtype=np.float64) for x in (r, c, s))
-    for nm, x in (("r", r), ("c", c), ("s", s)):
+def _flaws_parts(r: ArrayLike, c: ArrayLike, s: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rv, cv, sv = (np.asarray(x, dtype=np.float64) for x in (r, c, s))
+    for nm, x in (("r", rv), ("c", cv), ("s", sv)):
         if np.any((x < 0) | (x > 1)):
             raise ValueError(f"{nm} must lie in [0, 1]")
-    tp = c * r  # correct and accepted
-    fp = (1.0 - s) * (1.0 - r)  # incorrect and accepted
-    beta = (1.0 - c) * r + s * (1.0 - r)  # rejected
+    tp = cv * rv  # correct and accepted
+    fp = (1.0 - sv) * (1.0 - rv)  # incorrect and accepted
+    beta = (1.0 - cv) * rv + sv * (1.0 - rv)  # rejected
     return tp, fp, beta
 
 
 def _accept_within(tp_or_fp: np.ndarray, beta: np.ndarray, K: ArrayLike) -> np.ndarray:
     """x·(1 − β^K)/(1 − β) written as x/q·(1 − β^K), q = 1 − β = tp + fp; 0 where q = 0."""
-    K = np.asarray(K, dtype=np.float64)
-    if np.any(K < 0):
+    Kv = np.asarray(K, dtype=np.float64)
+    if np.any(Kv < 0):
         raise ValueError("K must be >= 0")
     q = 1.0 - beta
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(q > 0, tp_or_fp / np.where(q > 0, q, 1.0), 0.0)
-    return ratio * (1.0 - np.power(beta, K))
+    out: np.ndarray = ratio * (1.0 - np.power(beta, Kv))
+    return out
 
 
 def flaws_accuracy(r: ArrayLike, c: ArrayLike, s: ArrayLike, K: ArrayLike) -> np.ndarray | float:
@@ -472,14 +356,14 @@ def flaws_accuracy(r: ArrayLike, c: ArrayLike, s: ArrayLike, K: ArrayLike) -> np
 
     ``β = (1−c)·r + s·(1−r)`` is the per-attempt rejection probability. Broadcasts; K may be inf.
     """
-    tp, fp, beta = _flaws_parts(r, c, s)
+    tp, _fp, beta = _flaws_parts(r, c, s)
     out = _accept_within(tp, beta, K)
     return float(out) if np.ndim(out) == 0 else out
 
 
 def flaws_fp(r: ArrayLike, c: ArrayLike, s: ArrayLike, K: ArrayLike) -> np.ndarray | float:
     """P(a false positive is returned within K attempts) = ``(1−s)(1−r)·(1 − β^K)/(1 − β)``."""
-    tp, fp, beta = _flaws_parts(r, c, s)
+    _tp, fp, beta = _flaws_parts(r, c, s)
     out = _accept_within(fp, beta, K)
     return float(out) if np.ndim(out) == 0 else out
 

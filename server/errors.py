@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +36,7 @@ STATUS: list[tuple[type[TTScaleError], int, str]] = [
 ]
 
 
-def error_body(message: str, type_: str, param: str | None, code: str | int | None) -> dict:
+def error_body(message: str, type_: str, param: str | None, code: str | int | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -48,18 +49,22 @@ def status_of(exc: TTScaleError) -> tuple[int, str]:
     return 500, "internal_error"
 
 
-def to_response(exc: BaseException) -> JSONResponse:
+def error_json(exc: BaseException) -> dict[str, Any]:
+    """The OpenAI error body of ``exc`` (what a stream sends as its last event)."""
     if isinstance(exc, TTScaleError):
-        status, type_ = status_of(exc)
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, OverloadedError) else None
-        return JSONResponse(error_body(exc.message, type_, exc.param, exc.code), status_code=status,
-                            headers=headers)
+        _, type_ = status_of(exc)
+        return error_body(exc.message, type_, exc.param, exc.code)
     log.exception("unhandled error", exc_info=exc)
-    return JSONResponse(error_body("internal server error", "internal_error", None, "internal_error"),
-                        status_code=500)
+    return error_body("internal server error", "internal_error", None, "internal_error")
 
 
-def _validation_param(loc: tuple) -> str | None:
+def to_response(exc: BaseException) -> JSONResponse:
+    status = status_of(exc)[0] if isinstance(exc, TTScaleError) else 500
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, OverloadedError) else None
+    return JSONResponse(error_json(exc), status_code=status, headers=headers)
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p != "body"]
     # drop pydantic's union-branch markers such as "str" / "list[int]" / "function-after[...]"
     parts = [p for p in parts if not (p[:1].islower() and ("[" in p or p in ("str", "int", "list")))]
@@ -68,30 +73,28 @@ def _validation_param(loc: tuple) -> str | None:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(TTScaleError)
-    async def _tts(_: Request, exc: TTScaleError):
+    async def _tts(_: Request, exc: TTScaleError) -> JSONResponse:
         return to_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
         param = _validation_param(tuple(first.get("loc", ())))
-        msg = first.get("msg", "invalid request")
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             msg, param = "the request body is not valid JSON", None
         elif first.get("type") == "missing":
-            msg = f"missing required parameter {param!r}"
+            msg = f"missing required parameter {param!r}" if param else "the request has no body"
         else:
             msg = f"invalid parameter {param!r}: {msg}" if param else msg
-        return JSONResponse(error_body(msg, "invalid_request_error", param, "invalid_value"),
-                            status_code=400)
+        return JSONResponse(error_body(msg, "invalid_request_error", param, "invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), type_, None, exc.status_code),
-                            status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), type_, None, exc.status_code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _any(_: Request, exc: Exception):
+    async def _any(_: Request, exc: Exception) -> JSONResponse:
         return to_response(exc)

@@ -4,40 +4,45 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ttscale.engine import ModelPool
+from ttscale.run import StrategyResult, Usage
+
 SAMPLE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class Metrics:
-    def __init__(self, pool) -> None:
+    def __init__(self, pool: ModelPool) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("ttscale_requests", "Requests answered", ["endpoint", "strategy", "status"],
-                                registry=r)
+        self.requests = Counter("ttscale_requests", "Requests answered", ["endpoint", "strategy", "status"], registry=r)
         self.in_flight = Gauge("ttscale_requests_in_flight", "Requests being served", registry=r)
-        self.latency = Histogram("ttscale_request_seconds", "Request latency", ["strategy"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.samples = Histogram("ttscale_samples_per_request", "Samples drawn per request", ["strategy"],
-                                 buckets=SAMPLE_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "ttscale_request_seconds", "Request latency", ["strategy"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.samples = Histogram(
+            "ttscale_samples_per_request", "Samples drawn per request", ["strategy"], buckets=SAMPLE_BUCKETS, registry=r
+        )
         self.tokens = Counter("ttscale_tokens", "Tokens processed", ["model", "kind"], registry=r)
-        self.stops = Counter("ttscale_stop_reasons", "Why sampling ended", ["strategy", "reason"],
-                             registry=r)
-        self.tokens_saved = Counter("ttscale_tokens_saved", "Tokens adaptive budgets saved vs the fixed-K plan",
-                                    ["strategy"], registry=r)
-        self.disconnects = Counter("ttscale_client_disconnects", "Clients that left before the answer",
-                                   registry=r)
-        self.engine_running = Gauge("ttscale_engine_requests_running",
-                                    "Requests the engine holds, per model", ["model"], registry=r)
+        self.stops = Counter("ttscale_stop_reasons", "Why sampling ended", ["strategy", "reason"], registry=r)
+        self.tokens_saved = Counter(
+            "ttscale_tokens_saved", "Tokens adaptive budgets saved vs the fixed-K plan", ["strategy"], registry=r
+        )
+        self.disconnects = Counter("ttscale_client_disconnects", "Clients that left before the answer", registry=r)
+        self.engine_running = Gauge(
+            "ttscale_engine_requests_running", "Requests the engine holds, per model", ["model"], registry=r
+        )
         self._pool = pool
 
-    def observe(self, strategy: str, result_info: dict, seconds: float) -> None:
+    def observe(self, strategy: str, result: StrategyResult, seconds: float) -> None:
         """A request answered in full."""
         self.latency.labels(strategy).observe(seconds)
-        self.samples.labels(strategy).observe(result_info.get("samples_used", 0))
-        self.stops.labels(strategy, str(result_info.get("stop_reason", "complete"))).inc()
-        if result_info.get("tokens_saved"):
-            self.tokens_saved.labels(strategy).inc(result_info["tokens_saved"])
+        self.samples.labels(strategy).observe(result.samples_used)
+        self.stops.labels(strategy, result.stop_reason.value).inc()
+        saved = result.details.get("tokens_saved")
+        if isinstance(saved, int) and saved > 0:
+            self.tokens_saved.labels(strategy).inc(saved)
 
-    def count_tokens(self, usage) -> None:
+    def count_tokens(self, usage: Usage) -> None:
         """Every request's tokens, answered or not (a dropped client's tokens were spent too)."""
         for name, m in usage.models.items():
             self.tokens.labels(name, "prompt").inc(m.prompt_tokens)

@@ -6,12 +6,13 @@ object is validated by the strategy it names.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 MAX_N = 256
 MAX_STOP = 16
+MAX_TOKEN_ID = 2**31  # beyond any vocabulary
 
 
 class TextPart(BaseModel):
@@ -85,17 +86,36 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs=true")
+        return v
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continue(cls, v: bool, info: ValidationInfo) -> bool:
+        msgs = info.data.get("messages")
+        if v and msgs and msgs[-1].role != "assistant":
+            raise ValueError("continue_final_message needs a final assistant message")
+        return v
+
+    _max_tokens_param: str = PrivateAttr(default="max_tokens")
+
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs=true")
-        if self.continue_final_message and self.messages[-1].role != "assistant":
-            raise ValueError("continue_final_message needs a final assistant message")
+            self._max_tokens_param = "max_completion_tokens"
         return self
 
-    def message_dicts(self) -> list[dict[str, str]]:
+    @property
+    def max_tokens_param(self) -> str:
+        """The parameter the client set the completion length with."""
+        return self._max_tokens_param
+
+    def message_dicts(self) -> list[dict[str, Any]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
     @property
@@ -104,7 +124,7 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[Annotated[int, Field(ge=0, lt=MAX_TOKEN_ID)]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -119,18 +139,108 @@ class CompletionRequest(_Common):
                 if len(v) != 1:
                     raise ValueError("send one prompt per request (a list of one string is fine)")
                 return v[0]
-            if any(t < 0 for t in v):
-                raise ValueError("token ids must be non-negative")
         elif v == "":
             raise ValueError("prompt must not be empty")
         return v
 
-    @model_validator(mode="after")
-    def _check(self) -> CompletionRequest:
-        if self.suffix:
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v:
             raise ValueError("suffix is not supported")
-        return self
+        return v
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens"
 
     @property
     def logprobs_k(self) -> int | None:
         return self.logprobs
+
+    def prompt_input(self) -> str | list[int]:
+        """The prompt as validated: one string or token ids (a list of one string is unpacked)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return p
+        if p and isinstance(p[0], str):
+            return str(p[0])
+        return [int(t) for t in p]
+
+
+# -- responses (published in /openapi.json; the bodies are built by ttscale.server.render) -------
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SampleOut(BaseModel):
+    """One drawn sample (``ttscale.return_samples``)."""
+
+    model_config = ConfigDict(extra="allow")  # per-strategy details: answer, cluster, score, role
+    index: int
+    text: str
+    finish_reason: str | None
+    tokens: int
+    mean_logprob: float | None
+
+
+class TTScaleOut(BaseModel):
+    """What the request's strategy did and spent."""
+
+    model_config = ConfigDict(extra="allow")  # strategy-specific details (votes, waves, ...)
+    strategy: str
+    samples_used: int
+    stop_reason: str
+    selected_index: int | None
+    answer: str | None = None
+    scores: list[float | None] | None = None
+    budget: dict[str, Any] = Field(description="the request's budget")
+    budget_in_effect: dict[str, Any] | None = Field(
+        default=None, description="the budget the strategy ran under, where it differs (auto)"
+    )
+    usage: dict[str, Any] = Field(description="aborted tokens and per-model usage")
+    elapsed_ms: float
+    samples: list[SampleOut] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoiceOut(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: dict[str, Any] | None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoiceOut]
+    usage: UsageOut
+    ttscale: TTScaleOut
+
+
+class CompletionChoiceOut(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None
+    finish_reason: str
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoiceOut]
+    usage: UsageOut
+    ttscale: TTScaleOut

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -73,32 +74,40 @@ class Server:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)  # graceful: the server shuts its engines down
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
         # the server runs in its own session: nothing it started may outlive it
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self.proc.wait()
 
 
-def start_server(models: list[str], log: Path, *extra: str, python_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> Server:
+def start_server(
+    models: list[str], log: Path, *extra: str, python_args: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> Server:
     """A ttscale server on a free loopback port, ready (/health 200). ``python_args`` go before
     ``-m ttscale.cli`` (e.g. a profiler: ``("-m", "cProfile", "-o", path)``)."""
     port = free_port()
     # -P: a checkout in the working directory must not shadow the installed package
-    args = [sys.executable, "-P", *python_args, "-m", "ttscale.cli", "serve", "--port", str(port),
-            "--log-level", "warning"]
+    args = [
+        sys.executable,
+        "-P",
+        *python_args,
+        "-m",
+        "ttscale.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     for m in models:
         args += ["--model", m]
     args += SERVER_ARGS + list(extra)
-    fh = open(log, "wb")
-    proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    fh = open(log, "wb")  # noqa: SIM115 - the server writes its log here for as long as it runs
+    proc = subprocess.Popen(
+        args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+    )
     srv = Server(proc, port, log)
     t0 = time.monotonic()
     while time.monotonic() - t0 < START_TIMEOUT_S:

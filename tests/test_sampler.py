@@ -13,8 +13,9 @@ from ttscale.strategies import RunContext, Sampler, get_strategy
 
 def ctx_for(engine, budget=Budget(), n=1, **s):
     settings = SamplingSettings(**{"max_tokens": 50, "seed": 0, **s})
-    return RunContext(pool=ModelPool([engine]), model=engine, prompt="q", settings=settings, n=n,
-                      budget=budget, request_id="t")
+    return RunContext(
+        pool=ModelPool([engine]), model=engine, prompt="q", settings=settings, n=n, budget=budget, request_id="t"
+    )
 
 
 def long_text(prompt, s):
@@ -41,7 +42,7 @@ async def test_token_budget_never_exceeded(tokens):
     cands = await sampler.run(ctx.settings.replicate(16))
     used = sum(c.num_tokens for c in cands)
     assert 0 < used <= tokens
-    assert ctx.budget_tokens_used == used
+    assert ctx.ledger.tokens_spent == used
     assert sampler.stop_reason in ("token_budget", "complete")
 
 
@@ -102,8 +103,12 @@ def test_parse_budget():
     assert parse_budget(None) == Budget()
     assert parse_budget("auto").auto
     assert parse_budget({"samples": 4, "tokens": 100}).tokens == 100
-    for bad, param in [({"samples": 0}, "ttscale.budget.samples"), ("x", "ttscale.budget"),
-                       ({"deadline_ms": -1}, "ttscale.budget.deadline_ms"), (3, "ttscale.budget")]:
+    for bad, param in [
+        ({"samples": 0}, "ttscale.budget.samples"),
+        ("x", "ttscale.budget"),
+        ({"deadline_ms": -1}, "ttscale.budget.deadline_ms"),
+        (3, "ttscale.budget"),
+    ]:
         with pytest.raises(InvalidRequestError) as e:
             parse_budget(bad)
         assert e.value.param == param

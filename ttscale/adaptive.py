@@ -26,6 +26,7 @@ the embedded model's ships with the package.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ class Bucket:
         if fit is not None and getattr(fit, "fittable", False):
             try:
                 return float(fit.predict([k])[0])
-            except Exception:  # noqa: BLE001 - a broken fit falls back to the points
+            except Exception:
                 pass
         ks, ys = self.points.get("k"), self.points.get(curve)
         if not ks or not ys:
@@ -62,7 +63,7 @@ class Bucket:
             return None
         if lk <= pts[0][0]:
             return pts[0][1]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
             if lk <= x1:
                 return y0 + (y1 - y0) * (lk - x0) / (x1 - x0 or 1)
         return pts[-1][1]
@@ -78,7 +79,7 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        from ttscale.eval.fit import FitResult
+        from ttscale.curves import FitResult
 
         d = json.loads(Path(path).read_text())
         buckets = []
@@ -87,12 +88,24 @@ class Profile:
             for name, fd in (b.get("curves") or {}).items():
                 try:
                     curves[name] = FitResult.from_dict(fd) if fd else None
-                except Exception:  # noqa: BLE001 - unknown fit kinds are skipped
+                except Exception:
                     curves[name] = None
-            buckets.append(Bucket(name=str(b.get("name")), pass1=float(b.get("pass1", 0.0)), curves=curves,
-                                  points=b.get("points") or {}, recommended=b.get("recommended") or {}))
-        return cls(model=d.get("model", ""), buckets=buckets, tokens_per_sample=d.get("tokens_per_sample"),
-                   k_max=d.get("k_max"), source=str(path))
+            buckets.append(
+                Bucket(
+                    name=str(b.get("name")),
+                    pass1=float(b.get("pass1", 0.0)),
+                    curves=curves,
+                    points=b.get("points") or {},
+                    recommended=b.get("recommended") or {},
+                )
+            )
+        return cls(
+            model=d.get("model", ""),
+            buckets=buckets,
+            tokens_per_sample=d.get("tokens_per_sample"),
+            k_max=d.get("k_max"),
+            source=str(path),
+        )
 
     def bucket_for(self, p1: float) -> Bucket | None:
         if not self.buckets:
@@ -101,16 +114,9 @@ class Profile:
 
 
 def default_profile_path(model_name: str) -> Path | None:
-    p = Path(__file__).resolve().parent.parent / "eval" / "profiles" / f"{model_name}.json"
-    if p.is_file():
-        return p
-    try:  # installed layout: ttscale/eval/profiles
-        import ttscale.eval as ev
-
-        q = Path(ev.__file__).resolve().parent / "profiles" / f"{model_name}.json"
-        return q if q.is_file() else None
-    except ImportError:
-        return None
+    """The budget profile shipped for ``model_name`` (``ttscale/profiles``), if any."""
+    p = Path(__file__).resolve().parent / "profiles" / f"{model_name}.json"
+    return p if p.is_file() else None
 
 
 def load_profile(model_name: str, path: str | Path | None = None) -> Profile | None:
@@ -132,15 +138,26 @@ class Decision:
     predicted_accuracy: float | None
 
 
-def decide(counts: list[int], answered: int, drawn: int, *, wave: int, profile: Profile | None,
-           curve: str, confidence: float, target: float | None, tokens_per_sample: float,
-           token_cost: float) -> Decision:
+def decide(
+    counts: list[int],
+    answered: int,
+    drawn: int,
+    *,
+    wave: int,
+    profile: Profile | None,
+    curve: str,
+    confidence: float,
+    target: float | None,
+    tokens_per_sample: float,
+    token_cost: float,
+) -> Decision:
     """One stopping decision after a wave (see the module docstring for the formulas)."""
     a = counts[0] if counts else 0
     b = counts[1] if len(counts) > 1 else 0
     p_major = beta_stop_probability(a, b) if a else 0.0
     p1 = a / answered if answered else 0.0
     bucket = profile.bucket_for(p1) if profile else None
+    name = bucket.name if bucket is not None else None
     gain = cost = acc = None
     if bucket is not None:
         now, nxt = bucket.accuracy(curve, drawn), bucket.accuracy(curve, drawn + wave)
@@ -148,9 +165,9 @@ def decide(counts: list[int], answered: int, drawn: int, *, wave: int, profile: 
             gain, acc = max(0.0, nxt - now), now
             cost = wave * tokens_per_sample * token_cost
     if a and p_major >= confidence:
-        return Decision(True, "confident", p_major, p1, bucket and bucket.name, gain, cost, acc)
+        return Decision(True, "confident", p_major, p1, name, gain, cost, acc)
     if target is not None and acc is not None and acc >= target and p_major >= target:
-        return Decision(True, "target_reached", p_major, p1, bucket and bucket.name, gain, cost, acc)
+        return Decision(True, "target_reached", p_major, p1, name, gain, cost, acc)
     if gain is not None and cost is not None and gain < cost:
-        return Decision(True, "marginal_gain", p_major, p1, bucket and bucket.name, gain, cost, acc)
-    return Decision(False, None, p_major, p1, bucket and bucket.name, gain, cost, acc)
+        return Decision(True, "marginal_gain", p_major, p1, name, gain, cost, acc)
+    return Decision(False, None, p_major, p1, name, gain, cost, acc)

@@ -46,7 +46,8 @@ def parse_budget(value: Any, *, param: str = "ttscale.budget") -> Budget:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
-        raise InvalidRequestError(f"invalid budget: {loc}: {err['msg']}",
-                                  param=f"{param}.{loc}" if loc else param) from None
+        raise InvalidRequestError(
+            f"invalid budget: {loc}: {err['msg']}", param=f"{param}.{loc}" if loc else param
+        ) from None
     except TypeError as e:
         raise InvalidRequestError(f"invalid budget: {e}", param=param) from None

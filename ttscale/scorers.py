@@ -18,31 +18,60 @@ import abc
 import asyncio
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from ttscale.engine import Candidate, Engine, PromptInput, SamplingSettings
 from ttscale.errors import InvalidRequestError
-from ttscale.strategies.base import RunContext, StrategyOptions
+from ttscale.run import RunContext, StrategyOptions
 
 ScorerName = Literal["verifier", "logprob", "confidence", "judge"]
 
-JUDGE_TEMPLATE = ("Problem:\n{problem}\n\nProposed solution:\n{solution}\n\n"
-                  "Is the proposed solution correct? Answer yes or no.")
+JUDGE_TEMPLATE = (
+    "Problem:\n{problem}\n\nProposed solution:\n{solution}\n\nIs the proposed solution correct? Answer yes or no."
+)
 
 
 class ScorerOptions(StrategyOptions):
-    """Options of strategies that score candidates."""
+    """Which scorer rates the candidates and how: the ``scorer`` field of a scoring strategy's
+    options. A request may give just its name (``"scorer": "judge"``); the scorer's settings
+    may also sit beside it at the top of the ``ttscale`` object (``"verifier": "v"``)."""
 
-    scorer: ScorerName = "verifier"
+    name: ScorerName = "verifier"
     verifier: str | None = Field(default=None, description="scoring model (default: the first served)")
     judge_model: str | None = Field(default=None, description="judge model (default: the policy)")
     logprob: Literal["mean", "min", "sum"] = Field(
-        default="mean", description="logprob scorer: mean token log-prob, the least likely token, or the sum")
-    confidence: Literal["lowest_group", "bottom_10", "tail", "mean"] = "lowest_group"
+        default="mean", description="logprob scorer: mean token log-prob, the least likely token, or the sum"
+    )
+    confidence: Literal["lowest_group", "bottom_10", "tail", "mean"] = Field(
+        default="lowest_group", description="confidence scorer: which DeepConf confidence"
+    )
     confidence_window: int = Field(default=2048, ge=1)
     top_logprobs: int = Field(default=20, ge=1, le=20)
+
+
+# the scorer's settings a request may give at the top level of its ``ttscale`` object
+# (``confidence`` is not one of them: there it is the adaptive stop's threshold)
+FLAT_SCORER_KEYS = ("verifier", "judge_model", "logprob", "confidence_window", "top_logprobs")
+
+
+def compose_scorer(raw: Any) -> Any:
+    """The ``before`` validator of options with a ``scorer`` field: a name becomes the scorer's
+    options; the flat scorer keys beside it move in."""
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    spec = out.get("scorer", {})
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        for k in FLAT_SCORER_KEYS:
+            if k in out:
+                spec.setdefault(k, out.pop(k))
+        out["scorer"] = spec
+    return out
 
 
 def problem_text(prompt: PromptInput, policy: Engine) -> str:
@@ -51,7 +80,7 @@ def problem_text(prompt: PromptInput, policy: Engine) -> str:
     if prompt and isinstance(prompt[0], int):
         tok = getattr(policy, "tokenizer", None)
         return tok.decode(prompt) if tok is not None else ""
-    users = [m["content"] for m in prompt if m.get("role") == "user"]  # type: ignore[union-attr]
+    users = [str(m["content"]) for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
     return users[-1] if users else ""
 
 
@@ -72,8 +101,7 @@ class Scorer(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def score(self, ctx: RunContext, cands: Sequence[Candidate]) -> list[float]:
-        ...
+    async def score(self, ctx: RunContext, cands: Sequence[Candidate]) -> list[float]: ...
 
 
 class LogprobScorer(Scorer):
@@ -133,8 +161,17 @@ class VerifierScorer(Scorer):
     def __init__(self, engine: Engine):
         self.engine = engine
 
+    async def inputs(self, ctx: RunContext, texts: Sequence[str]) -> list[PromptInput]:
+        """What the verifier reads for each text: (prompt, text) rendered by its own template, once
+        (in a worker thread), as token ids; an upstream verifier gets the conversation."""
+        convs = [with_answer(ctx.prompt, ctx.model, t) for t in texts]
+        if not self.engine.can_render:
+            return convs
+        render = self.engine.render
+        return list(await asyncio.to_thread(lambda: [render(p, add_generation_prompt=False) for p in convs]))
+
     def scoring_cost(self, ctx: RunContext) -> Callable[[int], int]:
-        base = ctx.model.count_tokens(ctx.prompt) if ctx.model.can_render else 0
+        base = ctx.prompt_tokens()
         # Same tokenizer for policy and verifier in the embedded family; a margin covers others.
         return lambda t: int(1.25 * (base + t)) + 16
 
@@ -142,9 +179,8 @@ class VerifierScorer(Scorer):
         """Scores of ``cands``; ``reserved``: the sampler held back their scoring cost."""
         if not cands:
             return []
-        inputs = [with_answer(ctx.prompt, ctx.model, c.text) for c in cands]
-        costs = [len(self.engine.render(p, add_generation_prompt=False)) if self.engine.can_render else 0
-                 for p in inputs]
+        inputs = await self.inputs(ctx, [c.text for c in cands])
+        costs = [len(p) if self.engine.can_render else 0 for p in inputs]
         released = sum(self.scoring_cost(ctx)(c.num_tokens) for c in cands) if reserved else 0
         keep = fit_budget(ctx, costs, released)
         scores = [-math.inf] * len(cands)  # a candidate the budget cannot score is never preferred
@@ -152,7 +188,7 @@ class VerifierScorer(Scorer):
             got = await self.engine.score([inputs[i] for i in keep], request_id=f"{ctx.request_id}-verify")
             for i, v in zip(keep, got):
                 scores[i] = v
-        ctx.charge_scoring(self.engine.name, sum(costs[i] for i in keep), len(keep), released=released)
+        ctx.ledger.charge_scoring(self.engine.name, sum(costs[i] for i in keep), len(keep), released=released)
         return scores
 
 
@@ -163,9 +199,13 @@ class JudgeScorer(Scorer):
         self.engine = engine
         self.template = template
 
-    def _prompt(self, ctx: RunContext, text: str) -> list[dict]:
-        return [{"role": "user", "content": self.template.format(
-            problem=problem_text(ctx.prompt, ctx.model), solution=text)}]
+    def _prompt(self, ctx: RunContext, text: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "role": "user",
+                "content": self.template.format(problem=problem_text(ctx.prompt, ctx.model), solution=text),
+            }
+        ]
 
     def scoring_cost(self, ctx: RunContext) -> Callable[[int], int]:
         base = ctx.model.count_tokens(self._prompt(ctx, "")) if ctx.model.can_render else 0
@@ -176,17 +216,20 @@ class JudgeScorer(Scorer):
         tok = getattr(self.engine, "tokenizer", None)
         cost = self.scoring_cost(ctx)
         released = sum(cost(c.num_tokens) for c in cands)
-        costs = [(len(self.engine.render(self._prompt(ctx, c.text))) if self.engine.can_render else 0) + 1
-                 for c in cands]
+        prompts: list[PromptInput] = [self._prompt(ctx, c.text) for c in cands]
+        if self.engine.can_render:  # rendered once, in a worker thread; the engine takes the ids
+            render = self.engine.render
+            prompts = list(await asyncio.to_thread(lambda: [render(p) for p in prompts]))
+        costs = [(len(p) if self.engine.can_render else 0) + 1 for p in prompts]
         keep = set(fit_budget(ctx, costs, released))
-        ctx.pending_scoring = max(0, ctx.pending_scoring - released)
+        ctx.ledger.release(released)
 
         async def one(i: int, c: Candidate) -> float:
             if i not in keep:
                 return -math.inf
-            prompt = self._prompt(ctx, c.text)
+            prompt = prompts[i]
             out, ptoks = await self.engine.generate(prompt, settings, request_id=f"{ctx.request_id}-judge{i}")
-            ctx.charge_generation(self.engine.name, ptoks, out, prompt_counts=True)
+            ctx.ledger.book_candidates(self.engine.name, ptoks, out, budget=True, budget_prompt=True)
             top = (out[0].top_logprobs or [[]])[0]
             yes = no = 0.0
             for t, lp in top:
@@ -215,14 +258,14 @@ def fit_budget(ctx: RunContext, costs: Sequence[int], released: int) -> list[int
 
 
 def make_scorer(opts: ScorerOptions, ctx: RunContext) -> Scorer:
-    if opts.scorer == "logprob":
+    if opts.name == "logprob":
         return LogprobScorer(opts.logprob)
-    if opts.scorer == "confidence":
+    if opts.name == "confidence":
         return ConfidenceScorer(opts)
-    if opts.scorer == "verifier":
+    if opts.name == "verifier":
         eng = ctx.pool.get(opts.verifier, role="score", param="ttscale.verifier")
         return VerifierScorer(eng)
-    if opts.scorer == "judge":
+    if opts.name == "judge":
         eng = ctx.pool.get(opts.judge_model or ctx.model.name, role="generate", param="ttscale.judge_model")
         return JudgeScorer(eng)
-    raise InvalidRequestError(f"unknown scorer {opts.scorer!r}", param="ttscale.scorer")
+    raise InvalidRequestError(f"unknown scorer {opts.name!r}", param="ttscale.scorer")

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 
+from ttscale.run import RunContext, StrategyResult
 from ttscale.scorers import VerifierScorer
 from ttscale.selection import vote
 from ttscale.strategies import register
-from ttscale.strategies.base import RunContext, StrategyResult
 from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, best_by_score
 
 
@@ -18,20 +18,21 @@ class AutoOptions(ParallelOptions):
 
 
 @register
-class Auto(ParallelStrategy):
+class Auto(ParallelStrategy[AutoOptions]):
     name = "auto"
     summary = "adaptive waves; the profile picks vote or verifier selection by difficulty"
     Options = AutoOptions
 
     async def run(self, ctx: RunContext) -> StrategyResult:
-        o: AutoOptions = self.options  # type: ignore[assignment]
+        o = self.options
         if not (ctx.budget.auto or ctx.budget.target_accuracy is not None):
-            ctx.budget = ctx.budget.model_copy(update={"auto": True})
+            ctx.ledger.adopt(ctx.budget.model_copy(update={"auto": True}))
         verifier = None
         if o.verifier is not None or any(e.role == "score" for e in ctx.pool):
             verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
-        sampler, cands, adapt = await self._waves(ctx, logprobs=0,
-                                                  scoring_cost=verifier.scoring_cost(ctx) if verifier else None)
+        sampler, cands, adapt = await self._waves(
+            ctx, logprobs=0, scoring_cost=verifier.scoring_cost(ctx) if verifier else None
+        )
         pool = await Pool.build(cands)
         k = len(cands)
         choice, why = "majority", "no profile"
@@ -48,12 +49,15 @@ class Auto(ParallelStrategy):
             else:
                 why = f"profile bucket {bucket.name}: vote {maj} >= verifier {ver}"
         extra = {**adapt, "selection": choice, "selection_reason": why}
-        if choice == "best_of_n":
+        if choice == "best_of_n" and verifier is not None:
             scores = await verifier.score(ctx, cands)
             return self.result(ctx, sampler, pool, best_by_score(cands, scores), scores=scores, extra=extra)
         if verifier is not None:  # reserved scoring not used: give it back
             cost = verifier.scoring_cost(ctx)
-            ctx.pending_scoring = max(0, ctx.pending_scoring - sum(cost(c.num_tokens) for c in cands))
-        v = vote(pool.clusters, tie_scores=[c.sum_logprob or 0.0 for c in cands],
-                 finish_order=[c.finished_at or math.inf for c in cands])
+            ctx.ledger.release(sum(cost(c.num_tokens) for c in cands))
+        v = vote(
+            pool.clusters,
+            tie_scores=[c.sum_logprob or 0.0 for c in cands],
+            finish_order=[c.finished_at or math.inf for c in cands],
+        )
         return self.result(ctx, sampler, pool, v.representative, cluster_scores=v.scores, extra=extra)

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-from ttscale.scorers import ScorerOptions
+from ttscale.run import RunContext, StrategyResult
 from ttscale.strategies import register
-from ttscale.strategies.base import RunContext, StrategyResult
-from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, best_by_score
+from ttscale.strategies.parallel import ParallelStrategy, ScoredOptions, best_by_score
 
 
-class BestOfNOptions(ParallelOptions, ScorerOptions):
+class BestOfNOptions(ScoredOptions):
     pass
 
 
 @register
-class BestOfN(ParallelStrategy):
+class BestOfN(ParallelStrategy[BestOfNOptions]):
     name = "best_of_n"
     summary = "the highest-scoring of K candidates (verifier, logprob, confidence or judge)"
     Options = BestOfNOptions
     curve = "verifier_best_of"
 
     async def run(self, ctx: RunContext) -> StrategyResult:
-        o: BestOfNOptions = self.options  # type: ignore[assignment]
-        sampler, pool, scores, extra = await self.draw_scored(ctx, o)
+        o = self.options
+        sampler, pool, scores, extra = await self.draw_scored(ctx, o.scorer)
         return self.result(ctx, sampler, pool, best_by_score(pool.cands, scores), scores=scores, extra=extra)

@@ -7,26 +7,40 @@ import asyncio
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ttscale.answers import AnswerClusters, cluster_answers, extract_answer
-from ttscale.engine import Candidate, CandidateEvent
+from ttscale.engine import Candidate, CandidateEvent, SamplingSettings
 from ttscale.errors import InvalidRequestError
-from ttscale.strategies.base import Choice, RunContext, Sampler, Strategy, StrategyOptions, StrategyResult
+from ttscale.run import JSON, Choice, RunContext, StopReason, StrategyOptions, StrategyResult
+from ttscale.scorers import ScorerOptions, compose_scorer, make_scorer
+from ttscale.strategies.base import Sampler, Strategy
 
 DEFAULT_SAMPLES = 8
 
 
 class ParallelOptions(StrategyOptions):
-    samples: int = Field(default=DEFAULT_SAMPLES, ge=1, le=4096,
-                         description="K when the budget sets no sample count")
+    samples: int = Field(default=DEFAULT_SAMPLES, ge=1, le=4096, description="K when the budget sets no sample count")
     # adaptive budgets ("budget": "auto" or {"target_accuracy": p}): see ttscale.adaptive
     wave: int = Field(default=4, ge=1, le=256, description="samples per wave (adaptive budgets)")
     max_samples: int = Field(default=32, ge=1, le=4096, description="adaptive cap without budget.samples")
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0, description="Beta-rule stop threshold")
     token_cost: float = Field(default=1e-5, ge=0.0, description="accuracy one token is worth")
+
+
+class ScoredOptions(ParallelOptions):
+    """Options of strategies that score their candidates (best-of-N, weighted votes)."""
+
+    scorer: ScorerOptions = Field(
+        default_factory=ScorerOptions, description="the scorer: a name, or its options with a `name`"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _compose(cls, raw: Any) -> Any:
+        return compose_scorer(raw)
 
 
 class AnswerTracker:
@@ -79,14 +93,19 @@ class Pool:
                 return a
         return None
 
-    def distribution(self, scores: dict[int, float] | None = None) -> list[dict[str, Any]]:
+    def distribution(self, scores: dict[int, float] | None = None) -> list[JSON]:
         votes: dict[int, int] = {}
         for c in self.clusters:
             if c is not None:
                 votes[c] = votes.get(c, 0) + 1
-        rows = [{"answer": self.cluster_answer(c), "votes": n,
-                 **({"score": round(float(scores.get(c, 0.0)), 6)} if scores is not None else {})}
-                for c, n in votes.items()]
+        rows = [
+            {
+                "answer": self.cluster_answer(c),
+                "votes": n,
+                **({"score": round(float(scores.get(c, 0.0)), 6)} if scores is not None else {}),
+            }
+            for c, n in votes.items()
+        ]
         key = (lambda r: (-r["score"], -r["votes"])) if scores is not None else (lambda r: -r["votes"])
         return sorted(rows, key=key)
 
@@ -98,20 +117,28 @@ class Pool:
         return sorted(votes.values(), reverse=True)
 
 
-class ParallelStrategy(Strategy):
+PO = TypeVar("PO", bound=ParallelOptions)
+
+
+class ParallelStrategy(Strategy[PO]):
     Options = ParallelOptions
 
     def planned(self, ctx: RunContext) -> int:
         if ctx.n != 1:
-            raise InvalidRequestError(f"strategy {self.name!r} returns one selected answer; n must be 1",
-                                      param="n")
+            raise InvalidRequestError(f"strategy {self.name!r} returns one selected answer; n must be 1", param="n")
         return ctx.budget.samples or self.options.samples
 
-    async def sample(self, ctx: RunContext, k: int, *, logprobs: int | None = None,
-                     scoring_cost: Callable[[int], int] | None = None,
-                     should_stop: Callable[[AnswerTracker, int], bool] | None = None,
-                     settings: list | None = None,
-                     tracker: AnswerTracker | None = None) -> tuple[Sampler, list[Candidate]]:
+    async def sample(
+        self,
+        ctx: RunContext,
+        k: int,
+        *,
+        logprobs: int | None = None,
+        scoring_cost: Callable[[int], int] | None = None,
+        should_stop: Callable[[AnswerTracker, int], bool] | None = None,
+        settings: list[SamplingSettings] | None = None,
+        tracker: AnswerTracker | None = None,
+    ) -> tuple[Sampler, list[Candidate]]:
         """Draw k candidates (one fan-out). ``should_stop(tracker, remaining)`` is asked after
         each candidate finishes, its answer tracked; True aborts the rest (stop reason
         ``early_stop``). Answers are tracked only when something reads them (a stopping rule,
@@ -136,10 +163,17 @@ class ParallelStrategy(Strategy):
             if tracker is None:
                 return
             answer = await tracker.add(ev.candidate)
-            await ctx.progress({"type": "sample", "samples_done": finished, "samples_planned": len(plan),
-                                "tokens": ev.candidate.num_tokens, "answer": answer})
+            await ctx.progress(
+                {
+                    "type": "sample",
+                    "samples_done": finished,
+                    "samples_planned": len(plan),
+                    "tokens": ev.candidate.num_tokens,
+                    "answer": answer,
+                }
+            )
             if should_stop is not None and finished < len(plan) and should_stop(tracker, len(plan) - finished):
-                sampler.stop("early_stop")
+                sampler.stop(StopReason.EARLY_STOP)
 
         cands = await sampler.run(plan, on_event=on_event)
         return sampler, cands
@@ -147,109 +181,174 @@ class ParallelStrategy(Strategy):
     supports_auto = True
     curve = "majority"  # the profile curve that predicts this strategy's accuracy
 
-    async def draw(self, ctx: RunContext, *, logprobs: int | None = None,
-                   scoring_cost: Callable[[int], int] | None = None,
-                   should_stop: Callable[[AnswerTracker, int], bool] | None = None,
-                   tracker: AnswerTracker | None = None,
-                   ) -> tuple[Sampler, list[Candidate], dict[str, Any]]:
+    async def draw(
+        self,
+        ctx: RunContext,
+        *,
+        logprobs: int | None = None,
+        scoring_cost: Callable[[int], int] | None = None,
+        should_stop: Callable[[AnswerTracker, int], bool] | None = None,
+        tracker: AnswerTracker | None = None,
+    ) -> tuple[Sampler, list[Candidate], dict[str, JSON]]:
         """The request's candidates: K in one fan-out, or waves under an adaptive budget."""
         if not (ctx.budget.auto or ctx.budget.target_accuracy is not None):
-            sampler, cands = await self.sample(ctx, self.planned(ctx), logprobs=logprobs,
-                                               scoring_cost=scoring_cost, should_stop=should_stop,
-                                               tracker=tracker)
+            sampler, cands = await self.sample(
+                ctx,
+                self.planned(ctx),
+                logprobs=logprobs,
+                scoring_cost=scoring_cost,
+                should_stop=should_stop,
+                tracker=tracker,
+            )
             return sampler, cands, {}
         return await self._waves(ctx, logprobs=logprobs, scoring_cost=scoring_cost)
 
-    async def draw_scored(self, ctx: RunContext, opts) -> tuple[Sampler, Pool, list[float], dict[str, Any]]:
-        """Draw the candidates and score them with the scorer ``opts`` names."""
-        from ttscale.scorers import make_scorer
-
+    async def draw_scored(
+        self,
+        ctx: RunContext,
+        opts: ScorerOptions,
+    ) -> tuple[Sampler, Pool, list[float], dict[str, JSON]]:
+        """Draw the candidates and score them with the scorer of ``opts``."""
         self.planned(ctx)
         scorer = make_scorer(opts, ctx)
-        sampler, cands, adapt = await self.draw(ctx, logprobs=scorer.logprobs,
-                                                scoring_cost=scorer.scoring_cost(ctx))
+        sampler, cands, adapt = await self.draw(ctx, logprobs=scorer.logprobs, scoring_cost=scorer.scoring_cost(ctx))
         pool = await Pool.build(cands)
-        return sampler, pool, await scorer.score(ctx, cands), {"scorer": opts.scorer, **adapt}
+        return sampler, pool, await scorer.score(ctx, cands), {"scorer": opts.name, **adapt}
 
-    async def _waves(self, ctx: RunContext, *, logprobs, scoring_cost):
+    async def _waves(
+        self, ctx: RunContext, *, logprobs: int | None, scoring_cost: Callable[[int], int] | None
+    ) -> tuple[Sampler, list[Candidate], dict[str, JSON]]:
         from ttscale.adaptive import decide
 
-        o: ParallelOptions = self.options  # type: ignore[assignment]
+        o = self.options
         if ctx.n != 1:
-            raise InvalidRequestError(f"strategy {self.name!r} returns one selected answer; n must be 1",
-                                      param="n")
+            raise InvalidRequestError(f"strategy {self.name!r} returns one selected answer; n must be 1", param="n")
         cap = ctx.budget.samples or o.max_samples
         planned = ctx.budget.samples or o.samples
         target = ctx.budget.target_accuracy
         confidence = max(o.confidence, target) if target is not None else o.confidence
         profile = ctx.profile
-        base = ctx.settings if logprobs is None else replace(
-            ctx.settings, logprobs=logprobs if ctx.settings.logprobs is None else max(ctx.settings.logprobs, logprobs))
+        base = (
+            ctx.settings
+            if logprobs is None
+            else replace(
+                ctx.settings,
+                logprobs=logprobs if ctx.settings.logprobs is None else max(ctx.settings.logprobs, logprobs),
+            )
+        )
         cands: list[Candidate] = []
-        sampler = None
-        stop_reason, decision, waves = "sample_budget", None, 0
+        sampler: Sampler | None = None
+        stop_reason, decision, waves = StopReason.SAMPLE_BUDGET, None, 0
         while len(cands) < cap:
             w = min(o.wave, cap - len(cands))
-            sampler, got = await self.sample(ctx, w, settings=base.replicate(w, first_index=len(cands)),
-                                             scoring_cost=scoring_cost)
+            sampler, got = await self.sample(
+                ctx, w, settings=base.replicate(w, first_index=len(cands)), scoring_cost=scoring_cost
+            )
             cands.extend(got)
             waves += 1
-            if sampler.stop_reason != "complete":
+            if sampler.stop_reason != StopReason.COMPLETE:
                 stop_reason = sampler.stop_reason
                 break
             pool = await Pool.build(cands)
             answered = sum(c is not None for c in pool.clusters)
             tps = (sum(c.num_tokens for c in cands) / len(cands)) if cands else 0.0
-            decision = decide(pool.counts(), answered, len(cands), wave=o.wave, profile=profile,
-                              curve=self.curve, confidence=confidence, target=target,
-                              tokens_per_sample=tps or (profile.tokens_per_sample if profile else 0) or 0,
-                              token_cost=o.token_cost)
-            await ctx.progress({"type": "wave", "wave": waves, "samples_done": len(cands),
-                                "p_major": round(decision.p_major, 4), "difficulty": decision.bucket,
-                                "stop": decision.stop})
+            decision = decide(
+                pool.counts(),
+                answered,
+                len(cands),
+                wave=o.wave,
+                profile=profile,
+                curve=self.curve,
+                confidence=confidence,
+                target=target,
+                tokens_per_sample=tps or (profile.tokens_per_sample if profile else 0) or 0,
+                token_cost=o.token_cost,
+            )
+            await ctx.progress(
+                {
+                    "type": "wave",
+                    "wave": waves,
+                    "samples_done": len(cands),
+                    "p_major": round(decision.p_major, 4),
+                    "difficulty": decision.bucket,
+                    "stop": decision.stop,
+                }
+            )
             if decision.stop:
-                stop_reason = decision.reason or "early_stop"
+                stop_reason = StopReason(decision.reason or StopReason.EARLY_STOP)
                 break
+        if sampler is None:
+            sampler = Sampler(ctx)
         sampler.candidates = cands
         sampler.stop_reason = stop_reason
         tps = (sum(c.num_tokens for c in cands) / len(cands)) if cands else 0.0
-        info = {"adaptive": {
-            "waves": waves, "wave_size": o.wave, "samples_planned": planned, "samples_cap": cap,
-            "tokens_planned": round(planned * tps), "tokens_used": sum(c.num_tokens for c in cands),
-            "difficulty": None if decision is None else {
-                "bucket": decision.bucket, "p1_estimate": round(decision.p1_estimate, 4),
-                "p_major": round(decision.p_major, 6),
-                "predicted_accuracy": decision.predicted_accuracy,
-                "marginal_gain": decision.gain, "wave_cost": decision.cost},
-            "profile": getattr(profile, "source", None) or None,
-        }}
-        info["tokens_saved"] = max(0, info["adaptive"]["tokens_planned"] - info["adaptive"]["tokens_used"])
+        tokens_planned = round(planned * tps)
+        tokens_used = sum(c.num_tokens for c in cands)
+        info: dict[str, JSON] = {
+            "adaptive": {
+                "waves": waves,
+                "wave_size": o.wave,
+                "samples_planned": planned,
+                "samples_cap": cap,
+                "tokens_planned": tokens_planned,
+                "tokens_used": tokens_used,
+                "difficulty": None
+                if decision is None
+                else {
+                    "bucket": decision.bucket,
+                    "p1_estimate": round(decision.p1_estimate, 4),
+                    "p_major": round(decision.p_major, 6),
+                    "predicted_accuracy": decision.predicted_accuracy,
+                    "marginal_gain": decision.gain,
+                    "wave_cost": decision.cost,
+                },
+                "profile": getattr(profile, "source", None) or None,
+            }
+        }
+        info["tokens_saved"] = max(0, tokens_planned - tokens_used)
         return sampler, cands, info
 
-    def result(self, ctx: RunContext, sampler: Sampler, pool: Pool, selected: int | None, *,
-               scores: Sequence[float] | None = None, cluster_scores: dict[int, float] | None = None,
-               extra: dict[str, Any] | None = None) -> StrategyResult:
+    def result(
+        self,
+        ctx: RunContext,
+        sampler: Sampler,
+        pool: Pool,
+        selected: int | None,
+        *,
+        scores: Sequence[float] | None = None,
+        cluster_scores: dict[int, float] | None = None,
+        extra: dict[str, JSON] | None = None,
+    ) -> StrategyResult:
         cands = pool.cands
         if selected is None:  # nothing answered: fall back to the first finished candidate
             done = [i for i, c in enumerate(cands) if not c.aborted] or list(range(len(cands)))
             selected = min(done, key=lambda i: (cands[i].finished_at or 0.0, i)) if done else None
-        per = [{"answer": a, "cluster": cl, **({"score": _finite(s)} if scores is not None else {})}
-               for a, cl, s in zip(pool.answers, pool.clusters, scores or [None] * len(cands))]
-        info: dict[str, Any] = {
-            "samples_used": len(cands), "stop_reason": sampler.stop_reason, "selected_index": selected,
-            "answer": pool.answers[selected] if selected is not None else None,
+        finite = [_finite(s) for s in scores] if scores is not None else None
+        per: list[dict[str, JSON]] = [
+            {"answer": a, "cluster": cl, **({"score": finite[i]} if finite is not None else {})}
+            for i, (a, cl) in enumerate(zip(pool.answers, pool.clusters))
+        ]
+        details: dict[str, JSON] = {
             "answer_distribution": pool.distribution(cluster_scores),
             "answerless": sum(a is None for a in pool.answers),
-            "per_sample": per,
+            **(extra or {}),
         }
-        if scores is not None:
-            info["scores"] = [_finite(s) for s in scores]  # None: not scored (e.g. out of budget)
-        info.update(extra or {})
+        answer = pool.answers[selected] if selected is not None else None
         if selected is None:
-            return StrategyResult(choices=[Choice(0, "", "stop")], info=info, candidates=cands)
-        c = cands[selected]
-        finish = "length" if c.aborted else (c.finish_reason or "stop")
-        return StrategyResult(choices=[Choice(0, c.text, finish, c)], info=info, candidates=cands)
+            choices = [Choice(0, "", "stop")]
+        else:
+            c = cands[selected]
+            choices = [Choice(0, c.text, "length" if c.aborted else (c.finish_reason or "stop"), c)]
+        return StrategyResult(
+            choices=choices,
+            candidates=cands,
+            stop_reason=sampler.stop_reason,
+            selected_index=selected,
+            answer=answer,
+            scores=finite,
+            per_sample=per,
+            details=details,
+        )
 
 
 def best_by_score(cands: Sequence[Candidate], scores: Sequence[float]) -> int | None:
@@ -257,8 +356,10 @@ def best_by_score(cands: Sequence[Candidate], scores: Sequence[float]) -> int | 
     the lower index."""
     if not cands:
         return None
-    return min(range(len(cands)), key=lambda i: (
-        -(scores[i] if math.isfinite(scores[i]) else -1e300), cands[i].finished_at or math.inf, i))
+    return min(
+        range(len(cands)),
+        key=lambda i: (-(scores[i] if math.isfinite(scores[i]) else -1e300), cands[i].finished_at or math.inf, i),
+    )
 
 
 def _finite(x: float | None) -> float | None:

@@ -20,30 +20,31 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
 from ttscale.answers import extract_answer
 from ttscale.conformal import OnlineConformal
-from ttscale.engine import Candidate, CandidateEvent
+from ttscale.engine import Candidate, CandidateEvent, Engine
 from ttscale.errors import BudgetError, InvalidRequestError
-from ttscale.scorers import VerifierScorer, fit_budget, with_answer
+from ttscale.run import JSON, RunContext, StopReason, StrategyResult
+from ttscale.scorers import VerifierScorer, fit_budget
 from ttscale.selection import vote
 from ttscale.strategies import register
-from ttscale.strategies.base import RunContext, Sampler, StrategyResult
+from ttscale.strategies.base import Sampler
 from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, best_by_score
 
 
 async def score_partial(ctx: RunContext, verifier: VerifierScorer, text: str) -> float | None:
     """Verifier score of a partial answer, if the token budget can pay for reading it."""
-    p = with_answer(ctx.prompt, ctx.model, text)
+    p = (await verifier.inputs(ctx, [text]))[0]
     eng = verifier.engine
-    cost = len(eng.render(p, add_generation_prompt=False)) if eng.can_render else 0
+    cost = len(p) if eng.can_render else 0
     if not fit_budget(ctx, [cost], 0):
         return None
     s = (await eng.score([p], request_id=f"{ctx.request_id}-partial"))[0]
-    ctx.charge_scoring(eng.name, cost, 1)
+    ctx.ledger.charge_scoring(eng.name, cost, 1)
     return float(s)
 
 
@@ -63,7 +64,7 @@ class SpecRejOptions(ParallelOptions):
 
 
 @register
-class SpeculativeRejection(ParallelStrategy):
+class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
     name = "speculative_rejection"
     summary = "best-of-N that aborts weak partial candidates early (verifier + online conformal test)"
     Options = SpecRejOptions
@@ -73,13 +74,13 @@ class SpeculativeRejection(ParallelStrategy):
     deterministic = False
 
     async def run(self, ctx: RunContext) -> StrategyResult:
-        o: SpecRejOptions = self.options  # type: ignore[assignment]
+        o = self.options
         k = self.planned(ctx)
         verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
         seed = ctx.settings.seed
         tests = {cp: OnlineConformal(o.alpha, seed=None if seed is None else seed + cp) for cp in o.checkpoints}
         next_cp: dict[int, int] = {}
-        judging: set[asyncio.Task] = set()
+        judging: set[asyncio.Task[None]] = set()
         rejected: list[Candidate] = []
         sampler = Sampler(ctx, scoring_cost=verifier.scoring_cost(ctx))
 
@@ -94,11 +95,9 @@ class SpeculativeRejection(ParallelStrategy):
             if reject and alive() > o.min_survivors and not c.finished:
                 rejected.append(c)
                 await sampler.abort(c)
-                await ctx.progress({"type": "reject", "checkpoint": cp, "score": round(s, 4),
-                                    "live": alive()})
+                await ctx.progress({"type": "reject", "checkpoint": cp, "score": round(s, 4), "live": alive()})
             else:
-                await ctx.progress({"type": "accept", "checkpoint": cp, "score": round(s, 4),
-                                    "live": alive()})
+                await ctx.progress({"type": "accept", "checkpoint": cp, "score": round(s, 4), "live": alive()})
 
         n_done = 0
 
@@ -108,8 +107,15 @@ class SpeculativeRejection(ParallelStrategy):
             if ev.finished:
                 if not c.aborted:
                     n_done += 1
-                    await ctx.progress({"type": "sample", "samples_done": n_done, "samples_planned": k,
-                                        "tokens": c.num_tokens, "live": alive()})
+                    await ctx.progress(
+                        {
+                            "type": "sample",
+                            "samples_done": n_done,
+                            "samples_planned": k,
+                            "tokens": c.num_tokens,
+                            "live": alive(),
+                        }
+                    )
                 return
             i = next_cp.get(id(c), 0)
             if i < len(o.checkpoints) and c.num_tokens >= o.checkpoints[i]:
@@ -132,14 +138,16 @@ class SpeculativeRejection(ParallelStrategy):
         by_id = {id(c): s for c, s in zip(finished, fscores)}
         scores = [by_id.get(id(c), -math.inf) for c in cands]
         decisions = sum(t.decisions for t in tests.values())
-        extra = {
+        extra: dict[str, JSON] = {
             "alpha": o.alpha,
-            "accepted": len(finished), "rejected": len(rejected),
+            "accepted": len(finished),
+            "rejected": len(rejected),
             "aborted": sum(1 for c in cands if c.aborted) - len(rejected),
             "decisions": decisions,
             "rejection_rate": round(len(rejected) / decisions, 6) if decisions else 0.0,
-            "checkpoint_stats": {str(cp): {"decisions": t.decisions, "rejections": t.rejections}
-                                 for cp, t in tests.items()},
+            "checkpoint_stats": {
+                str(cp): {"decisions": t.decisions, "rejections": t.rejections} for cp, t in tests.items()
+            },
             "tokens_by_model": {n: m.completion_tokens + m.prompt_tokens for n, m in ctx.usage.models.items()},
         }
         sel = best_by_score(cands, scores)
@@ -176,21 +184,22 @@ class _Chain:
 
 
 @register
-class DraftTarget(ParallelStrategy):
+class DraftTarget(ParallelStrategy[DraftTargetOptions]):
     name = "draft_target"
     summary = "a small draft writes chunks, the target checks their perplexity (online conformal) or takes over"
     Options = DraftTargetOptions
     supports_auto = False
 
     async def run(self, ctx: RunContext) -> StrategyResult:
-        o: DraftTargetOptions = self.options  # type: ignore[assignment]
+        o = self.options
         n = self.planned(ctx)
         target = ctx.pool.get(o.target, role="generate", param="ttscale.target") if o.target else ctx.model
         if o.draft is None:
             drafts = [e for e in ctx.pool if e.role == "generate" and e is not target]
             if not drafts:
-                raise InvalidRequestError("draft_target needs a draft model; none other is served",
-                                          param="ttscale.draft")
+                raise InvalidRequestError(
+                    "draft_target needs a draft model; none other is served", param="ttscale.draft"
+                )
             draft = drafts[0]
         else:
             draft = ctx.pool.get(o.draft, role="generate", param="ttscale.draft")
@@ -198,8 +207,9 @@ class DraftTarget(ParallelStrategy):
             raise InvalidRequestError("draft_target needs local tokenizers for both models", param="ttscale.draft")
         prompt_ids = target.render(ctx.prompt)
         if draft.render(ctx.prompt) != prompt_ids:
-            raise InvalidRequestError(f"draft {draft.name!r} and target {target.name!r} tokenize differently",
-                                      param="ttscale.draft")
+            raise InvalidRequestError(
+                f"draft {draft.name!r} and target {target.name!r} tokenize differently", param="ttscale.draft"
+            )
         verifier = None
         if o.select == "verifier":
             verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
@@ -215,27 +225,20 @@ class DraftTarget(ParallelStrategy):
         base_seed = ctx.settings.seed
         calls = {"n": 0}
         chains = [_Chain(i) for i in range(n)]
-        stop = {"reason": "complete"}
+        stop = {"reason": StopReason.COMPLETE}
         scored_span_tokens = 0
 
-        def reserve(tokens: int) -> bool:
-            left = ctx.tokens_left()
-            if left is not None and left < tokens:
-                return False
-            ctx.budget_tokens_used += tokens
-            return True
-
-        async def gen(engine, ch: _Chain, limit: int, temperature: float) -> Candidate | None:
+        async def gen(engine: Engine, ch: _Chain, limit: int, temperature: float) -> Candidate | None:
             seed = None if base_seed is None else base_seed + 7919 * ch.index + calls["n"]
             calls["n"] += 1
-            if not reserve(limit):
-                stop["reason"] = "token_budget"
+            if not ctx.ledger.reserve(limit):
+                stop["reason"] = StopReason.TOKEN_BUDGET
                 return None
             s = replace(ctx.settings, max_tokens=limit, temperature=temperature, seed=seed, logprobs=None)
             cands, ptoks = await engine.generate(prompt_ids + ch.ids, [s], request_id=f"{ctx.request_id}-c{ch.index}")
             c = cands[0]
-            ctx.budget_tokens_used -= limit - c.num_tokens  # give back what it did not use
-            ctx.usage.add_candidates(engine.name, ptoks, cands)
+            ctx.ledger.settle(limit, c.num_tokens)  # give back what it did not use
+            ctx.ledger.book_candidates(engine.name, ptoks, cands)
             return c
 
         async def ppl(ch: _Chain, chunk: Candidate) -> float | None:
@@ -243,15 +246,17 @@ class DraftTarget(ParallelStrategy):
             span = len(chunk.token_ids)
             if span == 0:
                 return 0.0
-            if not reserve(span):
-                stop["reason"] = "token_budget"
+            if not ctx.ledger.reserve(span):
+                stop["reason"] = StopReason.TOKEN_BUDGET
                 return None
             async with target_sem:
-                lps = await target.prompt_logprobs(prompt_ids + ch.ids + list(chunk.token_ids),
-                                                   start=len(prompt_ids) + len(ch.ids),
-                                                   request_id=f"{ctx.request_id}-p{ch.index}")
+                lps = await target.prompt_logprobs(
+                    prompt_ids + ch.ids + list(chunk.token_ids),
+                    start=len(prompt_ids) + len(ch.ids),
+                    request_id=f"{ctx.request_id}-p{ch.index}",
+                )
             # the target reads the whole sequence, but only the chunk is new (prefix cache)
-            ctx.usage.add_scored(target.name, span, 1)
+            ctx.ledger.charge(target.name, prompt=span, requests=1, budget_prompt=False)  # reserved above
             scored_span_tokens += span
             finite = [x for x in lps if math.isfinite(x)]
             return math.exp(-sum(finite) / len(finite)) if finite else math.inf
@@ -289,8 +294,15 @@ class DraftTarget(ParallelStrategy):
                         reject = False
                     else:
                         _, reject = test.test(score, learn=False)
-                    await ctx.progress({"type": "chunk", "chain": ch.index, "ppl": round(score, 4),
-                                        "rejected": reject, "attempt": attempt})
+                    await ctx.progress(
+                        {
+                            "type": "chunk",
+                            "chain": ch.index,
+                            "ppl": round(score, 4),
+                            "rejected": reject,
+                            "attempt": attempt,
+                        }
+                    )
                     if not reject:
                         chunk = c
                         ch.accepted += 1
@@ -324,18 +336,19 @@ class DraftTarget(ParallelStrategy):
                         calibrated.set()
 
         tasks = [asyncio.create_task(guarded(ch)) for ch in chains]
-        ctx.samples_used += n
+        ctx.ledger.count_samples(n)
         try:
             timeout = ctx.time_left()
             done, pending = await asyncio.wait(tasks, timeout=timeout)
             if pending:
-                stop["reason"] = "deadline"
+                stop["reason"] = StopReason.DEADLINE
                 for t in pending:
                     t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
             for t in done:
-                if t.exception() is not None:
-                    raise t.exception()
+                err = t.exception()
+                if err is not None:
+                    raise err
         finally:
             for t in tasks:
                 t.cancel()
@@ -344,10 +357,15 @@ class DraftTarget(ParallelStrategy):
 
         cands = []
         for ch in chains:
-            c = Candidate(index=ch.index, settings=ctx.settings, text=ch.text, token_ids=list(ch.ids),
-                          token_count=len(ch.ids), finish_reason=("abort" if ch.finish_reason is None
-                                                                   else ch.finish_reason),  # type: ignore[arg-type]
-                          finished_at=ch.finished_at)
+            c = Candidate(
+                index=ch.index,
+                settings=ctx.settings,
+                text=ch.text,
+                token_ids=list(ch.ids),
+                token_count=len(ch.ids),
+                finish_reason=("abort" if ch.finish_reason is None else ch.finish_reason),  # type: ignore[arg-type]
+                finished_at=ch.finished_at,
+            )
             cands.append(c)
         pool = await Pool.build(cands)
         scores = None
@@ -362,15 +380,20 @@ class DraftTarget(ParallelStrategy):
         sampler = Sampler(ctx)
         sampler.candidates = cands
         sampler.stop_reason = stop["reason"]
-        extra: dict[str, Any] = {
-            "alpha": o.alpha, "draft": draft.name, "target": target.name,
-            "accepted": sum(ch.accepted for ch in chains), "rejected": sum(ch.rejected for ch in chains),
+        extra: dict[str, JSON] = {
+            "alpha": o.alpha,
+            "draft": draft.name,
+            "target": target.name,
+            "accepted": sum(ch.accepted for ch in chains),
+            "rejected": sum(ch.rejected for ch in chains),
             "takeovers": sum(ch.takeovers for ch in chains),
             "calibration_chunks": sum(1 for v in first_chunks.values() if math.isfinite(v)),
             "decisions": test.decisions,  # conformal tests after calibration
             "rejection_rate": round(test.rejection_rate, 6),
-            "tokens_by_model": {draft.name: sum(ch.draft_tokens for ch in chains),
-                                target.name: sum(ch.target_tokens for ch in chains),
-                                f"{target.name}:scored": scored_span_tokens},
+            "tokens_by_model": {
+                draft.name: sum(ch.draft_tokens for ch in chains),
+                target.name: sum(ch.target_tokens for ch in chains),
+                f"{target.name}:scored": scored_span_tokens,
+            },
         }
         return self.result(ctx, sampler, pool, sel, scores=scores, extra=extra)

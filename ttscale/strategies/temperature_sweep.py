@@ -10,10 +10,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ttscale.engine import Candidate, SamplingSettings
+from ttscale.run import JSON, RunContext, StopReason, StrategyResult
 from ttscale.scorers import VerifierScorer
 from ttscale.selection import multi_temperature_exit, vote
 from ttscale.strategies import register
-from ttscale.strategies.base import RunContext, StrategyResult
+from ttscale.strategies.base import Sampler
 from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, best_by_score
 
 
@@ -38,14 +40,14 @@ class SweepOptions(ParallelOptions):
 
 
 @register
-class TemperatureSweep(ParallelStrategy):
+class TemperatureSweep(ParallelStrategy[SweepOptions]):
     name = "temperature_sweep"
     summary = "samples spread over a temperature grid, multi-temperature vote with early exit"
     Options = SweepOptions
     supports_auto = False  # it has its own early exit
 
     async def run(self, ctx: RunContext) -> StrategyResult:
-        o: SweepOptions = self.options  # type: ignore[assignment]
+        o = self.options
         k = self.planned(ctx)
         temps = o.temperatures
         # Per-temperature quotas: uniform split; greedy (T=0) is deterministic, one sample is enough.
@@ -58,52 +60,63 @@ class TemperatureSweep(ParallelStrategy):
         for i in range(max(left, 0)):
             quota[hot[i % len(hot)]] += 1
         seed = ctx.settings.seed
-        plan_all = []
+        plan_all: list[list[SamplingSettings]] = []
         drawn = {t: 0 for t in temps}
         # round r: up to round_size more samples of every temperature
         while any(drawn[t] < quota[t] for t in temps):
-            round_plan = []
+            round_plan: list[SamplingSettings] = []
             for t in temps:
                 m = min(o.round_size, quota[t] - drawn[t])
                 for _ in range(m):
                     idx = len(plan_all) + len(round_plan)
-                    round_plan.append(replace(ctx.settings, temperature=t,
-                                              seed=None if seed is None else seed + idx))
+                    round_plan.append(replace(ctx.settings, temperature=t, seed=None if seed is None else seed + idx))
                 drawn[t] += m
             plan_all.append(round_plan)
 
-        scorer = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier")) \
-            if o.select == "verifier" else None
+        scorer = (
+            VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
+            if o.select == "verifier"
+            else None
+        )
         cost = scorer.scoring_cost(ctx) if scorer else None
-        all_cands, stop_reason, sampler = [], "complete", None
+        all_cands: list[Candidate] = []
+        stop_reason, sampler = StopReason.COMPLETE, None
         exited = None
         for r, round_plan in enumerate(plan_all):
-            sampler, cands = await self.sample(ctx, len(round_plan), settings=round_plan, scoring_cost=cost,
-                                               logprobs=0)
+            sampler, cands = await self.sample(ctx, len(round_plan), settings=round_plan, scoring_cost=cost, logprobs=0)
             all_cands.extend(cands)
             stop_reason = sampler.stop_reason
-            if stop_reason != "complete":
+            if stop_reason != StopReason.COMPLETE:
                 break
             if o.early_exit and r + 1 < len(plan_all):
                 pool = await Pool.build(all_cands)
-                pools: dict[float, list] = {t: [] for t in temps}
+                pools: dict[float, list[int | None]] = {t: [] for t in temps}
                 for c, cl in zip(all_cands, pool.clusters):
                     pools[c.settings.temperature].append(cl)
-                exited = multi_temperature_exit({t: p for t, p in pools.items() if t > 0 or len(temps) == 1},
-                                                share=o.share, min_per_temperature=o.min_per_temperature)
-                await ctx.progress({"type": "round", "round": r, "samples_done": len(all_cands),
-                                    "early_exit": exited is not None})
+                exited = multi_temperature_exit(
+                    {t: p for t, p in pools.items() if t > 0 or len(temps) == 1},
+                    share=o.share,
+                    min_per_temperature=o.min_per_temperature,
+                )
+                await ctx.progress(
+                    {"type": "round", "round": r, "samples_done": len(all_cands), "early_exit": exited is not None}
+                )
                 if exited is not None:
-                    stop_reason = "early_stop"
+                    stop_reason = StopReason.EARLY_STOP
                     break
         pool = await Pool.build(all_cands)
+        if sampler is None:  # no round planned
+            sampler = Sampler(ctx)
         sampler.candidates = all_cands
         sampler.stop_reason = stop_reason
         per_t = {str(t): sum(1 for c in all_cands if c.settings.temperature == t) for t in temps}
-        extra = {"temperatures": per_t, "planned_samples": k}
+        extra: dict[str, JSON] = {"temperatures": per_t, "planned_samples": k}
         if scorer is not None:
             scores = await scorer.score(ctx, all_cands)
             return self.result(ctx, sampler, pool, best_by_score(all_cands, scores), scores=scores, extra=extra)
-        v = vote(pool.clusters, tie_scores=[c.sum_logprob or 0.0 for c in all_cands],
-                 finish_order=[c.finished_at or math.inf for c in all_cands])
+        v = vote(
+            pool.clusters,
+            tie_scores=[c.sum_logprob or 0.0 for c in all_cands],
+            finish_order=[c.finished_at or math.inf for c in all_cands],
+        )
         return self.result(ctx, sampler, pool, v.representative, cluster_scores=v.scores, extra=extra)

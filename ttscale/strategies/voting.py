@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from ttscale.scorers import ScorerOptions
+from ttscale.run import RunContext, StrategyResult
 from ttscale.selection import vote
 from ttscale.strategies import register
-from ttscale.strategies.base import RunContext, StrategyResult
-from ttscale.strategies.parallel import AnswerTracker, ParallelOptions, ParallelStrategy, Pool, decided
+from ttscale.strategies.parallel import AnswerTracker, ParallelOptions, ParallelStrategy, Pool, ScoredOptions, decided
 
 
 class MajorityOptions(ParallelOptions):
@@ -18,7 +17,7 @@ class MajorityOptions(ParallelOptions):
 
 
 @register
-class Majority(ParallelStrategy):
+class Majority(ParallelStrategy[MajorityOptions]):
     """Plurality of the extracted answers; answerless samples don't vote but count."""
 
     name = "majority"
@@ -26,30 +25,41 @@ class Majority(ParallelStrategy):
     Options = MajorityOptions
 
     async def run(self, ctx: RunContext) -> StrategyResult:
-        o: MajorityOptions = self.options  # type: ignore[assignment]
+        o = self.options
         self.planned(ctx)
 
         def should_stop(tracker: AnswerTracker, remaining: int) -> bool:
             return decided(tracker.counts(), remaining)
 
         tracker = AnswerTracker()
-        sampler, cands, adapt = await self.draw(ctx, logprobs=0 if o.tie_break == "logprob" else None,
-                                                should_stop=should_stop if o.stop_when_decided else None,
-                                                tracker=tracker)
+        sampler, cands, adapt = await self.draw(
+            ctx,
+            logprobs=0 if o.tie_break == "logprob" else None,
+            should_stop=should_stop if o.stop_when_decided else None,
+            tracker=tracker,
+        )
         pool = await Pool.build(cands, known=tracker.answers)
-        v = vote(pool.clusters,
-                 tie_scores=[c.sum_logprob or 0.0 for c in cands] if o.tie_break == "logprob" else None,
-                 finish_order=[c.finished_at or math.inf for c in cands])
-        return self.result(ctx, sampler, pool, v.representative, cluster_scores=v.scores,
-                           extra={"vote_share": round(v.share, 6), **adapt})
+        v = vote(
+            pool.clusters,
+            tie_scores=[c.sum_logprob or 0.0 for c in cands] if o.tie_break == "logprob" else None,
+            finish_order=[c.finished_at or math.inf for c in cands],
+        )
+        return self.result(
+            ctx,
+            sampler,
+            pool,
+            v.representative,
+            cluster_scores=v.scores,
+            extra={"vote_share": round(v.share, 6), **adapt},
+        )
 
 
-class WeightedOptions(ParallelOptions, ScorerOptions):
+class WeightedOptions(ScoredOptions):
     pass
 
 
 @register
-class WeightedMajority(ParallelStrategy):
+class WeightedMajority(ParallelStrategy[WeightedOptions]):
     """Each answer's vote is the sum of its samples' scores (verifier P(correct) by default)."""
 
     name = "weighted_majority"
@@ -57,12 +67,18 @@ class WeightedMajority(ParallelStrategy):
     Options = WeightedOptions
 
     async def run(self, ctx: RunContext) -> StrategyResult:
-        o: WeightedOptions = self.options  # type: ignore[assignment]
-        sampler, pool, scores, extra = await self.draw_scored(ctx, o)
+        o = self.options
+        sampler, pool, scores, extra = await self.draw_scored(ctx, o.scorer)
         cands = pool.cands
-        weights = [math.exp(s) if o.scorer == "logprob" else max(float(s), 0.0) for s in scores]
+        weights = [math.exp(s) if o.scorer.name == "logprob" else max(float(s), 0.0) for s in scores]
         weights = [0.0 if not math.isfinite(w) else w for w in weights]
-        v = vote(pool.clusters, weights, tie_scores=scores,
-                 finish_order=[c.finished_at or math.inf for c in cands])
-        return self.result(ctx, sampler, pool, v.representative, scores=scores, cluster_scores=v.scores,
-                           extra={"vote_share": round(v.share, 6), **extra})
+        v = vote(pool.clusters, weights, tie_scores=scores, finish_order=[c.finished_at or math.inf for c in cands])
+        return self.result(
+            ctx,
+            sampler,
+            pool,
+            v.representative,
+            scores=scores,
+            cluster_scores=v.scores,
+            extra={"vote_share": round(v.share, 6), **extra},
+        )

@@ -24,16 +24,15 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ttscale.zoo import tasks
 from ttscale.zoo import tokenizer as T
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO_ROOT / "eval" / "datasets" / "arith500.jsonl"
 
-
-def load_jsonl(path) -> list[dict]:
+def load_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     with open(path) as fh:
         return [json.loads(x) for x in fh if x.strip()]
 
@@ -52,28 +51,41 @@ def majority(answers: list[int | None]) -> int | None:
     return min(a for a, v in votes.items() if v == top)
 
 
-def auroc(scores, labels) -> float:
+def auroc(scores: Sequence[float], labels: Sequence[bool | int]) -> float:
     from ttscale.zoo.train import auroc as _auroc  # numpy only
+
     return _auroc(scores, labels)
 
 
-def engine_kwargs(dtype: str, max_len: int = 1024) -> dict:
+def engine_kwargs(dtype: str, max_len: int = 1024) -> dict[str, Any]:
     return dict(dtype=dtype, max_model_len=max_len, gpu_memory_utilization=0.5, enforce_eager=True)
 
 
 # ----------------------------------------------------------------------------- stages (subprocess)
+
 
 def stage_generate(model: str, data: str, n: int, seed: int, dtype: str, out: str) -> None:
     from vllm import LLM, SamplingParams
 
     recs = load_jsonl(data)
     llm = LLM(model=model, seed=seed, **engine_kwargs(dtype))
-    sp = SamplingParams(n=n, temperature=0.8, top_p=1.0, top_k=-1, max_tokens=320)  # engine-level seed (per-request seeds fail on vLLM CPU)
+    sp = SamplingParams(
+        n=n, temperature=0.8, top_p=1.0, top_k=-1, max_tokens=320
+    )  # engine-level seed (per-request seeds fail on vLLM CPU)
     outs = llm.generate([T.format_prompt(r["problem"]) for r in recs], sp)
     with open(out, "w") as fh:
         for r, o in zip(recs, outs):
-            fh.write(json.dumps({"id": r["id"], "level": r["level"], "answer": r["answer"],
-                                 "completions": [c.text for c in o.outputs]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "id": r["id"],
+                        "level": r["level"],
+                        "answer": r["answer"],
+                        "completions": [c.text for c in o.outputs],
+                    }
+                )
+                + "\n"
+            )
 
 
 def stage_classify(model: str, data: str, samples: str, dtype: str, out: str) -> None:
@@ -97,13 +109,11 @@ def stage_generate_hf(model: str, data: str, n: int, seed: int, out: str) -> Non
 
     recs = load_jsonl(data)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(dev)
-    comps = sample(m, [T.format_prompt(r["problem"]) for r in recs], n, temperature=0.8,
-                   max_new_tokens=320, seed=seed)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(dev)  # type: ignore[arg-type]  # transformers' stubs: .to(str)
+    comps = sample(m, [T.format_prompt(r["problem"]) for r in recs], n, temperature=0.8, max_new_tokens=320, seed=seed)
     with open(out, "w") as fh:
         for r, cs in zip(recs, comps):
-            fh.write(json.dumps({"id": r["id"], "level": r["level"], "answer": r["answer"],
-                                 "completions": cs}) + "\n")
+            fh.write(json.dumps({"id": r["id"], "level": r["level"], "answer": r["answer"], "completions": cs}) + "\n")
 
 
 def stage_classify_hf(model: str, data: str, samples: str, out: str) -> None:
@@ -118,11 +128,11 @@ def stage_classify_hf(model: str, data: str, samples: str, out: str) -> None:
     scores: list[float] = []
     with torch.no_grad():
         for s in range(0, len(texts), 512):
-            enc = [T.encode(t) for t in texts[s:s + 512]]
+            enc = [T.encode(t) for t in texts[s : s + 512]]
             L = max(map(len, enc))
             ids = torch.full((len(enc), L), T.PAD_ID, dtype=torch.long)
             for j, e in enumerate(enc):
-                ids[j, :len(e)] = torch.tensor(e)
+                ids[j, : len(e)] = torch.tensor(e)
             ids = ids.to(dev)
             scores += torch.sigmoid(m(input_ids=ids, attention_mask=(ids != T.PAD_ID).long()).logits[:, 0]).tolist()
     Path(out).write_text(json.dumps(scores))
@@ -136,8 +146,9 @@ def _run_stage(args: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- metrics
 
-def policy_metrics(rows: list[dict], ks=(1, 4, 16, 64)) -> dict:
-    per: dict = {}
+
+def policy_metrics(rows: list[dict[str, Any]], ks: Sequence[int] = (1, 4, 16, 64)) -> dict[str, Any]:
+    per: dict[Any, Any] = {}
     for r in rows:
         cs = r["completions"]
         n = len(cs)
@@ -163,20 +174,21 @@ def policy_metrics(rows: list[dict], ks=(1, 4, 16, 64)) -> dict:
     return res
 
 
-def verifier_metrics(rows: list[dict], scores: list[float], group: int = 16,
-                     threshold: float = 0.5) -> dict:
+def verifier_metrics(
+    rows: list[dict[str, Any]], scores: list[float], group: int = 16, threshold: float = 0.5
+) -> dict[str, Any]:
     labels, flat_by_row, i = [], [], 0
     for r in rows:
         gold = int(r["answer"])
         ls = [tasks.extract_answer(c) == gold for c in r["completions"]]
         labels += ls
-        flat_by_row.append(list(zip(scores[i:i + len(ls)], ls)))
+        flat_by_row.append(list(zip(scores[i : i + len(ls)], ls)))
         i += len(ls)
     bo, n_groups, p1 = 0.0, 0, 0.0
-    per_level: dict = {}
+    per_level: dict[Any, Any] = {}
     for r, pairs in zip(rows, flat_by_row):
         for g in range(0, len(pairs) - group + 1, group):
-            grp = pairs[g:g + group]
+            grp = pairs[g : g + group]
             top = max(s for s, _ in grp)
             tied = [ok for s, ok in grp if s == top]
             acc = sum(tied) / len(tied)  # expected accuracy under random tie-breaking
@@ -196,13 +208,15 @@ def verifier_metrics(rows: list[dict], scores: list[float], group: int = 16,
         "threshold": threshold,
         "fpr": sum(s >= threshold for s in neg) / max(1, len(neg)),
         "tpr": sum(s >= threshold for s in pos) / max(1, len(pos)),
-        "precision": (sum(s >= threshold for s in pos)
-                      / max(1, sum(s >= threshold for s in pos) + sum(s >= threshold for s in neg))),
+        "precision": (
+            sum(s >= threshold for s in pos)
+            / max(1, sum(s >= threshold for s in pos) + sum(s >= threshold for s in neg))
+        ),
         "n_samples": len(scores),
     }
 
 
-def targets(res: dict) -> dict:
+def targets(res: dict[str, Any]) -> dict[str, Any]:
     p, t = res.get("policy"), {}
     if p:
         a = p["all"]
@@ -224,7 +238,7 @@ def targets(res: dict) -> dict:
     return t
 
 
-def print_table(res: dict) -> None:
+def print_table(res: dict[str, Any]) -> None:
     p = res.get("policy")
     if p:
         cols = [k for k in p["all"] if k != "n_problems"]
@@ -234,12 +248,17 @@ def print_table(res: dict) -> None:
             print(f"{L:<6} " + "  ".join(f"{p[L][c]:9.3f}" for c in cols))
     d = res.get("draft")
     if d:
-        print(f"\ndraft pass@1 per level: " + ", ".join(
-            f"{L} {d[L]['pass@1']:.3f}" for L in d if L != "all") + f"; all {d['all']['pass@1']:.3f}")
+        print(
+            "\ndraft pass@1 per level: "
+            + ", ".join(f"{L} {d[L]['pass@1']:.3f}" for L in d if L != "all")
+            + f"; all {d['all']['pass@1']:.3f}"
+        )
     v = res.get("verifier")
     if v:
-        print(f"\nverifier: AUROC {v['auroc']:.3f}  best-of-16 {v['best_of_16']:.3f} "
-              f"(policy pass@1 {v['policy_pass@1']:.3f})  FPR@0.5 {v['fpr']:.3f}  TPR@0.5 {v['tpr']:.3f}")
+        print(
+            f"\nverifier: AUROC {v['auroc']:.3f}  best-of-16 {v['best_of_16']:.3f} "
+            f"(policy pass@1 {v['policy_pass@1']:.3f})  FPR@0.5 {v['fpr']:.3f}  TPR@0.5 {v['tpr']:.3f}"
+        )
     print("\ntargets:")
     for k, ok in targets(res).items():
         print(f"  [{'x' if ok else ' '}] {k}")
@@ -264,13 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default="ttscale-arith")
     ap.add_argument("--draft", default="ttscale-arith-draft")
     ap.add_argument("--verifier", default="ttscale-arith-verifier")
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="problems (JSONL); default: arith500, the embedded models' held-out set (tasks.eval_set)",
+    )
     ap.add_argument("--n", type=int, default=64, help="policy samples per problem")
     ap.add_argument("--draft-n", type=int, default=16, help="draft samples per problem")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--backend", choices=["vllm", "transformers"], default="vllm",
-                    help="vllm (default) or transformers generate (e.g. on a GPU machine without vLLM)")
+    ap.add_argument(
+        "--backend",
+        choices=["vllm", "transformers"],
+        default="vllm",
+        help="vllm (default) or transformers generate (e.g. on a GPU machine without vLLM)",
+    )
     ap.add_argument("--only", default="policy,draft,verifier")
     ap.add_argument("--work", default=None, help="directory for samples (default: temporary)")
     ap.add_argument("--out", default="measure.json")
@@ -278,24 +305,35 @@ def main(argv: list[str] | None = None) -> int:
     only = set(a.only.split(","))
     work = Path(a.work or tempfile.mkdtemp(prefix="ttscale-measure-"))
     work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"config": {"policy": a.policy, "draft": a.draft, "verifier": a.verifier,
-                            "data": os.path.relpath(a.data, REPO_ROOT) if a.data.startswith(str(REPO_ROOT)) else a.data,
-                            "n": a.n, "draft_n": a.draft_n, "temperature": 0.8, "seed": a.seed,
-                            "dtype": a.dtype}}
+    data_name = a.data or "arith500 (ttscale.zoo.tasks.eval_set)"
+    if a.data is None:
+        a.data = str(work / "arith500.jsonl")
+        tasks.write_jsonl(tasks.eval_set(), a.data)
+    res: dict[str, Any] = {
+        "config": {
+            "policy": a.policy,
+            "draft": a.draft,
+            "verifier": a.verifier,
+            "data": data_name,
+            "n": a.n,
+            "draft_n": a.draft_n,
+            "temperature": 0.8,
+            "seed": a.seed,
+            "dtype": a.dtype,
+        }
+    }
     gen, cls = ("generate", "classify") if a.backend == "vllm" else ("generate_hf", "classify_hf")
     res["config"]["backend"] = a.backend
     pol_samples = work / "policy_samples.jsonl"
     if "policy" in only or "verifier" in only:
         if not pol_samples.exists():
-            _run_stage([gen, str(resolve_model(a.policy)), a.data, str(a.n), str(a.seed), a.dtype,
-                        str(pol_samples)])
+            _run_stage([gen, str(resolve_model(a.policy)), a.data, str(a.n), str(a.seed), a.dtype, str(pol_samples)])
         rows = load_jsonl(pol_samples)
         res["policy"] = policy_metrics(rows)
     if "draft" in only:
         ds = work / "draft_samples.jsonl"
         if not ds.exists():
-            _run_stage([gen, str(resolve_model(a.draft)), a.data, str(a.draft_n), str(a.seed), a.dtype,
-                        str(ds)])
+            _run_stage([gen, str(resolve_model(a.draft)), a.data, str(a.draft_n), str(a.seed), a.dtype, str(ds)])
         res["draft"] = policy_metrics(load_jsonl(ds), ks=(1, 4, 16))
     if "verifier" in only:
         sc = work / "verifier_scores.json"

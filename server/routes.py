@@ -1,0 +1,116 @@
+"""The HTTP routes; each hands its work to a serving module (:mod:`ttscale.server.serving`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from ttscale.engine import Engine
+from ttscale.server import serving
+from ttscale.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+)
+from ttscale.server.render import CHAT, COMPLETIONS
+from ttscale.strategies import registered
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    # 200 only while every engine is up: a supervisor restarts a server whose engine died.
+    state = request.app.state
+    alive = state.pool.alive
+    ok = state.ready and all(alive.values())
+    status = "ok" if ok else ("starting" if not state.ready else "engine_down")
+    return JSONResponse(
+        {
+            "status": status,
+            "models": state.pool.names,
+            "engines": {n: "up" if a else "down" for n, a in alive.items()},
+            "engine_requests_running": state.pool.num_running,
+            "requests_in_flight": state.in_flight,
+        },
+        status_code=200 if ok else 503,
+    )
+
+
+@router.get("/metrics")
+async def prometheus(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def model_card(e: Engine, profiles: dict[str, Any]) -> dict[str, Any]:
+    prof = profiles.get(e.name)
+    return {
+        "id": e.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "ttscale",
+        "max_model_len": e.max_model_len,
+        "ttscale": {"role": e.role, "budget_profile": prof.source if prof is not None else None},
+    }
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    pool, profiles = request.app.state.pool, request.app.state.profiles
+    cards = [model_card(e, profiles) for e in pool]
+    cards += [
+        {**model_card(pool.get(name), profiles), "id": alias, "root": name} for alias, name in pool.aliases.items()
+    ]
+    return {"object": "list", "data": cards}
+
+
+@router.get("/v1/models/{name:path}")
+async def model(name: str, request: Request) -> dict[str, Any]:
+    return model_card(request.app.state.pool.get(name), request.app.state.profiles)
+
+
+@router.get("/v1/strategies")
+async def strategies() -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"id": n, "summary": c.summary, "options": c.Options.model_json_schema()}
+            for n, c in sorted(registered().items())
+        ],
+    }
+
+
+_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={
+        200: {
+            "model": ChatCompletionResponse,
+            "content": _SSE,
+            "description": "the completion; with `stream`, server-sent chunks",
+        }
+    },
+)
+async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+    return await serving.serve(request.app.state, request, body, CHAT)
+
+
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={
+        200: {
+            "model": CompletionResponse,
+            "content": _SSE,
+            "description": "the completion; with `stream`, server-sent chunks",
+        }
+    },
+)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    return await serving.serve(request.app.state, request, body, COMPLETIONS)

@@ -1,0 +1,323 @@
+"""Serving one completions request: admission, request → run (strategy, budget, sampling,
+prompt tokens), the run itself with disconnect handling, the answer as JSON or a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.datastructures import State
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
+
+from ttscale.budget import Budget, parse_budget
+from ttscale.engine import ModelPool, PromptInput, SamplingSettings
+from ttscale.errors import InvalidRequestError, OverloadedError
+from ttscale.run import JSON, RunContext, StrategyResult
+from ttscale.server import errors, render
+from ttscale.server.metrics import Metrics
+from ttscale.server.protocol import ChatCompletionRequest, CompletionRequest
+from ttscale.server.render import Endpoint, Reply, StreamWriter
+from ttscale.strategies import Strategy, get_strategy
+
+DEFAULT_UPSTREAM_MAX_TOKENS = 1024  # max_tokens when neither the request nor a tokenizer sets it
+
+Body: TypeAlias = ChatCompletionRequest | CompletionRequest
+
+
+class Slot:
+    """One admitted request in ``state.in_flight``; released once, by whoever ends it."""
+
+    def __init__(self, state: State):
+        self.state = state
+        self.held = True
+        self.owned = False  # a running task (or stream) has taken over the release
+        self.started = False  # a stream's generator has begun (its task releases the slot)
+        state.in_flight += 1
+        state.metrics.in_flight.set(state.in_flight)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.state.in_flight -= 1
+            self.state.metrics.in_flight.set(self.state.in_flight)
+
+    def release_unless_owned(self) -> None:
+        if not self.owned:
+            self.release()
+
+    def release_unless_started(self) -> None:
+        if not self.started:
+            self.release()
+
+
+@dataclass
+class Run:
+    """A request made ready to run."""
+
+    strategy: Strategy[Any]
+    ctx: RunContext
+    reply: Reply
+
+
+def parse_ttscale(raw: dict[str, Any] | None) -> tuple[Strategy[Any], Budget, bool]:
+    raw = dict(raw or {})
+    name = raw.pop("strategy", "none")
+    if not isinstance(name, str):
+        raise InvalidRequestError("strategy must be a string", param="ttscale.strategy")
+    budget = parse_budget(raw.pop("budget", None))
+    return_samples = raw.pop("return_samples", False)
+    if not isinstance(return_samples, bool):
+        raise InvalidRequestError("return_samples must be a boolean", param="ttscale.return_samples")
+    strategy = get_strategy(name).from_request(raw)
+    strategy.check_budget(budget)
+    return strategy, budget, return_samples
+
+
+async def prepare(state: State, body: Body, endpoint: Endpoint) -> Run:
+    """The run of a request: its model, strategy and budget, the prompt tokenised once (in a
+    worker thread: a long prompt must not stall other requests) and checked against the context."""
+    pool: ModelPool = state.pool
+    engine = pool.get(body.model, role="generate")
+    strategy, budget, return_samples = parse_ttscale(body.ttscale)
+    chat = isinstance(body, ChatCompletionRequest)
+    prompt: PromptInput = body.message_dicts() if isinstance(body, ChatCompletionRequest) else body.prompt_input()
+    _check_unicode(prompt, "messages" if chat else "prompt")
+    ids: list[int] | None = None
+    if engine.can_render:  # else an upstream checks lengths itself
+        if isinstance(body, ChatCompletionRequest):
+            ids = await asyncio.to_thread(
+                engine.render,
+                prompt,
+                continue_final_message=body.continue_final_message,
+                add_generation_prompt=body.add_generation_prompt,
+            )
+            if body.continue_final_message:
+                prompt = ids  # rendered exactly as asked; the engine takes the ids
+        else:
+            ids = await asyncio.to_thread(engine.render, prompt)
+    ctx_len = engine.max_model_len
+    if ctx_len is not None and ids is not None:
+        if len(ids) >= ctx_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; model {engine.name!r} takes at most {ctx_len - 1}",
+                param="messages" if chat else "prompt",
+                code="context_length_exceeded",
+            )
+        room = ctx_len - len(ids)
+        if body.max_tokens is not None and body.max_tokens > room:
+            param = body.max_tokens_param
+            raise InvalidRequestError(
+                f"{param}={body.max_tokens} does not fit: the prompt has {len(ids)} tokens and the context {ctx_len}",
+                param=param,
+                code="context_length_exceeded",
+            )
+    else:
+        room = DEFAULT_UPSTREAM_MAX_TOKENS
+    settings = SamplingSettings(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k if body.top_k and body.top_k > 0 else 0,
+        max_tokens=body.max_tokens or room,
+        min_tokens=body.min_tokens,
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        logprobs=body.logprobs_k,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        ignore_eos=body.ignore_eos,
+    )
+    rid = endpoint.id_prefix + uuid.uuid4().hex[:24]
+    ctx = RunContext(
+        pool=pool,
+        model=engine,
+        prompt=prompt,
+        settings=settings,
+        n=body.n,
+        budget=budget,
+        request_id=rid,
+        profile=state.profiles.get(engine.name),
+        prompt_ids=ids,
+    )
+    echo = body.prompt if isinstance(body, CompletionRequest) and body.echo and isinstance(body.prompt, str) else None
+    reply = Reply(
+        endpoint=endpoint,
+        id=rid,
+        model=engine.name,
+        strategy=strategy.name,
+        engine=engine,
+        logprobs=body.logprobs_k is not None,
+        return_samples=return_samples,
+        echo=echo,
+    )
+    return Run(strategy, ctx, reply)
+
+
+class _EventStream(StreamingResponse):
+    """A stream that ends its generator (and with it the strategy's engine requests) as soon as
+    the client is gone: servers of ASGI 2.4 tell by a failed send, which leaves the generator
+    suspended until garbage collection would close it; nothing is left to answer then."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            pass
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def _check_unicode(prompt: PromptInput, param: str) -> None:
+    """Text no tokenizer can take (a lone UTF-16 surrogate is no Unicode scalar) is the request's
+    fault, whichever engine serves it."""
+    texts = (
+        [prompt] if isinstance(prompt, str) else [str(m.get("content") or "") for m in prompt if isinstance(m, dict)]
+    )
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(
+                f"{param} holds text that is not valid Unicode (position {e.start}: {e.reason})", param=param
+            ) from None
+
+
+async def serve(state: State, request: Request, body: Body, endpoint: Endpoint) -> Response:
+    if state.in_flight >= state.max_concurrent_requests:
+        raise OverloadedError(f"more than {state.max_concurrent_requests} requests in flight; retry later")
+    slot = Slot(state)  # held from admission: streams and requests still tokenising count too
+    try:
+        run = await prepare(state, body, endpoint)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            gen = _stream(state.metrics, run, include_usage, slot)
+            # a stream the server never starts (its client left first) still gives its slot back;
+            # a started one gives it back when its strategy task has ended (``settle``)
+            weakref.finalize(gen, slot.release_unless_started)
+            slot.owned = True
+            return _EventStream(
+                gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
+        slot.owned = True
+        return await _answer(state.metrics, request, run, slot)
+    except BaseException:
+        slot.release_unless_owned()
+        raise
+
+
+def _settler(metrics: Metrics, run: Run, slot: Slot, status: list[str]):  # type: ignore[no-untyped-def]
+    """The done-callback of a strategy task: runs after the strategy's own cleanup (engine
+    requests finished or aborted, tokens booked), whatever ended it."""
+
+    def settle(task: asyncio.Task[Any]) -> None:
+        if status[0] == "ok" and not task.cancelled() and task.exception() is not None:
+            status[0] = type(task.exception()).__name__
+        slot.release()
+        metrics.requests.labels(run.reply.endpoint.name, run.strategy.name, status[0]).inc()
+        metrics.count_tokens(run.ctx.usage)
+
+    return settle
+
+
+async def _answer(metrics: Metrics, request: Request, run: Run, slot: Slot) -> Response:
+    t0 = time.perf_counter()
+    status = ["ok"]
+    work = asyncio.create_task(run.strategy.execute(run.ctx))
+    work.add_done_callback(_settler(metrics, run, slot, status))
+    gone = asyncio.create_task(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server gave up on this request (client gone)
+        status[0] = "disconnected"
+        metrics.disconnects.inc()
+        work.cancel()  # its cleanup aborts every engine request; no await under a cancelled scope
+        raise
+    finally:
+        gone.cancel()
+    if work not in done:  # the client left: stop every engine request of it
+        status[0] = "disconnected"
+        metrics.disconnects.inc()
+        work.cancel()
+        return Response(status_code=499)
+    result = work.result()  # raises the strategy's error, mapped to HTTP by the handlers
+    metrics.observe(run.strategy.name, result, time.perf_counter() - t0)
+    # built and serialised in a worker thread: K samples' texts and log-probs make large bodies
+    body = await asyncio.to_thread(
+        lambda: render.dumps(render.response(result, run.ctx, run.reply, time.perf_counter() - t0))
+    )
+    return Response(body, media_type="application/json")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def _stream(metrics: Metrics, run: Run, include_usage: bool, slot: Slot) -> AsyncIterator[bytes]:
+    slot.started = True
+    ctx = run.ctx
+    out = StreamWriter(run.reply, ctx.n)
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    async def on_delta(i: int, text: str) -> None:
+        queue.put_nowait(("delta", (i, text)))
+
+    async def on_progress(ev: dict[str, JSON]) -> None:
+        queue.put_nowait(("progress", ev))
+
+    ctx.on_delta = on_delta
+    ctx.on_progress = on_progress
+
+    async def work() -> None:
+        try:
+            queue.put_nowait(("result", await run.strategy.execute(ctx)))
+        except BaseException as e:  # forwarded into the stream
+            queue.put_nowait(("error", e))
+
+    t0 = time.perf_counter()
+    status = ["ok"]
+    task = asyncio.create_task(work())
+    # Not in the generator's `finally`: on a disconnect the server cancels the generator's
+    # scope, and every await there would be cancelled again.
+    task.add_done_callback(_settler(metrics, run, slot, status))
+    try:
+        for piece in out.opening():
+            yield piece
+        while True:
+            kind, item = await queue.get()
+            if kind == "delta":
+                yield out.delta(*item)
+            elif kind == "progress":
+                yield out.progress(item)
+            elif kind == "error":
+                status[0] = type(item).__name__
+                if isinstance(item, asyncio.CancelledError):
+                    raise item
+                for piece in out.error(errors.error_json(item)):
+                    yield piece
+                return
+            else:
+                result: StrategyResult = item
+                seconds = time.perf_counter() - t0
+                for piece in out.closing(result, ctx, seconds, include_usage):
+                    yield piece
+                metrics.observe(run.strategy.name, result, seconds)
+                return
+    except (asyncio.CancelledError, GeneratorExit):
+        status[0] = "disconnected"
+        metrics.disconnects.inc()
+        raise
+    finally:
+        if not task.done():
+            task.cancel()  # its own cleanup aborts the engine requests

@@ -1,0 +1,357 @@
+"""One request's run: what strategies and scorers read, the ledger that books its cost, the
+typed result a strategy hands back.
+
+- :class:`RunContext`: the request as strategies and scorers see it (prompt, sampling, models,
+  deadline); read-only except through its :class:`Ledger`.
+- :class:`Ledger`: the only writer of the request's budget numbers and usage — samples counted,
+  tokens charged (``charge``), tokens held for work still to come (``hold`` / ``release``) and
+  reservations that settle at their real cost (``reserve`` → ``settle``).
+- :class:`StrategyResult`: the choices, the selected sample, its answer, why sampling stopped
+  (:class:`StopReason`), scores, the budget in effect, and strategy-specific details.
+
+This module imports neither strategies nor the server: both depend on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+from pydantic import BaseModel, ConfigDict
+
+from ttscale.budget import Budget
+from ttscale.engine import Candidate, Engine, ModelPool, PromptInput, SamplingSettings
+
+if TYPE_CHECKING:
+    from ttscale.adaptive import Profile
+
+# What a strategy's details may hold: plain JSON values (they go to the client as they are).
+# (read-only container types: a dict[str, int] is a JSON value too)
+JSON = Union[str, int, float, bool, None, Sequence["JSON"], Mapping[str, "JSON"]]  # noqa: UP007
+
+
+class StrategyOptions(BaseModel):
+    """Base of every strategy's options: frozen, unknown keys rejected."""
+
+    # NaN / infinity are no option's value (they would poison votes and the response's JSON)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class StopReason(enum.StrEnum):
+    """Why a run stopped drawing samples."""
+
+    COMPLETE = "complete"  # every planned sample finished
+    EARLY_STOP = "early_stop"  # the strategy's own rule (a decided vote, an early exit)
+    DEADLINE = "deadline"
+    TOKEN_BUDGET = "token_budget"
+    SAMPLE_BUDGET = "sample_budget"
+    # adaptive budgets (ttscale.adaptive)
+    CONFIDENT = "confident"
+    TARGET_REACHED = "target_reached"
+    MARGINAL_GAIN = "marginal_gain"
+    # sequential refinement
+    MAX_ROUNDS = "max_rounds"
+    CONTEXT_LENGTH = "context_length"
+    CRITIC_ACCEPTED = "critic_accepted"
+    STABLE_ANSWER = "stable_answer"
+
+
+@dataclass
+class ModelUsage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    aborted_tokens: int = 0
+    requests: int = 0
+
+
+@dataclass
+class Usage:
+    """Every token a request cost, per model (written by the :class:`Ledger`)."""
+
+    models: dict[str, ModelUsage] = field(default_factory=dict)
+
+    def of(self, model: str) -> ModelUsage:
+        return self.models.setdefault(model, ModelUsage())
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(m.prompt_tokens for m in self.models.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(m.completion_tokens for m in self.models.values())
+
+    @property
+    def aborted_tokens(self) -> int:
+        return sum(m.aborted_tokens for m in self.models.values())
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def openai(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+    def detail(self) -> dict[str, Any]:
+        return {"aborted_tokens": self.aborted_tokens, "models": {k: vars(v) for k, v in self.models.items()}}
+
+
+class Ledger:
+    """The request's budget and usage numbers; nothing else writes them.
+
+    Tokens against ``budget.tokens``: ``spent`` (charged for good) and ``held`` (set aside for
+    work still to come, e.g. scoring candidates that are still being sampled). Usage books
+    every token per model, whether or not the budget counts it (a policy's prompt does not).
+    """
+
+    def __init__(self, budget: Budget, usage: Usage | None = None):
+        self.requested = budget  # what the request asked for
+        self._budget = budget  # in effect (an adaptive strategy may turn it to `auto`)
+        self.usage = usage if usage is not None else Usage()
+        self._spent = 0
+        self._held = 0
+        self._samples = 0
+
+    # -- reading ----------------------------------------------------------------------------
+    @property
+    def budget(self) -> Budget:
+        return self._budget
+
+    @property
+    def tokens_spent(self) -> int:
+        return self._spent
+
+    @property
+    def tokens_held(self) -> int:
+        return self._held
+
+    @property
+    def samples_used(self) -> int:
+        return self._samples
+
+    def tokens_left(self) -> int | None:
+        t = self._budget.tokens
+        return None if t is None else t - self._spent - self._held
+
+    def samples_left(self) -> int | None:
+        s = self._budget.samples
+        return None if s is None else s - self._samples
+
+    # -- writing ----------------------------------------------------------------------------
+    def adopt(self, budget: Budget) -> None:
+        """Run under ``budget`` from now on (the request's own stays in ``requested``)."""
+        self._budget = budget
+
+    def count_samples(self, n: int) -> None:
+        self._samples += n
+
+    def spend(self, tokens: int) -> None:
+        """Charge ``tokens`` against the token budget (usage is booked separately)."""
+        self._spent += tokens
+
+    def hold(self, tokens: int) -> None:
+        self._held += tokens
+
+    def release(self, tokens: int) -> None:
+        self._held = max(0, self._held - tokens)
+
+    def reserve(self, tokens: int) -> bool:
+        """Charge ``tokens`` up front if the budget has them; ``settle`` gives back the rest."""
+        left = self.tokens_left()
+        if left is not None and left < tokens:
+            return False
+        self._spent += tokens
+        return True
+
+    def settle(self, reserved: int, used: int) -> None:
+        self._spent -= reserved - used
+
+    def charge(
+        self,
+        model: str,
+        *,
+        prompt: int = 0,
+        completion: int = 0,
+        aborted: int = 0,
+        requests: int = 0,
+        budget_prompt: bool = True,
+        budget_completion: bool = True,
+    ) -> None:
+        """Book tokens of ``model`` in usage and (unless told not to) against the budget."""
+        m = self.usage.of(model)
+        m.prompt_tokens += prompt
+        m.completion_tokens += completion
+        m.aborted_tokens += aborted
+        m.requests += requests
+        self._spent += (prompt if budget_prompt else 0) + (completion if budget_completion else 0)
+
+    def book_candidates(
+        self,
+        model: str,
+        prompt_tokens: int,
+        cands: Sequence[Candidate],
+        *,
+        budget: bool = False,
+        budget_prompt: bool = False,
+    ) -> None:
+        """Usage of one fan-out: its prompt once, every candidate's tokens. ``budget``: charge the
+        candidates' tokens too (a sampler charges its own as each candidate settles)."""
+        self.charge(
+            model,
+            prompt=prompt_tokens,
+            completion=sum(c.num_tokens for c in cands),
+            aborted=sum(c.num_tokens for c in cands if c.aborted),
+            requests=len(cands),
+            budget_prompt=budget_prompt,
+            budget_completion=budget,
+        )
+
+    def charge_scoring(self, model: str, tokens: int, requests: int = 1, *, released: int = 0) -> None:
+        """Tokens a scorer read (they count against the budget), releasing the ``released``
+        tokens held back for this scoring."""
+        self.charge(model, prompt=tokens, requests=requests)
+        self.release(released)
+
+
+Progress = Callable[[dict[str, JSON]], Awaitable[None] | None]
+Delta = Callable[[int, str], Awaitable[None]]
+
+
+class RunContext:
+    """One request, as strategies and scorers see it. Its numbers change only through
+    ``ledger``; the rest is set when the request is admitted."""
+
+    __slots__ = (
+        "ledger",
+        "model",
+        "n",
+        "on_delta",
+        "on_progress",
+        "pool",
+        "profile",
+        "prompt",
+        "prompt_ids",
+        "request_id",
+        "settings",
+        "started",
+    )
+
+    def __init__(
+        self,
+        *,
+        pool: ModelPool,
+        model: Engine,
+        prompt: PromptInput,
+        n: int,
+        budget: Budget,
+        request_id: str,
+        settings: SamplingSettings | None = None,
+        on_progress: Progress | None = None,
+        on_delta: Delta | None = None,
+        profile: Profile | None = None,
+        prompt_ids: list[int] | None = None,
+        usage: Usage | None = None,
+    ):
+        self.pool = pool
+        self.model = model
+        self.prompt = prompt
+        self.settings = settings if settings is not None else SamplingSettings()
+        self.n = n
+        self.request_id = request_id
+        self.ledger = Ledger(budget, usage)
+        self.on_progress = on_progress
+        # Live token stream of candidate deltas: (candidate index, delta text). Set when the
+        # client streams and the strategy can stream its answer as it is generated (``none``).
+        self.on_delta = on_delta
+        self.profile = profile  # the policy's budget profile, if any
+        # ``prompt`` rendered by ``model`` (tokenised once, off the event loop, by the server);
+        # fan-outs of ``model`` for ``prompt`` take these ids instead of rendering it again
+        self.prompt_ids = prompt_ids
+        self.started = time.monotonic()
+
+    @property
+    def budget(self) -> Budget:
+        """The budget in effect (``ledger.requested`` is the request's own)."""
+        return self.ledger.budget
+
+    @property
+    def usage(self) -> Usage:
+        return self.ledger.usage
+
+    @property
+    def deadline(self) -> float | None:
+        d = self.budget.deadline_s
+        return None if d is None else self.started + d
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def tokens_left(self) -> int | None:
+        return self.ledger.tokens_left()
+
+    def samples_left(self) -> int | None:
+        return self.ledger.samples_left()
+
+    def prompt_tokens(self) -> int:
+        """The policy's prompt length in tokens (0 where the policy cannot render)."""
+        if self.prompt_ids is not None:
+            return len(self.prompt_ids)
+        return self.model.count_tokens(self.prompt) if self.model.can_render else 0
+
+    async def progress(self, event: dict[str, JSON]) -> None:
+        if self.on_progress is not None:
+            r = self.on_progress(event)
+            if asyncio.iscoroutine(r):
+                await r
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    finish_reason: str
+    candidate: Candidate | None = None
+
+
+@dataclass
+class StrategyResult:
+    """What a strategy returns; the server turns it into the OpenAI shapes in one place."""
+
+    choices: list[Choice]
+    candidates: list[Candidate]
+    stop_reason: StopReason
+    selected_index: int | None = None
+    answer: str | None = None
+    scores: list[float | None] | None = None  # per candidate; None: not scored
+    per_sample: list[dict[str, JSON]] | None = None  # per candidate details (answer, cluster, ...)
+    details: dict[str, JSON] = field(default_factory=dict)  # strategy-specific (votes, waves, ...)
+    budget: Budget | None = None  # the budget in effect, where it differs from the request's
+    streamed: bool = False  # the choices' text already went out live through on_delta
+    answers: bool = True  # the strategy extracts answers (``answer`` is part of the result)
+
+    @property
+    def samples_used(self) -> int:
+        return len(self.candidates)
+
+    @property
+    def info(self) -> dict[str, JSON]:
+        """The result as the response's ``ttscale`` object carries it (without per-sample rows)."""
+        out: dict[str, JSON] = {
+            "samples_used": self.samples_used,
+            "stop_reason": self.stop_reason.value,
+            "selected_index": self.selected_index,
+        }
+        if self.answers:
+            out["answer"] = self.answer
+        if self.scores is not None:
+            out["scores"] = list(self.scores)
+        out.update(self.details)
+        return out
