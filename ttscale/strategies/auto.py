@@ -30,7 +30,7 @@ class Auto(ParallelStrategy[AutoOptions]):
         verifier = None
         if o.verifier is not None or any(e.role == "score" for e in ctx.pool):
             verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
-        sampler, cands, adapt = await self._waves(
+        stop_reason, cands, adapt = await self._waves(
             ctx, logprobs=0, scoring_cost=verifier.scoring_cost(ctx) if verifier else None
         )
         pool = await Pool.build(cands)
@@ -51,7 +51,7 @@ class Auto(ParallelStrategy[AutoOptions]):
         extra = {**adapt, "selection": choice, "selection_reason": why}
         if choice == "best_of_n" and verifier is not None:
             scores = await verifier.score(ctx, cands)
-            return self.result(ctx, sampler, pool, best_by_score(cands, scores), scores=scores, extra=extra)
+            return self.result(pool, best_by_score(cands, scores), stop_reason=stop_reason, scores=scores, extra=extra)
         if verifier is not None:  # reserved scoring not used: give it back
             cost = verifier.scoring_cost(ctx)
             ctx.ledger.release(sum(cost(c.num_tokens) for c in cands))
@@ -60,4 +60,4 @@ class Auto(ParallelStrategy[AutoOptions]):
             tie_scores=[c.sum_logprob or 0.0 for c in cands],
             finish_order=[c.finished_at or math.inf for c in cands],
         )
-        return self.result(ctx, sampler, pool, v.representative, cluster_scores=v.scores, extra=extra)
+        return self.result(pool, v.representative, stop_reason=stop_reason, cluster_scores=v.scores, extra=extra)

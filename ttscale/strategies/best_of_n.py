@@ -20,5 +20,5 @@ class BestOfN(ParallelStrategy[BestOfNOptions]):
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o = self.options
-        sampler, pool, scores, extra = await self.draw_scored(ctx, o.scorer)
-        return self.result(ctx, sampler, pool, best_by_score(pool.cands, scores), scores=scores, extra=extra)
+        stop_reason, pool, scores, extra = await self.draw_scored(ctx, o.scorer)
+        return self.result(pool, best_by_score(pool.cands, scores), stop_reason=stop_reason, scores=scores, extra=extra)

@@ -189,7 +189,7 @@ class ParallelStrategy(Strategy[PO]):
         scoring_cost: Callable[[int], int] | None = None,
         should_stop: Callable[[AnswerTracker, int], bool] | None = None,
         tracker: AnswerTracker | None = None,
-    ) -> tuple[Sampler, list[Candidate], dict[str, JSON]]:
+    ) -> tuple[StopReason, list[Candidate], dict[str, JSON]]:
         """The request's candidates: K in one fan-out, or waves under an adaptive budget."""
         if not (ctx.budget.auto or ctx.budget.target_accuracy is not None):
             sampler, cands = await self.sample(
@@ -200,24 +200,26 @@ class ParallelStrategy(Strategy[PO]):
                 should_stop=should_stop,
                 tracker=tracker,
             )
-            return sampler, cands, {}
+            return sampler.stop_reason, cands, {}
         return await self._waves(ctx, logprobs=logprobs, scoring_cost=scoring_cost)
 
     async def draw_scored(
         self,
         ctx: RunContext,
         opts: ScorerOptions,
-    ) -> tuple[Sampler, Pool, list[float], dict[str, JSON]]:
+    ) -> tuple[StopReason, Pool, list[float], dict[str, JSON]]:
         """Draw the candidates and score them with the scorer of ``opts``."""
         self.planned(ctx)
         scorer = make_scorer(opts, ctx)
-        sampler, cands, adapt = await self.draw(ctx, logprobs=scorer.logprobs, scoring_cost=scorer.scoring_cost(ctx))
+        stop_reason, cands, adapt = await self.draw(
+            ctx, logprobs=scorer.logprobs, scoring_cost=scorer.scoring_cost(ctx)
+        )
         pool = await Pool.build(cands)
-        return sampler, pool, await scorer.score(ctx, cands), {"scorer": opts.name, **adapt}
+        return stop_reason, pool, await scorer.score(ctx, cands), {"scorer": opts.name, **adapt}
 
     async def _waves(
         self, ctx: RunContext, *, logprobs: int | None, scoring_cost: Callable[[int], int] | None
-    ) -> tuple[Sampler, list[Candidate], dict[str, JSON]]:
+    ) -> tuple[StopReason, list[Candidate], dict[str, JSON]]:
         from ttscale.adaptive import decide
 
         o = self.options
@@ -277,10 +279,6 @@ class ParallelStrategy(Strategy[PO]):
             if decision.stop:
                 stop_reason = StopReason(decision.reason or StopReason.EARLY_STOP)
                 break
-        if sampler is None:
-            sampler = Sampler(ctx)
-        sampler.candidates = cands
-        sampler.stop_reason = stop_reason
         tps = (sum(c.num_tokens for c in cands) / len(cands)) if cands else 0.0
         tokens_planned = round(planned * tps)
         tokens_used = sum(c.num_tokens for c in cands)
@@ -306,15 +304,14 @@ class ParallelStrategy(Strategy[PO]):
             }
         }
         info["tokens_saved"] = max(0, tokens_planned - tokens_used)
-        return sampler, cands, info
+        return stop_reason, cands, info
 
     def result(
         self,
-        ctx: RunContext,
-        sampler: Sampler,
         pool: Pool,
         selected: int | None,
         *,
+        stop_reason: StopReason,
         scores: Sequence[float] | None = None,
         cluster_scores: dict[int, float] | None = None,
         extra: dict[str, JSON] | None = None,
@@ -342,7 +339,7 @@ class ParallelStrategy(Strategy[PO]):
         return StrategyResult(
             choices=choices,
             candidates=cands,
-            stop_reason=sampler.stop_reason,
+            stop_reason=stop_reason,
             selected_index=selected,
             answer=answer,
             scores=finite,

@@ -26,17 +26,16 @@ class PerplexityConsistency(ParallelStrategy[RPCOptions]):
     async def run(self, ctx: RunContext) -> StrategyResult:
         o = self.options
         self.planned(ctx)
-        sampler, cands, adapt = await self.draw(ctx, logprobs=0)
+        stop_reason, cands, adapt = await self.draw(ctx, logprobs=0)
         pool = await Pool.build(cands)
         mean_lp = [c.mean_logprob if c.mean_logprob is not None else -1e9 for c in cands]
         r = await asyncio.to_thread(
             rpc, pool.clusters, mean_lp, [c.text for c in cands], prune=o.prune, min_paths=o.min_paths
         )
         return self.result(
-            ctx,
-            sampler,
             pool,
             r.representative,
+            stop_reason=stop_reason,
             scores=mean_lp,
             cluster_scores=r.scores,
             extra={

@@ -151,7 +151,7 @@ class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
             "tokens_by_model": {n: m.completion_tokens + m.prompt_tokens for n, m in ctx.usage.models.items()},
         }
         sel = best_by_score(cands, scores)
-        return self.result(ctx, sampler, pool, sel, scores=scores, extra=extra)
+        return self.result(pool, sel, stop_reason=sampler.stop_reason, scores=scores, extra=extra)
 
 
 class DraftTargetOptions(ParallelOptions):
@@ -377,9 +377,7 @@ class DraftTarget(ParallelStrategy[DraftTargetOptions]):
             sel = best_by_score(cands, scores)
         else:
             sel = vote(pool.clusters, finish_order=[c.finished_at or math.inf for c in cands]).representative
-        sampler = Sampler(ctx)
-        sampler.candidates = cands
-        sampler.stop_reason = stop["reason"]
+        stop_reason = stop["reason"]
         extra: dict[str, JSON] = {
             "alpha": o.alpha,
             "draft": draft.name,
@@ -396,4 +394,4 @@ class DraftTarget(ParallelStrategy[DraftTargetOptions]):
                 f"{target.name}:scored": scored_span_tokens,
             },
         }
-        return self.result(ctx, sampler, pool, sel, scores=scores, extra=extra)
+        return self.result(pool, sel, stop_reason=stop_reason, scores=scores, extra=extra)

@@ -15,7 +15,6 @@ from ttscale.run import JSON, RunContext, StopReason, StrategyResult
 from ttscale.scorers import VerifierScorer
 from ttscale.selection import multi_temperature_exit, vote
 from ttscale.strategies import register
-from ttscale.strategies.base import Sampler
 from ttscale.strategies.parallel import ParallelOptions, ParallelStrategy, Pool, best_by_score
 
 
@@ -80,7 +79,7 @@ class TemperatureSweep(ParallelStrategy[SweepOptions]):
         )
         cost = scorer.scoring_cost(ctx) if scorer else None
         all_cands: list[Candidate] = []
-        stop_reason, sampler = StopReason.COMPLETE, None
+        stop_reason = StopReason.COMPLETE
         exited = None
         for r, round_plan in enumerate(plan_all):
             sampler, cands = await self.sample(ctx, len(round_plan), settings=round_plan, scoring_cost=cost, logprobs=0)
@@ -105,18 +104,16 @@ class TemperatureSweep(ParallelStrategy[SweepOptions]):
                     stop_reason = StopReason.EARLY_STOP
                     break
         pool = await Pool.build(all_cands)
-        if sampler is None:  # no round planned
-            sampler = Sampler(ctx)
-        sampler.candidates = all_cands
-        sampler.stop_reason = stop_reason
         per_t = {str(t): sum(1 for c in all_cands if c.settings.temperature == t) for t in temps}
         extra: dict[str, JSON] = {"temperatures": per_t, "planned_samples": k}
         if scorer is not None:
             scores = await scorer.score(ctx, all_cands)
-            return self.result(ctx, sampler, pool, best_by_score(all_cands, scores), scores=scores, extra=extra)
+            return self.result(
+                pool, best_by_score(all_cands, scores), stop_reason=stop_reason, scores=scores, extra=extra
+            )
         v = vote(
             pool.clusters,
             tie_scores=[c.sum_logprob or 0.0 for c in all_cands],
             finish_order=[c.finished_at or math.inf for c in all_cands],
         )
-        return self.result(ctx, sampler, pool, v.representative, cluster_scores=v.scores, extra=extra)
+        return self.result(pool, v.representative, stop_reason=stop_reason, cluster_scores=v.scores, extra=extra)

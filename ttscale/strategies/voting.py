@@ -32,7 +32,7 @@ class Majority(ParallelStrategy[MajorityOptions]):
             return decided(tracker.counts(), remaining)
 
         tracker = AnswerTracker()
-        sampler, cands, adapt = await self.draw(
+        stop_reason, cands, adapt = await self.draw(
             ctx,
             logprobs=0 if o.tie_break == "logprob" else None,
             should_stop=should_stop if o.stop_when_decided else None,
@@ -45,10 +45,9 @@ class Majority(ParallelStrategy[MajorityOptions]):
             finish_order=[c.finished_at or math.inf for c in cands],
         )
         return self.result(
-            ctx,
-            sampler,
             pool,
             v.representative,
+            stop_reason=stop_reason,
             cluster_scores=v.scores,
             extra={"vote_share": round(v.share, 6), **adapt},
         )
@@ -68,16 +67,15 @@ class WeightedMajority(ParallelStrategy[WeightedOptions]):
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o = self.options
-        sampler, pool, scores, extra = await self.draw_scored(ctx, o.scorer)
+        stop_reason, pool, scores, extra = await self.draw_scored(ctx, o.scorer)
         cands = pool.cands
         weights = [math.exp(s) if o.scorer.name == "logprob" else max(float(s), 0.0) for s in scores]
         weights = [0.0 if not math.isfinite(w) else w for w in weights]
         v = vote(pool.clusters, weights, tie_scores=scores, finish_order=[c.finished_at or math.inf for c in cands])
         return self.result(
-            ctx,
-            sampler,
             pool,
             v.representative,
+            stop_reason=stop_reason,
             scores=scores,
             cluster_scores=v.scores,
             extra={"vote_share": round(v.share, 6), **extra},
