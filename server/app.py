@@ -5,13 +5,15 @@ format in ``render``, the error mapping in ``errors``."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from ttscale.engine import ModelPool
 from ttscale.server import errors
+from ttscale.server.auth import DOCS_PATHS, ApiKeyAuth
 from ttscale.server.metrics import Metrics
 from ttscale.server.routes import router
 
@@ -22,11 +24,17 @@ def create_app(
     max_concurrent_requests: int = 256,
     manage_pool: bool = True,
     profiles: dict[str, str] | None = None,
+    api_keys: Sequence[str] = (),
+    public_metrics: bool = False,
+    public_docs: bool = False,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The app serving ``pool``. With ``manage_pool`` the app starts and closes the models.
 
     ``profiles`` maps model names to budget-profile files (adaptive budgets); a generating
-    model without one uses the profile shipped for it, if any.
+    model without one uses the profile shipped for it, if any. With ``api_keys`` every route
+    but ``/health`` (and ``/metrics``, the docs, when public) needs one of them; ``cors_origins``
+    are the browser origins allowed to call the API.
     """
     from ttscale.adaptive import load_profile
 
@@ -59,6 +67,16 @@ def create_app(
     app.state.profiles = loaded
     errors.install(app)
     app.include_router(router)
+    if api_keys:
+        open_paths = ["/health", *(["/metrics"] if public_metrics else []), *(DOCS_PATHS if public_docs else [])]
+        app.add_middleware(ApiKeyAuth, keys=list(api_keys), open_paths=open_paths)
+    if cors_origins:  # outermost: a browser's preflight is answered before authentication
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
 
 

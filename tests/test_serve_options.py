@@ -113,6 +113,21 @@ def test_serve_model_argument_and_options_in_any_order(captured):
     assert "served_model_name" not in eng.engine_kwargs(gpu=False)
 
 
+def test_api_keys_from_the_command_line_a_file_and_the_environment(captured, tmp_path, monkeypatch):
+    f = tmp_path / "keys"
+    f.write_text("k2\n")
+    monkeypatch.setenv("TTSCALE_API_KEY", "k3")
+    r = CliRunner().invoke(
+        cli.app,
+        ["serve", POLICY, "--api-key", "k1", "--api-key-file", str(f), "--public-metrics", "--cors-origin", "*"],
+    )
+    assert r.exit_code == 0, r.output
+    assert captured["api_keys"] == ["k1", "k2", "k3"] and captured["public_metrics"] is True
+    assert captured["public_docs"] is False and captured["cors_origins"] == ["*"]
+    r = CliRunner().invoke(cli.app, ["serve", POLICY, "--api-key-file", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "API key file" in r.output
+
+
 def test_a_share_for_several_models_is_split_by_the_plan(captured):
     r = CliRunner().invoke(cli.app, ["serve", "--gpu-memory-utilization", "0.5", "--max-model-len", "512"])
     assert r.exit_code == 0, r.output
@@ -183,7 +198,12 @@ def configured(tmp_path_factory):
             }
         )
     )
-    srv = start_server([], d / "server.log", "--config", str(cfg), "--max-num-seqs", "16")
+    keys = d / "keys.txt"
+    keys.write_text("# clients\nk-two  # the second client\n\n")
+    srv = start_server(
+        [], d / "server.log", "--config", str(cfg), "--max-num-seqs", "16",
+        "--api-key", "k-one", "--api-key-file", str(keys), env={"TTSCALE_API_KEY": "k-three, k-four"},
+    )  # fmt: skip
     yield srv
     srv.stop()
 
@@ -191,10 +211,11 @@ def configured(tmp_path_factory):
 @pytest.mark.server
 @pytest.mark.vllm
 def test_config_file_options_reach_the_engines(configured):
-    cards = {c["id"]: c for c in httpx.get(configured.v1 + "/models", timeout=10).json()["data"]}
+    auth = {"Authorization": "Bearer k-one"}
+    cards = {c["id"]: c for c in httpx.get(configured.v1 + "/models", headers=auth, timeout=10).json()["data"]}
     assert cards["pol"]["max_model_len"] == 384 and cards["drf"]["max_model_len"] == 256
     assert cards["pol-alias"]["root"] == "pol"
-    client = openai.OpenAI(base_url=configured.v1, api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=configured.v1, api_key="k-two", max_retries=0, timeout=120)
     r = client.chat.completions.create(
         model="pol-alias", max_tokens=16, seed=1, messages=[{"role": "user", "content": "What is 2 + 3?"}]
     )
@@ -202,6 +223,24 @@ def test_config_file_options_reach_the_engines(configured):
     with pytest.raises(openai.BadRequestError) as e:  # the configured context length holds
         client.completions.create(model="drf", prompt="1 + 1 = ", max_tokens=300)
     assert e.value.body["param"] == "max_tokens"
+
+
+@pytest.mark.server
+@pytest.mark.vllm
+def test_api_keys_guard_everything_but_health(configured):
+    ask = {"model": "pol", "max_tokens": 4, "messages": [{"role": "user", "content": "1 + 1 = ?"}]}
+    for key in ("k-one", "k-two", "k-four"):  # command line, key file, environment
+        c = openai.OpenAI(base_url=configured.v1, api_key=key, max_retries=0, timeout=120)
+        assert c.chat.completions.create(**ask).usage.completion_tokens > 0
+    for key in ("wrong", "k-one "[:-2], "# clients"):
+        c = openai.OpenAI(base_url=configured.v1, api_key=key, max_retries=0, timeout=30)
+        with pytest.raises(openai.AuthenticationError) as e:
+            c.chat.completions.create(**ask)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    for path in ("/v1/models", "/metrics", "/openapi.json", "/docs"):
+        r = httpx.get(configured.url + path, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error", (path, r.text)
+    assert httpx.get(configured.url + "/health", timeout=10).status_code == 200
 
 
 @pytest.mark.server

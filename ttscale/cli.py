@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -143,6 +144,25 @@ def serve(
             "sends a request on a connection the server is closing at that moment."
         ),
     ] = 75.0,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A key clients must send as 'Authorization: Bearer <key>' (repeat for several; also "
+            "$TTSCALE_API_KEY, comma-separated). Without any key the server is open: bind it to loopback."
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        list[Path] | None, typer.Option(help="File of API keys, one per line ('#' starts a comment).")
+    ] = None,
+    public_metrics: Annotated[
+        bool, typer.Option("--public-metrics", help="With API keys: serve /metrics without a key.")
+    ] = False,
+    public_docs: Annotated[
+        bool, typer.Option("--public-docs", help="With API keys: serve /docs and /openapi.json without a key.")
+    ] = False,
+    cors_origin: Annotated[
+        list[str] | None, typer.Option(help="Browser origin allowed to call the API (repeat; '*' for any).")
+    ] = None,
     help_engine: Annotated[bool, typer.Option("--help-engine", help="Show vLLM's engine options and exit.")] = False,
 ) -> None:
     """Start the OpenAI-compatible server.
@@ -154,6 +174,7 @@ def serve(
     """
     from ttscale.engine.options import engine_help, load_config, parse_engine_cli
     from ttscale.errors import ConfigError
+    from ttscale.server.auth import load_api_keys
 
     if help_engine:
         typer.echo(engine_help())
@@ -166,6 +187,7 @@ def serve(
         pool = build_pool(
             models or None, kv_cache_gib=kv_cache_gib, enforce_eager=eager, engine_args=engine_args, config=cfg
         )
+        keys = load_api_keys(api_key or [], api_key_file or [])
     except ConfigError as e:
         typer.echo(f"Error: {e.message}", err=True)
         raise typer.Exit(2) from None
@@ -183,6 +205,10 @@ def serve(
         keep_alive=keep_alive,
         max_concurrent_requests=max_concurrent_requests,
         profiles=profiles,
+        api_keys=keys,
+        public_metrics=public_metrics,
+        public_docs=public_docs,
+        cors_origins=cors_origin or [],
     )
 
 
@@ -195,6 +221,10 @@ def run_server(
     keep_alive: float,
     max_concurrent_requests: int,
     profiles: dict[str, str],
+    api_keys: Sequence[str] = (),
+    public_metrics: bool = False,
+    public_docs: bool = False,
+    cors_origins: Sequence[str] = (),
 ) -> None:
     """Serve ``pool``; a startup failure of the engines (e.g. models that do not fit the GPU)
     ends the process with a one-paragraph error, not a traceback."""
@@ -203,7 +233,17 @@ def run_server(
     from ttscale.errors import ConfigError
     from ttscale.server import create_app
 
-    api = create_app(pool, max_concurrent_requests=max_concurrent_requests, profiles=profiles)
+    api = create_app(
+        pool,
+        max_concurrent_requests=max_concurrent_requests,
+        profiles=profiles,
+        api_keys=api_keys,
+        public_metrics=public_metrics,
+        public_docs=public_docs,
+        cors_origins=cors_origins,
+    )
+    if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger(__name__).warning("serving on %s without API keys: anyone who reaches it can use it", host)
     server = uvicorn.Server(
         uvicorn.Config(
             api,
