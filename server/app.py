@@ -5,7 +5,8 @@ format in ``render``, the error mapping in ``errors``."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -14,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from ttscale.engine import ModelPool
 from ttscale.server import errors
 from ttscale.server.auth import DOCS_PATHS, ApiKeyAuth
+from ttscale.server.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, watch_engines
 from ttscale.server.metrics import Metrics
 from ttscale.server.routes import router
 
@@ -28,13 +30,16 @@ def create_app(
     public_metrics: bool = False,
     public_docs: bool = False,
     cors_origins: Sequence[str] = (),
+    max_request_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    on_engine_death: Callable[[list[str]], None] | None = None,
 ) -> FastAPI:
     """The app serving ``pool``. With ``manage_pool`` the app starts and closes the models.
 
     ``profiles`` maps model names to budget-profile files (adaptive budgets); a generating
     model without one uses the profile shipped for it, if any. With ``api_keys`` every route
     but ``/health`` (and ``/metrics``, the docs, when public) needs one of them; ``cors_origins``
-    are the browser origins allowed to call the API.
+    are the browser origins allowed to call the API. ``on_engine_death(names)`` is called once
+    when an engine stops (the command line exits the server then, so a supervisor restarts it).
     """
     from ttscale.adaptive import load_profile
 
@@ -50,10 +55,13 @@ def create_app(
         if manage_pool:
             await pool.start()
         app.state.ready = True
+        watch = asyncio.create_task(watch_engines(pool, on_engine_death)) if on_engine_death else None
         try:
             yield
         finally:
             app.state.ready = False
+            if watch is not None:
+                watch.cancel()
             if manage_pool:
                 await pool.close()
 
@@ -70,6 +78,7 @@ def create_app(
     if api_keys:
         open_paths = ["/health", *(["/metrics"] if public_metrics else []), *(DOCS_PATHS if public_docs else [])]
         app.add_middleware(ApiKeyAuth, keys=list(api_keys), open_paths=open_paths)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     if cors_origins:  # outermost: a browser's preflight is answered before authentication
         app.add_middleware(
             CORSMiddleware,

@@ -202,7 +202,8 @@ def configured(tmp_path_factory):
     keys.write_text("# clients\nk-two  # the second client\n\n")
     srv = start_server(
         [], d / "server.log", "--config", str(cfg), "--max-num-seqs", "16",
-        "--api-key", "k-one", "--api-key-file", str(keys), env={"TTSCALE_API_KEY": "k-three, k-four"},
+        "--api-key", "k-one", "--api-key-file", str(keys), "--on-engine-death", "stay",
+        env={"TTSCALE_API_KEY": "k-three, k-four"},
     )  # fmt: skip
     yield srv
     srv.stop()
@@ -262,3 +263,23 @@ def test_health_goes_503_when_an_engine_process_dies(configured):
 
     assert wait_until(down, 60), configured.health()
     assert "down" in configured.health()["engines"].values()
+
+
+def _engine_cores(pid: int) -> list[psutil.Process]:
+    procs = psutil.Process(pid).children(recursive=True)
+    return [p for p in procs if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+
+
+@pytest.mark.server
+@pytest.mark.vllm
+def test_the_server_exits_with_code_4_when_an_engine_dies(tmp_path):
+    srv = start_server([POLICY], tmp_path / "server.log")  # --on-engine-death exit is the default
+    try:
+        cores = _engine_cores(srv.proc.pid)
+        assert cores, srv.tail()
+        os.kill(cores[-1].pid, signal.SIGKILL)
+        assert wait_until(lambda: srv.proc.poll() is not None, 90), srv.tail()
+        assert srv.proc.returncode == 4, srv.tail()
+        assert "stopped; the server exits" in srv.log.read_text(errors="replace")
+    finally:
+        srv.stop()

@@ -163,6 +163,16 @@ def serve(
     cors_origin: Annotated[
         list[str] | None, typer.Option(help="Browser origin allowed to call the API (repeat; '*' for any).")
     ] = None,
+    max_request_bytes: Annotated[
+        int, typer.Option(min=1, help="Request bodies beyond this many bytes get 413 before they are parsed.")
+    ] = 16 << 20,
+    on_engine_death: Annotated[
+        str,
+        typer.Option(
+            help="When an engine process dies: 'exit' (the server stops with exit code 4, so a supervisor "
+            "restarts it) or 'stay' (it keeps serving its other models; /health answers 503)."
+        ),
+    ] = "exit",
     help_engine: Annotated[bool, typer.Option("--help-engine", help="Show vLLM's engine options and exit.")] = False,
 ) -> None:
     """Start the OpenAI-compatible server.
@@ -188,6 +198,8 @@ def serve(
             models or None, kv_cache_gib=kv_cache_gib, enforce_eager=eager, engine_args=engine_args, config=cfg
         )
         keys = load_api_keys(api_key or [], api_key_file or [])
+        if on_engine_death not in ("exit", "stay"):
+            raise ConfigError(f"--on-engine-death must be 'exit' or 'stay', not {on_engine_death!r}")
     except ConfigError as e:
         typer.echo(f"Error: {e.message}", err=True)
         raise typer.Exit(2) from None
@@ -209,6 +221,8 @@ def serve(
         public_metrics=public_metrics,
         public_docs=public_docs,
         cors_origins=cors_origin or [],
+        max_request_bytes=max_request_bytes,
+        exit_on_engine_death=on_engine_death == "exit",
     )
 
 
@@ -225,6 +239,8 @@ def run_server(
     public_metrics: bool = False,
     public_docs: bool = False,
     cors_origins: Sequence[str] = (),
+    max_request_bytes: int = 16 << 20,
+    exit_on_engine_death: bool = True,
 ) -> None:
     """Serve ``pool``; a startup failure of the engines (e.g. models that do not fit the GPU)
     ends the process with a one-paragraph error, not a traceback."""
@@ -232,6 +248,12 @@ def run_server(
 
     from ttscale.errors import ConfigError
     from ttscale.server import create_app
+
+    died: list[str] = []
+
+    def engine_died(names: list[str]) -> None:  # uvicorn then shuts down gracefully
+        died.extend(names)
+        server.should_exit = True
 
     api = create_app(
         pool,
@@ -241,6 +263,8 @@ def run_server(
         public_metrics=public_metrics,
         public_docs=public_docs,
         cors_origins=cors_origins,
+        max_request_bytes=max_request_bytes,
+        on_engine_death=engine_died if exit_on_engine_death else None,
     )
     if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger(__name__).warning("serving on %s without API keys: anyone who reaches it can use it", host)
@@ -262,6 +286,11 @@ def run_server(
     server.run()
     if not server.started:  # an engine failed to start (logged above)
         raise typer.Exit(3)
+    if died:
+        typer.echo(
+            f"Error: the engine of {', '.join(died)} stopped; the server exits (--on-engine-death exit)", err=True
+        )
+        raise typer.Exit(4)
 
 
 @app.command("models")
