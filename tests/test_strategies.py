@@ -158,3 +158,17 @@ async def test_logprob_scorer_min_finds_the_slip():
     pol = FakeEngine("p", respond=respond, logprob=lp)
     r = await run("best_of_n", ctx(pol, samples=6), scorer="logprob", logprob="min")
     assert r.info["answer"] == "0" and min(x for x in r.info["scores"] if x is not None) == -6.0
+
+
+async def test_refine_stop_regex_runs_on_re2_in_linear_time():
+    # a pattern that takes Python's backtracking `re` exponential time on a long critique
+    evil = r"(?s)\A(?:.|.){0,28}\x00"
+    critic = FakeEngine("p", respond=lambda p, s: ("a" * 60) if "Review the answer" in p else "\\boxed{1}")
+    r = await run("refine", ctx(critic), max_rounds=1, stop_regex=evil, stop_on_stable_answer=False)
+    assert r.info["stop_reason"] == "max_rounds"
+    r = await run("refine", ctx(critic), max_rounds=1, stop_regex="(?i)A{60}")
+    assert r.info["stop_reason"] == "critic_accepted"
+    for bad in ("(?=x)", r"(a)\1", "(", "x" * 1001):  # lookaround, backreferences: not RE2
+        with pytest.raises(InvalidRequestError) as e:
+            get_strategy("refine").from_request({"stop_regex": bad})
+        assert e.value.param == "ttscale.stop_regex"

@@ -6,7 +6,6 @@ context. Stops on the critique's signal (``stop_regex``; or a verifier's score w
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -33,7 +32,9 @@ class RefineOptions(StrategyOptions):
     critic: Literal["self", "verifier"] = "self"
     verifier: str | None = None
     verifier_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
-    stop_regex: str = STOP_REGEX
+    stop_regex: str = Field(
+        default=STOP_REGEX, max_length=1000, description="RE2 pattern: a critique that matches it ends the refinement"
+    )
     stop_on_stable_answer: bool = True
     critique_prompt: str = CRITIQUE_PROMPT
     refine_prompt: str = REFINE_PROMPT
@@ -44,11 +45,23 @@ class RefineOptions(StrategyOptions):
     @field_validator("stop_regex")
     @classmethod
     def _regex(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"not a regular expression: {e}") from None
+        compile_stop_regex(v)  # raises ValueError naming what RE2 did not take
         return v
+
+
+def compile_stop_regex(pattern: str) -> Any:
+    """A user's pattern compiled by RE2: linear-time matching, so no pattern can stall the server
+    (Python's backtracking ``re`` can take exponential time, holding the interpreter lock).
+    RE2 has no backreferences or lookaround."""
+    import re2
+
+    opts = re2.Options()
+    opts.log_errors = False
+    try:
+        return re2.compile(pattern, opts)
+    except re2.error as e:
+        msg = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise ValueError(f"not a regular expression RE2 takes: {msg}") from None
 
 
 @register
@@ -59,6 +72,7 @@ class Refine(Strategy[RefineOptions]):
 
     async def run(self, ctx: RunContext) -> StrategyResult:
         o = self.options
+        stop_pattern = compile_stop_regex(o.stop_regex)
         if ctx.n != 1:
             raise InvalidRequestError("strategy 'refine' returns one answer; n must be 1", param="n")
         if not (isinstance(ctx.prompt, list) and ctx.prompt and isinstance(ctx.prompt[0], dict)):
@@ -142,7 +156,7 @@ class Refine(Strategy[RefineOptions]):
                     break
                 feedback = crit.text
                 rounds.append({"round": r + 1, "critique": feedback})
-                if re.search(o.stop_regex, feedback):
+                if stop_pattern.search(feedback):
                     stop_reason = StopReason.CRITIC_ACCEPTED
                     break
             history = [
