@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from ttscale.budget import Budget, parse_budget
 from ttscale.engine import ModelPool, PromptInput, SamplingSettings
+from ttscale.engine.base import check_encodable
 from ttscale.errors import InvalidRequestError, OverloadedError
 from ttscale.run import JSON, RunContext, StrategyResult
 from ttscale.server import errors, render
@@ -89,7 +90,7 @@ async def prepare(state: State, body: Body, endpoint: Endpoint) -> Run:
     strategy, budget, return_samples = parse_ttscale(body.ttscale)
     chat = isinstance(body, ChatCompletionRequest)
     prompt: PromptInput = body.message_dicts() if isinstance(body, ChatCompletionRequest) else body.prompt_input()
-    _check_unicode(prompt, "messages" if chat else "prompt")
+    check_encodable(prompt)  # whichever engine serves it
     ids: list[int] | None = None
     if engine.can_render:  # else an upstream checks lengths itself
         if isinstance(body, ChatCompletionRequest):
@@ -174,21 +175,6 @@ class _EventStream(StreamingResponse):
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-
-def _check_unicode(prompt: PromptInput, param: str) -> None:
-    """Text no tokenizer can take (a lone UTF-16 surrogate is no Unicode scalar) is the request's
-    fault, whichever engine serves it."""
-    texts = (
-        [prompt] if isinstance(prompt, str) else [str(m.get("content") or "") for m in prompt if isinstance(m, dict)]
-    )
-    for t in texts:
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidRequestError(
-                f"{param} holds text that is not valid Unicode (position {e.start}: {e.reason})", param=param
-            ) from None
 
 
 async def serve(state: State, request: Request, body: Body, endpoint: Endpoint) -> Response:

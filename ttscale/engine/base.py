@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from ttscale.errors import InvalidRequestError
+
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
 
@@ -264,3 +266,21 @@ def perplexity(logprobs: Sequence[float]) -> float:
     if not logprobs:
         return math.inf
     return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def check_encodable(prompt: PromptInput) -> None:
+    """Text a tokenizer cannot take (a lone UTF-16 surrogate is no Unicode scalar) is the
+    request's fault: a 400 naming the parameter, not a tokenizer TypeError."""
+    if isinstance(prompt, str):
+        texts, param = [prompt], "prompt"
+    elif prompt and isinstance(prompt[0], dict):
+        texts, param = [str(m.get("content") or "") for m in prompt], "messages"
+    else:
+        return
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(
+                f"{param} holds text that is not valid Unicode (position {e.start}: {e.reason})", param=param
+            ) from None

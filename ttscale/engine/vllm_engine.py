@@ -26,6 +26,7 @@ from ttscale.engine.base import (
     FinishReason,
     PromptInput,
     SamplingSettings,
+    check_encodable,
     is_token_ids,
     new_request_id,
 )
@@ -305,7 +306,7 @@ class VLLMEngine(Engine):
         tok = self._tokenizer
         if tok is None:
             raise EngineUnavailableError(f"model {self.name!r} is not running")
-        _check_encodable(prompt)
+        check_encodable(prompt)
         if isinstance(prompt, str):
             return list(tok.encode(prompt, add_special_tokens=True))
         if is_token_ids(prompt):
@@ -499,24 +500,6 @@ class _VLLMFanout(Fanout):
             if not c.finished:
                 c.finish_reason = "abort"
                 c.finished_at = time.perf_counter()
-
-
-def _check_encodable(prompt: PromptInput) -> None:
-    """Text a tokenizer cannot take (a lone UTF-16 surrogate is no Unicode scalar) is the
-    request's fault: a 400 naming the parameter, not a tokenizer TypeError."""
-    if isinstance(prompt, str):
-        texts, param = [prompt], "prompt"
-    elif prompt and isinstance(prompt[0], dict):
-        texts, param = [str(m.get("content") or "") for m in prompt], "messages"
-    else:
-        return
-    for t in texts:
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidRequestError(
-                f"{param} holds text that is not valid Unicode (position {e.start}: {e.reason})", param=param
-            ) from None
 
 
 def _book_logprobs(c: Candidate, new: list[int], logprobs: Sequence[Mapping[int, Logprob]], top_k: int) -> None:

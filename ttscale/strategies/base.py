@@ -21,29 +21,11 @@ from ttscale.budget import Budget
 from ttscale.engine import Candidate, CandidateEvent, Engine, Fanout, PromptInput, SamplingSettings
 from ttscale.errors import BudgetError, InvalidRequestError
 from ttscale.run import (
-    Choice,
-    Ledger,
-    ModelUsage,
     RunContext,
     StopReason,
     StrategyOptions,
     StrategyResult,
-    Usage,
 )
-
-__all__ = [
-    "Choice",
-    "Ledger",
-    "ModelUsage",
-    "RunContext",
-    "Sampler",
-    "StopReason",
-    "Strategy",
-    "StrategyOptions",
-    "StrategyResult",
-    "Usage",
-]
-
 
 OptionsT = TypeVar("OptionsT", bound=StrategyOptions)
 
