@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from ttscale.curves import MODELS, ArrayLike, FitResult, _saturating_exp, _saturating_power, saturation_point
+from ttscale.curves import MODELS, ArrayLike, FitResult, saturating_exp, saturating_power, saturation_point
 
 __all__ = [
     "MODELS",
@@ -255,7 +255,7 @@ def fit_selected_accuracy_ceiling(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OptimizeWarning)
-            popt, pcov = curve_fit(_saturating_power, k, y, p0=p0, bounds=(lo, hi), maxfev=20000)
+            popt, pcov = curve_fit(saturating_power, k, y, p0=p0, bounds=(lo, hi), maxfev=20000)
         if k.size <= 3:
             pcov = None
     except (RuntimeError, ValueError):
@@ -263,7 +263,7 @@ def fit_selected_accuracy_ceiling(
         popt, pcov = p0, None
     names = ("A_inf", "A_1", "beta")
     params = {p: float(v) for p, v in zip(names, popt)}
-    r2, rmse = _goodness(y, _saturating_power(k, *popt))
+    r2, rmse = _goodness(y, saturating_power(k, *popt))
     extra["method"] = method
     return FitResult(
         name=name,
@@ -300,7 +300,7 @@ def fit_saturating_exponential(ks: ArrayLike, y: ArrayLike) -> FitResult:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OptimizeWarning)
             popt, pcov = curve_fit(
-                _saturating_exp,
+                saturating_exp,
                 k,
                 v,
                 p0=(min(F0, 1 - 1e-9), min(max(p0, 1e-9), 1 - 1e-9)),
@@ -311,7 +311,7 @@ def fit_saturating_exponential(ks: ArrayLike, y: ArrayLike) -> FitResult:
         method = "profile_grid"
         popt, pcov = np.array([F0, p0]), None
     names = ("F_max", "p")
-    r2, rmse = _goodness(v, _saturating_exp(k, *popt))
+    r2, rmse = _goodness(v, saturating_exp(k, *popt))
     return FitResult(
         name=name,
         params={p: float(x) for p, x in zip(names, popt)},

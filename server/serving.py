@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -200,7 +200,7 @@ async def serve(state: State, request: Request, body: Body, endpoint: Endpoint) 
         raise
 
 
-def _settler(metrics: Metrics, run: Run, slot: Slot, status: list[str]):  # type: ignore[no-untyped-def]
+def _settler(metrics: Metrics, run: Run, slot: Slot, status: list[str]) -> Callable[[asyncio.Task[Any]], None]:
     """The done-callback of a strategy task: runs after the strategy's own cleanup (engine
     requests finished or aborted, tokens booked), whatever ended it."""
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ttscale.curves import FitResult
 from ttscale.selection import beta_stop_probability
 
 DEFAULT_TOKEN_COST = 1e-5
@@ -79,8 +80,6 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        from ttscale.curves import FitResult
-
         d = json.loads(Path(path).read_text())
         buckets = []
         for b in d.get("buckets", []):

@@ -23,26 +23,26 @@ ArrayLike = float | Sequence[float] | np.ndarray
 # --------------------------------------------------------------------------------------------
 
 
-def _power_law_coverage(k: np.ndarray, a: float, b: float) -> np.ndarray:
+def power_law_coverage(k: np.ndarray, a: float, b: float) -> np.ndarray:
     out: np.ndarray = np.exp(a * np.power(k, b))
     return out
 
 
-def _saturating_power(k: np.ndarray, A_inf: float, A_1: float, beta: float) -> np.ndarray:
+def saturating_power(k: np.ndarray, A_inf: float, A_1: float, beta: float) -> np.ndarray:
     out: np.ndarray = A_inf - (A_inf - A_1) * np.power(k, -beta)
     return out
 
 
-def _saturating_exp(k: np.ndarray, F_max: float, p: float) -> np.ndarray:
+def saturating_exp(k: np.ndarray, F_max: float, p: float) -> np.ndarray:
     out: np.ndarray = F_max * (1.0 - np.power(1.0 - p, k))
     return out
 
 
 #: name → (parameter names, model function f(k, *params)).
 MODELS: dict[str, tuple[tuple[str, ...], Callable[..., np.ndarray]]] = {
-    "coverage_power_law": (("a", "b"), _power_law_coverage),
-    "selected_accuracy_ceiling": (("A_inf", "A_1", "beta"), _saturating_power),
-    "saturating_exponential": (("F_max", "p"), _saturating_exp),
+    "coverage_power_law": (("a", "b"), power_law_coverage),
+    "selected_accuracy_ceiling": (("A_inf", "A_1", "beta"), saturating_power),
+    "saturating_exponential": (("F_max", "p"), saturating_exp),
 }
 
 

@@ -164,11 +164,8 @@ class VerifierScorer(Scorer):
     async def inputs(self, ctx: RunContext, texts: Sequence[str]) -> list[PromptInput]:
         """What the verifier reads for each text: (prompt, text) rendered by its own template, once
         (in a worker thread), as token ids; an upstream verifier gets the conversation."""
-        convs = [with_answer(ctx.prompt, ctx.model, t) for t in texts]
-        if not self.engine.can_render:
-            return convs
-        render = self.engine.render
-        return list(await asyncio.to_thread(lambda: [render(p, add_generation_prompt=False) for p in convs]))
+        convs: list[PromptInput] = [with_answer(ctx.prompt, ctx.model, t) for t in texts]
+        return await render_all(self.engine, convs, add_generation_prompt=False)
 
     def scoring_cost(self, ctx: RunContext) -> Callable[[int], int]:
         base = ctx.prompt_tokens()
@@ -216,10 +213,7 @@ class JudgeScorer(Scorer):
         tok = getattr(self.engine, "tokenizer", None)
         cost = self.scoring_cost(ctx)
         released = sum(cost(c.num_tokens) for c in cands)
-        prompts: list[PromptInput] = [self._prompt(ctx, c.text) for c in cands]
-        if self.engine.can_render:  # rendered once, in a worker thread; the engine takes the ids
-            render = self.engine.render
-            prompts = list(await asyncio.to_thread(lambda: [render(p) for p in prompts]))
+        prompts = await render_all(self.engine, [self._prompt(ctx, c.text) for c in cands])
         costs = [(len(p) if self.engine.can_render else 0) + 1 for p in prompts]
         keep = set(fit_budget(ctx, costs, released))
         ctx.ledger.release(released)
@@ -241,6 +235,20 @@ class JudgeScorer(Scorer):
             return yes / (yes + no) if yes + no > 0 else 0.5
 
         return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(cands))))
+
+
+async def render_all(
+    engine: Engine, prompts: Sequence[PromptInput], *, add_generation_prompt: bool = True
+) -> list[PromptInput]:
+    """``prompts`` as ``engine`` reads them: rendered once, in a worker thread (chat templates are
+    CPU work), as token ids the engine takes as they are; unchanged where it cannot render."""
+    if not engine.can_render:
+        return list(prompts)
+    return list(
+        await asyncio.to_thread(
+            lambda: [engine.render(p, add_generation_prompt=add_generation_prompt) for p in prompts]
+        )
+    )
 
 
 def fit_budget(ctx: RunContext, costs: Sequence[int], released: int) -> list[int]:
