@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from ttscale.engine import ModelPool
 from ttscale.server import errors
 from ttscale.server.auth import DOCS_PATHS, ApiKeyAuth
-from ttscale.server.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, watch_engines
+from ttscale.server.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, Drain, watch_engines
 from ttscale.server.metrics import Metrics
 from ttscale.server.routes import router
 
@@ -71,6 +71,7 @@ def create_app(
     app.state.ready = False
     app.state.metrics = Metrics(pool)
     app.state.in_flight = 0
+    app.state.drain = Drain()  # begun by the command line's server on SIGTERM
     app.state.max_concurrent_requests = max_concurrent_requests
     app.state.profiles = loaded
     errors.install(app)

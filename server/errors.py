@@ -16,6 +16,7 @@ from ttscale.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     OverloadedError,
+    ShuttingDownError,
     TTScaleError,
     UpstreamError,
 )
@@ -31,9 +32,13 @@ STATUS: list[tuple[type[TTScaleError], int, str]] = [
     (BudgetError, 422, "invalid_request_error"),
     (OverloadedError, 429, "rate_limit_error"),
     (EngineUnavailableError, 503, "service_unavailable"),
+    (ShuttingDownError, 503, "service_unavailable"),
     (UpstreamError, 502, "upstream_error"),
     (TTScaleError, 500, "internal_error"),
 ]
+
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
 
 
 def error_body(message: str, type_: str, param: str | None, code: str | int | None) -> dict[str, Any]:
@@ -93,7 +98,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), type_, None, exc.status_code), status_code=exc.status_code)
+        code = HTTP_CODES.get(exc.status_code, "invalid_request")  # a string, like every other error's code
+        return JSONResponse(error_body(str(exc.detail), type_, None, code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _any(_: Request, exc: Exception) -> JSONResponse:

@@ -1,10 +1,12 @@
-"""Guards around the app: the request body's size, and what happens when an engine dies."""
+"""Guards around the app: the request body's size, what happens when an engine dies, and the
+graceful shutdown (drain) of requests in flight."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -87,3 +89,31 @@ async def watch_engines(pool: ModelPool, on_death: Callable[[list[str]], None], 
             on_death(dead)
             return
         await asyncio.sleep(interval_s)
+
+
+class Drain:
+    """Graceful shutdown. :meth:`begin` stops admissions (new requests get 503 ``shutting_down``,
+    ``/health`` turns 503 ``draining``) and gives the requests in flight ``grace_s`` seconds to
+    finish; then :attr:`expired` is set and each of them ends with an OpenAI-shaped 503 error
+    (a stream: a final error event), its engine requests aborted."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.grace_s = 0.0
+        self.began: float | None = None
+        self.expired = asyncio.Event()
+
+    def begin(self, grace_s: float) -> None:
+        if self.draining:
+            return
+        self.draining, self.grace_s, self.began = True, grace_s, time.monotonic()
+        log.info("draining: no new requests; those in flight have %.1f s to finish", grace_s)
+        asyncio.get_running_loop().call_later(max(grace_s, 0.0), self.expire)
+
+    def expire(self) -> None:
+        if not self.expired.is_set():
+            log.warning("grace period over: ending the requests still in flight")
+            self.expired.set()
+
+    async def wait_expired(self) -> None:
+        await self.expired.wait()

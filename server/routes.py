@@ -21,23 +21,40 @@ from ttscale.strategies import registered
 router = APIRouter()
 
 
-@router.get("/health")
-async def health(request: Request) -> JSONResponse:
-    # 200 only while every engine is up: a supervisor restarts a server whose engine died.
-    state = request.app.state
+def _health(state: Any) -> tuple[str, dict[str, Any]]:
     alive = state.pool.alive
-    ok = state.ready and all(alive.values())
-    status = "ok" if ok else ("starting" if not state.ready else "engine_down")
-    return JSONResponse(
-        {
-            "status": status,
-            "models": state.pool.names,
-            "engines": {n: "up" if a else "down" for n, a in alive.items()},
-            "engine_requests_running": state.pool.num_running,
-            "requests_in_flight": state.in_flight,
-        },
-        status_code=200 if ok else 503,
-    )
+    if not all(alive.values()):
+        status = "engine_down"
+    elif not state.ready:
+        status = "starting"
+    elif state.drain.draining:
+        status = "draining"
+    else:
+        status = "ok"
+    return status, {
+        "status": status,
+        "models": state.pool.names,
+        "engines": {n: "up" if a else "down" for n, a in alive.items()},
+        "engine_requests_running": state.pool.num_running,
+        "requests_in_flight": state.in_flight,
+    }
+
+
+@router.get("/health")
+@router.get("/health/ready")
+async def health(request: Request) -> JSONResponse:
+    """Readiness: 200 only while every engine is up and the server admits requests (not while
+    it starts or drains for a shutdown)."""
+    status, body = _health(request.app.state)
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+
+@router.get("/health/live")
+async def live(request: Request) -> JSONResponse:
+    """Liveness: 503 only when an engine has died (a supervisor restarts the server then);
+    starting and draining servers are alive."""
+    status, body = _health(request.app.state)
+    return JSONResponse(body, status_code=503 if status == "engine_down" else 200)
 
 
 @router.get("/metrics")

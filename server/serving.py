@@ -20,9 +20,10 @@ from starlette.types import Receive, Scope, Send
 from ttscale.budget import Budget, parse_budget
 from ttscale.engine import ModelPool, PromptInput, SamplingSettings
 from ttscale.engine.base import check_encodable
-from ttscale.errors import InvalidRequestError, OverloadedError
+from ttscale.errors import InvalidRequestError, OverloadedError, ShuttingDownError
 from ttscale.run import JSON, RunContext, StrategyResult
 from ttscale.server import errors, render
+from ttscale.server.limits import Drain
 from ttscale.server.metrics import Metrics
 from ttscale.server.protocol import ChatCompletionRequest, CompletionRequest
 from ttscale.server.render import Endpoint, Reply, StreamWriter
@@ -177,7 +178,13 @@ class _EventStream(StreamingResponse):
                 await aclose()
 
 
+def _cut_short(drain: Drain) -> ShuttingDownError:
+    return ShuttingDownError(f"the server shut down before this request finished (grace period {drain.grace_s:g} s)")
+
+
 async def serve(state: State, request: Request, body: Body, endpoint: Endpoint) -> Response:
+    if state.drain.draining:
+        raise ShuttingDownError("the server is shutting down; it takes no new requests")
     if state.in_flight >= state.max_concurrent_requests:
         raise OverloadedError(f"more than {state.max_concurrent_requests} requests in flight; retry later")
     slot = Slot(state)  # held from admission: streams and requests still tokenising count too
@@ -185,7 +192,7 @@ async def serve(state: State, request: Request, body: Body, endpoint: Endpoint) 
         run = await prepare(state, body, endpoint)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = _stream(state.metrics, run, include_usage, slot)
+            gen = _stream(state.metrics, state.drain, run, include_usage, slot)
             # a stream the server never starts (its client left first) still gives its slot back;
             # a started one gives it back when its strategy task has ended (``settle``)
             weakref.finalize(gen, slot.release_unless_started)
@@ -194,7 +201,7 @@ async def serve(state: State, request: Request, body: Body, endpoint: Endpoint) 
                 gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
         slot.owned = True
-        return await _answer(state.metrics, request, run, slot)
+        return await _answer(state.metrics, state.drain, request, run, slot)
     except BaseException:
         slot.release_unless_owned()
         raise
@@ -214,14 +221,15 @@ def _settler(metrics: Metrics, run: Run, slot: Slot, status: list[str]) -> Calla
     return settle
 
 
-async def _answer(metrics: Metrics, request: Request, run: Run, slot: Slot) -> Response:
+async def _answer(metrics: Metrics, drain: Drain, request: Request, run: Run, slot: Slot) -> Response:
     t0 = time.perf_counter()
     status = ["ok"]
     work = asyncio.create_task(run.strategy.execute(run.ctx))
     work.add_done_callback(_settler(metrics, run, slot, status))
     gone = asyncio.create_task(_wait_disconnect(request))
+    expired = asyncio.create_task(drain.wait_expired())
     try:
-        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({work, gone, expired}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the server gave up on this request (client gone)
         status[0] = "disconnected"
         metrics.disconnects.inc()
@@ -229,6 +237,11 @@ async def _answer(metrics: Metrics, request: Request, run: Run, slot: Slot) -> R
         raise
     finally:
         gone.cancel()
+        expired.cancel()
+    if work not in done and expired in done:  # shutting down, out of grace: abort, answer 503
+        status[0] = "shutdown"
+        work.cancel()
+        raise _cut_short(drain)
     if work not in done:  # the client left: stop every engine request of it
         status[0] = "disconnected"
         metrics.disconnects.inc()
@@ -250,7 +263,7 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _stream(metrics: Metrics, run: Run, include_usage: bool, slot: Slot) -> AsyncIterator[bytes]:
+async def _stream(metrics: Metrics, drain: Drain, run: Run, include_usage: bool, slot: Slot) -> AsyncIterator[bytes]:
     slot.started = True
     ctx = run.ctx
     out = StreamWriter(run.reply, ctx.n)
@@ -277,6 +290,13 @@ async def _stream(metrics: Metrics, run: Run, include_usage: bool, slot: Slot) -
     # Not in the generator's `finally`: on a disconnect the server cancels the generator's
     # scope, and every await there would be cancelled again.
     task.add_done_callback(_settler(metrics, run, slot, status))
+    expired = asyncio.create_task(drain.wait_expired())
+
+    def out_of_grace(t: asyncio.Task[None]) -> None:
+        if not t.cancelled():
+            queue.put_nowait(("error", _cut_short(drain)))
+
+    expired.add_done_callback(out_of_grace)
     try:
         for piece in out.opening():
             yield piece
@@ -287,7 +307,7 @@ async def _stream(metrics: Metrics, run: Run, include_usage: bool, slot: Slot) -
             elif kind == "progress":
                 yield out.progress(item)
             elif kind == "error":
-                status[0] = type(item).__name__
+                status[0] = "shutdown" if isinstance(item, ShuttingDownError) else type(item).__name__
                 if isinstance(item, asyncio.CancelledError):
                     raise item
                 for piece in out.error(errors.error_json(item)):
@@ -305,5 +325,6 @@ async def _stream(metrics: Metrics, run: Run, include_usage: bool, slot: Slot) -
         metrics.disconnects.inc()
         raise
     finally:
+        expired.cancel()
         if not task.done():
             task.cancel()  # its own cleanup aborts the engine requests

@@ -529,9 +529,9 @@ async def test_unknown_route_and_wrong_method_are_openai_shaped():
     app, _ = make_app()
     async with client(app) as h:
         r = await h.get("/v1/nothing")
-        assert_error(r, 404, NF, None, 404)
+        assert_error(r, 404, NF, None, "not_found")
         r = await h.get(CHAT)
-        assert_error(r, 405, IR, None, 405)
+        assert_error(r, 405, IR, None, "method_not_allowed")
 
 
 async def test_best_of_n_without_a_scoring_model_is_a_404():
@@ -1319,6 +1319,69 @@ async def test_health_reports_a_dead_engine():
         r = await h.get("/health")
     assert r.status_code == 503
     assert r.json()["status"] == "engine_down" and r.json()["engines"] == {"p": "down"}
+
+
+async def test_liveness_and_readiness():
+    app, _ = make_app()
+    async with client(app) as h:
+        assert (await h.get("/health/live")).status_code == 200  # starting is alive, not ready
+        assert (await h.get("/health/ready")).status_code == 503
+        async with app.router.lifespan_context(app):
+            assert (await h.get("/health/ready")).status_code == 200
+            assert (await h.get("/health/live")).status_code == 200
+    dead, _ = make_app(alive=False)
+    async with dead.router.lifespan_context(dead), client(dead) as h:
+        r = await h.get("/health/live")
+        assert r.status_code == 503 and r.json()["status"] == "engine_down"
+
+
+async def test_drain_refuses_new_requests_lets_short_ones_finish_and_ends_the_rest_with_503s():
+    app, eng = make_app(limit=4, tick_s=0.005, respond=long_respond)
+    async with app.router.lifespan_context(app), client(app) as h:
+        long_answer = asyncio.create_task(h.post(CHAT, json=chat_body(**LONG)))
+        long_stream = asyncio.create_task(h.post(CHAT, json=chat_body(**LONG, stream=True)))
+        await eventually(lambda: eng.num_running == 2, "both long requests run")
+        short = asyncio.create_task(h.post(CHAT, json=chat_body(max_tokens=20)))
+        await eventually(lambda: len(eng.fanouts) == 3, "the short request reached the engine")
+        app.state.drain.begin(60.0)  # the grace timer is not what this test waits for
+        r = await h.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "draining"
+        assert (await h.get("/health/live")).status_code == 200
+        for path, body in [
+            (CHAT, chat_body(max_tokens=3)),
+            (CHAT, chat_body(max_tokens=3, stream=True)),
+            (COMPLETIONS, {"model": "p", "prompt": "a", "max_tokens": 3}),
+        ]:
+            assert_error(await post(h, path, body), 503, "service_unavailable", None, "shutting_down")
+        assert len(eng.fanouts) == 3  # nothing refused reached the engine
+        r = await asyncio.wait_for(short, WAIT_S)  # in flight when the drain began: it finishes
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        assert not long_answer.done() and not long_stream.done()
+        app.state.drain.expire()  # the grace period is over
+        r = await asyncio.wait_for(long_answer, WAIT_S)
+        err = assert_error(r, 503, "service_unavailable", None, "shutting_down")
+        assert "60 s" in err["message"]
+        r = await asyncio.wait_for(long_stream, WAIT_S)
+        assert r.status_code == 200  # the stream had begun: it ends with an error event, then [DONE]
+        events = parse_sse(r.text)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down"
+        await eventually(lambda: eng.num_running == 0, "the engine requests of both are aborted")
+        await eventually(lambda: app.state.in_flight == 0, "their slots are given back")
+        long_cands = [c for fo in eng.fanouts[:2] for c in fo.candidates]
+        assert long_cands and all(c.finish_reason == "abort" for c in long_cands)
+        values = metric_values((await h.get("/metrics")).text)
+        assert metric(values, "ttscale_requests_total", endpoint="chat", strategy="none", status="shutdown") == 2
+
+
+async def test_drain_grace_timer_expires_by_itself():
+    app, eng = make_app(limit=2, tick_s=0.005, respond=long_respond)
+    async with app.router.lifespan_context(app), client(app) as h:
+        running = asyncio.create_task(h.post(CHAT, json=chat_body(**LONG)))
+        await eventually(lambda: eng.num_running == 1, "the request runs")
+        app.state.drain.begin(0.05)
+        r = await asyncio.wait_for(running, WAIT_S)
+        assert_error(r, 503, "service_unavailable", None, "shutting_down")
+        assert app.state.drain.expired.is_set()
 
 
 async def test_models_list_with_aliases_and_roles():

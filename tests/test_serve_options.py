@@ -283,3 +283,60 @@ def test_the_server_exits_with_code_4_when_an_engine_dies(tmp_path):
         assert "stopped; the server exits" in srv.log.read_text(errors="replace")
     finally:
         srv.stop()
+
+
+def _answer_or_openai_error(kind: str, r: httpx.Response) -> str:
+    """What one client of a shutdown saw: a complete answer, or an OpenAI-shaped error."""
+    if kind == "stream":
+        assert r.status_code == 200, r.text
+        events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+        assert events and events[-1] == "[DONE]", r.text[-300:]
+        last = json.loads(events[-2])
+        if "error" in last:
+            assert last["error"]["code"] == "shutting_down" and last["error"]["message"], last
+            return "error"
+        finished = [c for e in events[:-1] for c in json.loads(e).get("choices", []) if c.get("finish_reason")]
+        assert finished, r.text[-300:]
+        return "answer"
+    if r.status_code == 200:
+        assert r.json()["choices"][0]["finish_reason"] in ("length", "stop"), r.text
+        return "answer"
+    assert r.status_code == 503 and r.headers["content-type"].startswith("application/json"), r.text
+    err = r.json()["error"]
+    assert err["code"] == "shutting_down" and err["type"] == "service_unavailable", err
+    return "error"
+
+
+@pytest.mark.server
+@pytest.mark.vllm
+def test_sigterm_drains_requests_in_flight_then_exits(tmp_path):
+    import concurrent.futures as cf
+    import time
+
+    grace = 2.0
+    srv = start_server([POLICY], tmp_path / "server.log", "--shutdown-grace", str(grace))
+    try:
+        name = httpx.get(srv.v1 + "/models", timeout=10).json()["data"][0]["id"]
+        room = httpx.get(srv.v1 + f"/models/{name}", timeout=10).json()["max_model_len"] - 64
+        msgs = [{"role": "user", "content": "1+1="}]
+
+        def call(kind: str, max_tokens: int) -> tuple[str, httpx.Response]:
+            body = {"model": name, "messages": msgs, "max_tokens": max_tokens, "ignore_eos": True}
+            body |= {"stream": True} if kind == "stream" else {}
+            return kind, httpx.post(srv.v1 + "/chat/completions", json=body, timeout=120)
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            # two that a 2 s grace lets finish on any host, two that it cuts on a CPU host
+            futs = [pool.submit(call, k, t) for k, t in [("json", 8), ("stream", 8), ("json", room), ("stream", room)]]
+            assert wait_until(lambda: srv.health()["requests_in_flight"] == 4 or any(f.done() for f in futs), 60)
+            t0 = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            seen = [_answer_or_openai_error(*f.result(timeout=120)) for f in futs]
+        # uvicorn ends by re-raising the signal it handled: killed by SIGTERM, the shutdown's own
+        assert srv.proc.wait(timeout=120) in (0, -signal.SIGTERM), srv.tail()
+        took = time.monotonic() - t0
+        log = srv.log.read_text(errors="replace")
+        assert "Traceback" not in log, srv.tail()
+        print(f"SIGTERM with 4 in flight: {seen}, exit after {took:.1f} s (grace {grace} s)")
+    finally:
+        srv.stop()

@@ -165,7 +165,7 @@ def test_deadline_answers_with_what_exists(client, long_tokens):
     )
     tts = r.model_extra["ttscale"]
     assert tts["stop_reason"] == "deadline"
-    assert tts["elapsed_ms"] < 20_000
+    assert r.usage.completion_tokens < 2 * long_tokens  # cut before the end
     assert all(c.finish_reason == "length" for c in r.choices)
     # the aborted candidates' tokens are counted, and what they wrote is returned
     assert tts["usage"]["aborted_tokens"] == r.usage.completion_tokens > 0

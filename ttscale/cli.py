@@ -173,6 +173,14 @@ def serve(
             "restarts it) or 'stay' (it keeps serving its other models; /health answers 503)."
         ),
     ] = "exit",
+    shutdown_grace: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="On SIGTERM: seconds the requests in flight have to finish (no new ones are admitted); "
+            "those still running then get a 503 'shutting_down' error (streams: a final error event).",
+        ),
+    ] = 20.0,
     help_engine: Annotated[bool, typer.Option("--help-engine", help="Show vLLM's engine options and exit.")] = False,
 ) -> None:
     """Start the OpenAI-compatible server.
@@ -223,6 +231,7 @@ def serve(
         cors_origins=cors_origin or [],
         max_request_bytes=max_request_bytes,
         exit_on_engine_death=on_engine_death == "exit",
+        shutdown_grace_s=shutdown_grace,
     )
 
 
@@ -241,6 +250,7 @@ def run_server(
     cors_origins: Sequence[str] = (),
     max_request_bytes: int = 16 << 20,
     exit_on_engine_death: bool = True,
+    shutdown_grace_s: float = 20.0,
 ) -> None:
     """Serve ``pool``; a startup failure of the engines (e.g. models that do not fit the GPU)
     ends the process with a one-paragraph error, not a traceback."""
@@ -268,13 +278,20 @@ def run_server(
     )
     if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger(__name__).warning("serving on %s without API keys: anyone who reaches it can use it", host)
-    server = uvicorn.Server(
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            api.state.drain.begin(shutdown_grace_s)  # no new requests; those in flight end by the grace
+            await super().shutdown(sockets)
+
+    server = Server(
         uvicorn.Config(
             api,
             host=host,
             port=port,
             log_level=log_level.lower(),
-            timeout_graceful_shutdown=5,
+            # beyond the grace the drain answers what is left with 503s; uvicorn cancels only stragglers
+            timeout_graceful_shutdown=int(shutdown_grace_s) + 5,
             timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # uvicorn annotates int; any timeout works
         )
     )

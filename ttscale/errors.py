@@ -60,6 +60,12 @@ class EngineUnavailableError(TTScaleError):
     code = "engine_unavailable"
 
 
+class ShuttingDownError(TTScaleError):
+    """The server is shutting down: it admits no new request, and ends those its grace period did not see finish."""
+
+    code = "shutting_down"
+
+
 class ConfigError(TTScaleError):
     """The server's or an engine's configuration is unusable (bad option, models that do not fit)."""
 

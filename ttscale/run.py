@@ -19,7 +19,7 @@ import enum
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict
 
@@ -28,6 +28,8 @@ from ttscale.engine import Candidate, Engine, ModelPool, PromptInput, SamplingSe
 
 if TYPE_CHECKING:
     from ttscale.adaptive import Profile
+
+T = TypeVar("T")
 
 # What a strategy's details may hold: plain JSON values (they go to the client as they are).
 # (read-only container types: a dict[str, int] is a JSON value too)
@@ -119,6 +121,7 @@ class Ledger:
         self._spent = 0
         self._held = 0
         self._samples = 0
+        self._cut = False
 
     # -- reading ----------------------------------------------------------------------------
     @property
@@ -137,6 +140,11 @@ class Ledger:
     def samples_used(self) -> int:
         return self._samples
 
+    @property
+    def deadline_cut(self) -> bool:
+        """The deadline ended some of the run's work (sampling, scoring) before it finished."""
+        return self._cut
+
     def tokens_left(self) -> int | None:
         t = self._budget.tokens
         return None if t is None else t - self._spent - self._held
@@ -149,6 +157,9 @@ class Ledger:
     def adopt(self, budget: Budget) -> None:
         """Run under ``budget`` from now on (the request's own stays in ``requested``)."""
         self._budget = budget
+
+    def cut_by_deadline(self) -> None:
+        self._cut = True
 
     def count_samples(self, n: int) -> None:
         self._samples += n
@@ -293,6 +304,32 @@ class RunContext:
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
+
+    async def by_deadline(self, work: Sequence[Awaitable[T]]) -> list[T | None]:
+        """Run ``work`` concurrently; what has not finished by the request's deadline is cancelled
+        (its engine requests aborted) and comes back as ``None``, and the ledger notes the cut.
+        Errors of the work are raised (the rest is cancelled first)."""
+        tasks = [asyncio.ensure_future(w) for w in work]
+        if not tasks:
+            return []
+        left = self.time_left()
+        try:
+            if left is None:
+                return list(await asyncio.gather(*tasks))
+            done, pending = await asyncio.wait(tasks, timeout=max(left, 0.0), return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                exc = None if t.cancelled() else t.exception()
+                if exc is not None:
+                    raise exc
+        finally:
+            unfinished = [t for t in tasks if not t.done()]
+            for t in unfinished:
+                t.cancel()
+            if unfinished:
+                await asyncio.gather(*unfinished, return_exceptions=True)
+        if pending:
+            self.ledger.cut_by_deadline()
+        return [t.result() if t in done else None for t in tasks]
 
     def tokens_left(self) -> int | None:
         return self.ledger.tokens_left()

@@ -181,10 +181,14 @@ class VerifierScorer(Scorer):
         released = sum(self.scoring_cost(ctx)(c.num_tokens) for c in cands) if reserved else 0
         keep = fit_budget(ctx, costs, released)
         scores = [-math.inf] * len(cands)  # a candidate the budget cannot score is never preferred
-        if keep:
-            got = await self.engine.score([inputs[i] for i in keep], request_id=f"{ctx.request_id}-verify")
-            for i, v in zip(keep, got):
-                scores[i] = v
+        # one read per candidate: what the deadline leaves unread stays unscored (-inf)
+        got = await ctx.by_deadline(
+            [self.engine.score([inputs[i]], request_id=f"{ctx.request_id}-verify{i}") for i in keep]
+        )
+        for i, v in zip(keep, got):
+            if v is not None:
+                scores[i] = v[0]
+        # a read the deadline cut may have been prefilled: its prompt is counted as spent
         ctx.ledger.charge_scoring(self.engine.name, sum(costs[i] for i in keep), len(keep), released=released)
         return scores
 
@@ -222,7 +226,11 @@ class JudgeScorer(Scorer):
             if i not in keep:
                 return -math.inf
             prompt = prompts[i]
-            out, ptoks = await self.engine.generate(prompt, settings, request_id=f"{ctx.request_id}-judge{i}")
+            try:
+                out, ptoks = await self.engine.generate(prompt, settings, request_id=f"{ctx.request_id}-judge{i}")
+            except asyncio.CancelledError:  # the deadline cut it: its prompt may have been prefilled
+                ctx.ledger.charge(self.engine.name, prompt=costs[i] - 1, requests=1)
+                raise
             ctx.ledger.book_candidates(self.engine.name, ptoks, out, budget=True, budget_prompt=True)
             top = (out[0].top_logprobs or [[]])[0]
             yes = no = 0.0
@@ -234,7 +242,8 @@ class JudgeScorer(Scorer):
                     no += math.exp(lp)
             return yes / (yes + no) if yes + no > 0 else 0.5
 
-        return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(cands))))
+        got = await ctx.by_deadline([one(i, c) for i, c in enumerate(cands)])
+        return [-math.inf if v is None else v for v in got]  # the deadline's cut: unscored
 
 
 async def render_all(

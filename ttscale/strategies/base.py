@@ -76,6 +76,8 @@ class Strategy(abc.ABC, Generic[OptionsT]):
         """``run`` for a request: the result names the budget it ran under."""
         result = await self.run(ctx)
         result.budget = ctx.ledger.budget
+        if ctx.ledger.deadline_cut:  # sampling or scoring was cut: the answer is what existed then
+            result.stop_reason = StopReason.DEADLINE
         return result
 
 
@@ -98,10 +100,14 @@ class Sampler:
         prompt: PromptInput | None = None,
         *,
         scoring_cost: Callable[[int], int] | None = None,
+        counts_samples: bool = True,
     ):
         """``scoring_cost(t)``: an upper bound of the tokens scoring a candidate of ``t`` tokens
-        will cost; reserved with each candidate so that scoring never breaks the token budget."""
+        will cost; reserved with each candidate so that scoring never breaks the token budget.
+        Without ``counts_samples`` its candidates are parts of samples counted elsewhere (chunks
+        of a chain): they neither count as samples nor stop at the sample budget."""
         self.ctx = ctx
+        self.counts_samples = counts_samples
         self.scoring_cost = scoring_cost
         self.engine = engine or ctx.model
         if prompt is None:
@@ -127,7 +133,7 @@ class Sampler:
     def _fit(self, settings: Sequence[SamplingSettings]) -> list[SamplingSettings]:
         """The prefix of ``settings`` the budget allows now, max_tokens clipped to what is left."""
         out: list[SamplingSettings] = []
-        samples_left = self.ctx.samples_left()
+        samples_left = self.ctx.samples_left() if self.counts_samples else None
         if samples_left is not None:
             settings = settings[: max(samples_left, 0)]
             if not settings:
@@ -206,7 +212,8 @@ class Sampler:
                 self._owner[id(c)] = (fo, c.index)
                 self._reserved[id(c)] = self._cost(c.settings.max_tokens)
             self.candidates.extend(fo.candidates)
-            self.ctx.ledger.count_samples(len(batch))
+            if self.counts_samples:
+                self.ctx.ledger.count_samples(len(batch))
             self._fanouts.append(fo)
             pumps.append(asyncio.create_task(pump(fo)))
             return 1
@@ -240,6 +247,7 @@ class Sampler:
                             await fo.abort_all()
         except DeadlineReached:
             self.stop(StopReason.DEADLINE)
+            self.ctx.ledger.cut_by_deadline()
         finally:
             for fo in self._fanouts:
                 await fo.aclose()

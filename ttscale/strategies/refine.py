@@ -123,6 +123,9 @@ class Refine(Strategy[RefineOptions]):
 
         draft = await generate(history, ctx.settings)
         if draft is None:
+            if stop_reason == StopReason.DEADLINE and all_cands and all_cands[-1].text:
+                iterates.append(all_cands[-1])  # the draft the deadline cut is what exists
+                scores.append(None)
             return self._result(
                 ctx, iterates, all_cands, rounds, scores, StopReason.TOKEN_BUDGET if not all_cands else stop_reason
             )

@@ -181,6 +181,7 @@ class _Chain:
     takeovers: int = 0
     finish_reason: str | None = None
     finished_at: float | None = None
+    cut: bool = False  # the deadline ended it
 
 
 @register
@@ -229,32 +230,39 @@ class DraftTarget(ParallelStrategy[DraftTargetOptions]):
         scored_span_tokens = 0
 
         async def gen(engine: Engine, ch: _Chain, limit: int, temperature: float) -> Candidate | None:
+            """One chunk (a part of the chain's sample); at the deadline, the part written by then
+            (its chain ends there); None when the token budget has no room left."""
             seed = None if base_seed is None else base_seed + 7919 * ch.index + calls["n"]
             calls["n"] += 1
-            if not ctx.ledger.reserve(limit):
+            s = replace(ctx.settings, max_tokens=limit, temperature=temperature, seed=seed, logprobs=None)
+            sampler = Sampler(ctx, engine, prompt_ids + ch.ids, counts_samples=False)
+            got = await sampler.run([s])  # books every token, those of a chunk the deadline cut too
+            if sampler.stop_reason == StopReason.DEADLINE:
+                stop["reason"] = StopReason.DEADLINE
+                ch.cut = True
+            elif not got:
                 stop["reason"] = StopReason.TOKEN_BUDGET
                 return None
-            s = replace(ctx.settings, max_tokens=limit, temperature=temperature, seed=seed, logprobs=None)
-            cands, ptoks = await engine.generate(prompt_ids + ch.ids, [s], request_id=f"{ctx.request_id}-c{ch.index}")
-            c = cands[0]
-            ctx.ledger.settle(limit, c.num_tokens)  # give back what it did not use
-            ctx.ledger.book_candidates(engine.name, ptoks, cands)
-            return c
+            return got[0] if got else None
 
         async def ppl(ch: _Chain, chunk: Candidate) -> float | None:
             nonlocal scored_span_tokens
             span = len(chunk.token_ids)
-            if span == 0:
+            if span == 0 or ch.cut:  # a chunk the deadline cut is kept as it is
                 return 0.0
             if not ctx.ledger.reserve(span):
                 stop["reason"] = StopReason.TOKEN_BUDGET
                 return None
             async with target_sem:
-                lps = await target.prompt_logprobs(
-                    prompt_ids + ch.ids + list(chunk.token_ids),
-                    start=len(prompt_ids) + len(ch.ids),
-                    request_id=f"{ctx.request_id}-p{ch.index}",
-                )
+                try:
+                    lps = await target.prompt_logprobs(
+                        prompt_ids + ch.ids + list(chunk.token_ids),
+                        start=len(prompt_ids) + len(ch.ids),
+                        request_id=f"{ctx.request_id}-p{ch.index}",
+                    )
+                except asyncio.CancelledError:  # cut by the deadline; the read may have run
+                    ctx.ledger.charge(target.name, prompt=span, requests=1, budget_prompt=False)
+                    raise
             # the target reads the whole sequence, but only the chunk is new (prefix cache)
             ctx.ledger.charge(target.name, prompt=span, requests=1, budget_prompt=False)  # reserved above
             scored_span_tokens += span
@@ -282,6 +290,9 @@ class DraftTarget(ParallelStrategy[DraftTargetOptions]):
                 for attempt in range(o.max_resamples + 1):
                     c = await gen(draft, ch, min(o.chunk_tokens, room), d_temp)
                     if c is None:
+                        return
+                    if ch.cut:
+                        append(ch, c, by_target=False)
                         return
                     score = await ppl(ch, c)
                     if score is None:
@@ -317,6 +328,8 @@ class DraftTarget(ParallelStrategy[DraftTargetOptions]):
                         return
                     ch.takeovers += 1
                     append(ch, c, by_target=True)
+                    if ch.cut:
+                        return
                 if ch.finish_reason is not None or extract_answer(ch.text) is not None:
                     ch.finish_reason = ch.finish_reason or "stop"
                     break
@@ -338,21 +351,14 @@ class DraftTarget(ParallelStrategy[DraftTargetOptions]):
         tasks = [asyncio.create_task(guarded(ch)) for ch in chains]
         ctx.ledger.count_samples(n)
         try:
-            timeout = ctx.time_left()
-            done, pending = await asyncio.wait(tasks, timeout=timeout)
-            if pending:
-                stop["reason"] = StopReason.DEADLINE
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-            for t in done:
-                err = t.exception()
-                if err is not None:
-                    raise err
+            # the chains' samplers end at the deadline themselves; this cuts a perplexity read
+            await ctx.by_deadline(tasks)
         finally:
             for t in tasks:
                 t.cancel()
-        if not any(ch.ids for ch in chains):
+        if ctx.ledger.deadline_cut:
+            stop["reason"] = StopReason.DEADLINE
+        elif not any(ch.ids for ch in chains):
             raise BudgetError("the budget does not allow a single chunk", param="ttscale.budget")
 
         cands = []
