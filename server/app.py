@@ -18,6 +18,7 @@ from ttscale.server.auth import DOCS_PATHS, ApiKeyAuth
 from ttscale.server.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, Drain, watch_engines
 from ttscale.server.metrics import Metrics
 from ttscale.server.routes import router
+from ttscale.server.serving import AdmissionQueue
 
 
 def create_app(
@@ -32,14 +33,18 @@ def create_app(
     cors_origins: Sequence[str] = (),
     max_request_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_engine_death: Callable[[list[str]], None] | None = None,
+    max_queued_requests: int = 0,
+    queue_timeout_s: float = 30.0,
 ) -> FastAPI:
     """The app serving ``pool``. With ``manage_pool`` the app starts and closes the models.
 
     ``profiles`` maps model names to budget-profile files (adaptive budgets); a generating
     model without one uses the profile shipped for it, if any. With ``api_keys`` every route
     but ``/health`` (and ``/metrics``, the docs, when public) needs one of them; ``cors_origins``
-    are the browser origins allowed to call the API. ``on_engine_death(names)`` is called once
-    when an engine stops (the command line exits the server then, so a supervisor restarts it).
+    are the browser origins allowed to call the API. Beyond ``max_concurrent_requests``, up to
+    ``max_queued_requests`` wait for a slot (``queue_timeout_s`` each) before 429s.
+    ``on_engine_death(names)`` is called once when an engine stops (the command line exits the
+    server then, so a supervisor restarts it).
     """
     from ttscale.adaptive import load_profile
 
@@ -70,6 +75,7 @@ def create_app(
     app.state.pool = pool
     app.state.ready = False
     app.state.metrics = Metrics(pool)
+    app.state.queue = AdmissionQueue(app.state.metrics, max_queued_requests, queue_timeout_s)
     app.state.in_flight = 0
     app.state.drain = Drain()  # begun by the command line's server on SIGTERM
     app.state.max_concurrent_requests = max_concurrent_requests

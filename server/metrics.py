@@ -16,6 +16,12 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("ttscale_requests", "Requests answered", ["endpoint", "strategy", "status"], registry=r)
         self.in_flight = Gauge("ttscale_requests_in_flight", "Requests being served", registry=r)
+        self.queued = Gauge(
+            "ttscale_requests_queued", "Requests waiting for a slot (--max-queued-requests)", registry=r
+        )
+        self.queue_time = Histogram(
+            "ttscale_queue_seconds", "Time requests waited for a slot", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.latency = Histogram(
             "ttscale_request_seconds", "Request latency", ["strategy"], buckets=LATENCY_BUCKETS, registry=r
         )

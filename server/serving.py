@@ -4,9 +4,11 @@ prompt tokens), the run itself with disconnect handling, the answer as JSON or a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -35,21 +37,24 @@ Body: TypeAlias = ChatCompletionRequest | CompletionRequest
 
 
 class Slot:
-    """One admitted request in ``state.in_flight``; released once, by whoever ends it."""
+    """One admitted request in ``state.in_flight``; released once, by whoever ends it. A slot
+    given back while requests queue passes straight to the first of them."""
 
-    def __init__(self, state: State):
+    def __init__(self, state: State, *, handed_over: bool = False):
         self.state = state
         self.held = True
         self.owned = False  # a running task (or stream) has taken over the release
         self.started = False  # a stream's generator has begun (its task releases the slot)
-        state.in_flight += 1
-        state.metrics.in_flight.set(state.in_flight)
+        if not handed_over:  # else it was counted for the request that gave it back
+            state.in_flight += 1
+            state.metrics.in_flight.set(state.in_flight)
 
     def release(self) -> None:
         if self.held:
             self.held = False
-            self.state.in_flight -= 1
-            self.state.metrics.in_flight.set(self.state.in_flight)
+            if not self.state.queue.hand_over():
+                self.state.in_flight -= 1
+                self.state.metrics.in_flight.set(self.state.in_flight)
 
     def release_unless_owned(self) -> None:
         if not self.owned:
@@ -58,6 +63,58 @@ class Slot:
     def release_unless_started(self) -> None:
         if not self.started:
             self.release()
+
+
+class AdmissionQueue:
+    """Requests beyond the concurrency limit wait here (first come, first served), at most
+    ``max_queued`` of them and ``timeout_s`` each; beyond either they get 429."""
+
+    def __init__(self, metrics: Metrics, max_queued: int = 0, timeout_s: float = 30.0):
+        self.metrics = metrics
+        self.max_queued = max_queued
+        self.timeout_s = timeout_s
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def hand_over(self) -> bool:
+        """Give a slot being released to the first waiter; False when none waits."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            self.metrics.queued.set(len(self._waiters))
+            if not fut.done():
+                fut.set_result(None)
+                return True
+        return False
+
+    async def wait(self, state: State, limit: int) -> Slot:
+        """A slot, once one is handed over; OverloadedError when the queue is full or the wait too long."""
+        if len(self._waiters) >= self.max_queued:
+            raise OverloadedError(f"more than {limit} requests in flight; retry later")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self.metrics.queued.set(len(self._waiters))
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+        except BaseException as e:
+            if fut.done() and not fut.cancelled():  # handed over just as the wait ended: pass it on
+                Slot(state, handed_over=True).release()
+            else:
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+                self.metrics.queued.set(len(self._waiters))
+            if isinstance(e, TimeoutError):
+                raise OverloadedError(
+                    f"more than {limit} requests in flight; waited {self.timeout_s:g} s in the queue; retry later"
+                ) from None
+            raise
+        finally:
+            self.metrics.queue_time.observe(time.perf_counter() - t0)
+        return Slot(state, handed_over=True)
 
 
 @dataclass
@@ -185,9 +242,11 @@ def _cut_short(drain: Drain) -> ShuttingDownError:
 async def serve(state: State, request: Request, body: Body, endpoint: Endpoint) -> Response:
     if state.drain.draining:
         raise ShuttingDownError("the server is shutting down; it takes no new requests")
-    if state.in_flight >= state.max_concurrent_requests:
-        raise OverloadedError(f"more than {state.max_concurrent_requests} requests in flight; retry later")
-    slot = Slot(state)  # held from admission: streams and requests still tokenising count too
+    limit = state.max_concurrent_requests
+    if state.in_flight >= limit or state.queue.waiting:  # behind those already queued
+        slot = await state.queue.wait(state, limit)
+    else:
+        slot = Slot(state)  # held from admission: streams and requests still tokenising count too
     try:
         run = await prepare(state, body, endpoint)
         if body.stream:

@@ -53,6 +53,9 @@ class Server:
     proc: subprocess.Popen
     port: int
     log: Path
+    args: list[str]
+    env: dict[str, str] | None = None
+    restarts: int = 0
 
     @property
     def url(self) -> str:
@@ -81,6 +84,44 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
+    def broken(self) -> bool:
+        """The process is gone or an engine of it died (a busy server is not broken)."""
+        if self.proc.poll() is not None:
+            return True
+        for _ in range(3):
+            try:
+                return httpx.get(self.url + "/health", timeout=10).json().get("status") == "engine_down"
+            except (httpx.HTTPError, ValueError):
+                time.sleep(1.0)
+        return True
+
+    def restart(self) -> None:
+        """The same server again, on the same port (clients made for it keep working)."""
+        self.stop()
+        self.restarts += 1
+        fresh = _launch(self.args, self.port, self.log.with_name(f"{self.log.stem}.{self.restarts}.log"), self.env)
+        self.proc, self.log = fresh.proc, fresh.log
+
+
+def _launch(args: list[str], port: int, log: Path, env: dict[str, str] | None) -> Server:
+    fh = open(log, "wb")  # noqa: SIM115 - the server writes its log here for as long as it runs
+    proc = subprocess.Popen(
+        args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+    )
+    srv = Server(proc, port, log, args, env)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < START_TIMEOUT_S:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{srv.tail()}")
+        try:
+            if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
+                return srv
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    srv.stop()
+    raise RuntimeError(f"server did not start in {START_TIMEOUT_S:.0f} s:\n{srv.tail()}")
+
 
 def start_server(
     models: list[str], log: Path, *extra: str, python_args: tuple[str, ...] = (), env: dict[str, str] | None = None
@@ -104,23 +145,7 @@ def start_server(
     for m in models:
         args += ["--model", m]
     args += SERVER_ARGS + list(extra)
-    fh = open(log, "wb")  # noqa: SIM115 - the server writes its log here for as long as it runs
-    proc = subprocess.Popen(
-        args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
-    )
-    srv = Server(proc, port, log)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < START_TIMEOUT_S:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{srv.tail()}")
-        try:
-            if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
-                return srv
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    srv.stop()
-    raise RuntimeError(f"server did not start in {START_TIMEOUT_S:.0f} s:\n{srv.tail()}")
+    return _launch(args, port, log, env)
 
 
 @pytest.fixture(scope="session")
@@ -132,6 +157,20 @@ def server(tmp_path_factory) -> Server:
     srv = start_server([] if default else [POLICY, VERIFIER, DRAFT], log, "--log-level", "info")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _revive_the_session_server(request):
+    """A test that finds the session's server broken (an engine died in an earlier test, which
+    makes it exit) gets it started again, so one failure never fails the rest of the suite."""
+    if "server" in request.fixturenames:
+        srv = request.getfixturevalue("server")
+        if srv.broken():
+            import warnings
+
+            warnings.warn(f"the session's server was broken; restarting it:\n{srv.tail(20)}", stacklevel=1)
+            srv.restart()
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "speculative_rejection": {"checkpoints": [8, 16], "verifier": "v"},
     "draft_target": {"draft": "d", "verifier": "v", "chunk_tokens": 8},
     "auto": {"wave": 2},
+    "deepconf": {"warmup": 2, "window": 16},
 }
 # the strategies that read a scoring model (cut there when sampling is quick); `auto` reads
 # one only where a budget profile says so, through the same scorer as best_of_n

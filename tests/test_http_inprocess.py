@@ -388,6 +388,15 @@ CHAT_ERRORS = [
     ),
     ("missing messages", {"messages": None}, 400, IR, "messages", "invalid_value"),
     ("empty messages", {"messages": []}, 400, IR, "messages", "invalid_value"),
+    ("user message without content", {"messages": [{"role": "user"}]}, 400, IR, "messages.0.content", "invalid_value"),
+    (
+        "system message with null content",
+        {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "q"}]},
+        400,
+        IR,
+        "messages.0.content",
+        "invalid_value",
+    ),
     ("messages not a list", {"messages": "hi"}, 400, IR, "messages", "invalid_value"),
     ("unknown role", {"messages": [{"role": "robot", "content": "q"}]}, 400, IR, "messages.0.role", "invalid_value"),
     (
@@ -1273,6 +1282,60 @@ async def test_over_the_limit_is_429_with_retry_after_and_slots_come_back():
             r = await post(h, CHAT, chat_body(max_tokens=3, stream=True))
             assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
             await eventually(lambda: app.state.in_flight == 0, "the stream's slot is given back")
+
+
+async def test_requests_beyond_the_limit_queue_first_come_first_served_then_429():
+    eng = RecordingEngine("p", respond=long_respond, tick_s=0.005)
+    app = create_app(ModelPool([eng]), max_concurrent_requests=1, max_queued_requests=2, manage_pool=False)
+    async with app.router.lifespan_context(app), client(app) as h:
+        first = asyncio.create_task(h.post(CHAT, json=chat_body(**LONG)))
+        await eventually(lambda: eng.num_running == 1, "the first request runs")
+        second = asyncio.create_task(h.post(CHAT, json=chat_body(max_tokens=3, seed=2)))
+        await eventually(lambda: app.state.queue.waiting == 1, "the second request queues")
+        third = asyncio.create_task(h.post(CHAT, json=chat_body(max_tokens=3, seed=3, stream=True)))
+        await eventually(lambda: app.state.queue.waiting == 2, "the third request queues")
+        r = await post(h, CHAT, chat_body(max_tokens=3))  # the queue is full
+        assert_error(r, 429, "rate_limit_error", None, "overloaded")
+        assert int(r.headers["retry-after"]) >= 1
+        values = metric_values((await h.get("/metrics")).text)
+        assert metric(values, "ttscale_requests_queued") == 2
+        assert len(eng.fanouts) == 1 and app.state.in_flight == 1  # the queued ones wait outside
+        first.cancel()  # its slot goes to the second, then the third
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        r2, r3 = await asyncio.wait_for(asyncio.gather(second, third), WAIT_S)
+        assert r2.status_code == 200 and r3.status_code == 200 and r3.text.endswith("data: [DONE]\n\n")
+        assert [fo.candidates[0].settings.seed for fo in eng.fanouts[1:]] == [2, 3]  # in their order
+        await eventually(lambda: app.state.in_flight == 0, "every slot is given back")
+        values = metric_values((await h.get("/metrics")).text)
+        assert metric(values, "ttscale_requests_queued") == 0
+        assert metric(values, "ttscale_queue_seconds_count") == 2
+
+
+async def test_a_queued_request_that_waits_too_long_gets_429_and_a_leaving_one_frees_its_place():
+    eng = RecordingEngine("p", respond=long_respond, tick_s=0.005)
+    app = create_app(
+        ModelPool([eng]), max_concurrent_requests=1, max_queued_requests=1, queue_timeout_s=0.05, manage_pool=False
+    )
+    async with app.router.lifespan_context(app), client(app) as h:
+        first = asyncio.create_task(h.post(CHAT, json=chat_body(**LONG)))
+        await eventually(lambda: eng.num_running == 1, "the first request runs")
+        r = await post(h, CHAT, chat_body(max_tokens=3))  # waits 0.05 s in the queue, in vain
+        err = assert_error(r, 429, "rate_limit_error", None, "overloaded")
+        assert "queue" in err["message"] and app.state.queue.waiting == 0
+        app.state.queue.timeout_s = 60.0
+        leaving = asyncio.create_task(h.post(CHAT, json=chat_body(max_tokens=3)))
+        await eventually(lambda: app.state.queue.waiting == 1, "a request queues")
+        leaving.cancel()  # its client gives up while it waits
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        await eventually(lambda: app.state.queue.waiting == 0, "its place in the queue is free")
+        assert app.state.in_flight == 1 and len(eng.fanouts) == 1
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await eventually(lambda: app.state.in_flight == 0, "the slot is given back, to nobody")
+        assert (await post(h, CHAT, chat_body(max_tokens=3))).status_code == 200
 
 
 async def test_concurrent_requests_at_the_limit_all_succeed():

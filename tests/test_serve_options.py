@@ -281,6 +281,14 @@ def test_the_server_exits_with_code_4_when_an_engine_dies(tmp_path):
         assert wait_until(lambda: srv.proc.poll() is not None, 90), srv.tail()
         assert srv.proc.returncode == 4, srv.tail()
         assert "stopped; the server exits" in srv.log.read_text(errors="replace")
+        # what a supervisor (and the suite's fixture, for its session server) does next
+        assert srv.broken()
+        port = srv.port
+        srv.restart()
+        assert srv.port == port and not srv.broken() and srv.health()["status"] == "ok"
+        name = httpx.get(srv.v1 + "/models", timeout=10).json()["data"][0]["id"]
+        r = httpx.post(srv.v1 + "/completions", json={"model": name, "prompt": "1+1=", "max_tokens": 4}, timeout=120)
+        assert r.status_code == 200, r.text
     finally:
         srv.stop()
 

@@ -172,6 +172,49 @@ def test_deadline_answers_with_what_exists(client, long_tokens):
     assert all(c.message.content for c in r.choices)
 
 
+DEADLINE_CONFIGS = {
+    "none": {},
+    "majority": {},
+    "weighted_majority": {"verifier": VERIFIER_NAME},
+    "best_of_n": {"scorer": "verifier", "verifier": VERIFIER_NAME},
+    "perplexity_consistency": {},
+    "temperature_sweep": {"temperatures": [0.5, 1.0], "round_size": 2, "min_per_temperature": 2},
+    "refine": {"max_rounds": 1},
+    "speculative_rejection": {"checkpoints": [16, 32], "verifier": VERIFIER_NAME},
+    "draft_target": {"draft": DRAFT_NAME, "chunk_tokens": 24},
+    "auto": {"wave": 2},
+    "deepconf": {"warmup": 3, "window": 16},
+}
+
+
+def test_every_strategy_is_in_the_deadline_test():
+    from ttscale.strategies import registered
+
+    assert set(DEADLINE_CONFIGS) == set(registered())
+
+
+@pytest.mark.parametrize("strategy", sorted(DEADLINE_CONFIGS))
+def test_every_strategy_answers_at_its_deadline(client, long_tokens, strategy):
+    """Work that would fill the context ends at the deadline with an answer from what exists
+    (best_of_n: its verifier reads end there too; draft_target: 200, not an error)."""
+    tts_req = {"strategy": strategy, **DEADLINE_CONFIGS[strategy], "return_samples": True}
+    r = client.chat.completions.create(
+        model=POLICY_NAME,
+        messages=MSGS,
+        max_tokens=long_tokens,
+        seed=0,
+        extra_body={"ignore_eos": True, "ttscale": {**tts_req, "budget": {"samples": 8, "deadline_ms": 1000}}},
+    )
+    tts = r.model_extra["ttscale"]
+    assert tts["stop_reason"] == "deadline", tts
+    assert r.usage.completion_tokens < tts["samples_used"] * long_tokens  # cut before the end
+    # the answer is a text that existed at the deadline (a chain's, for draft_target)
+    assert len(r.choices) == 1
+    texts = [s["text"] for s in tts["samples"]]
+    if strategy != "refine":  # refine's answer is its last complete iterate, else the cut draft
+        assert r.choices[0].message.content in texts, (r.choices[0].message.content[:80], [t[:80] for t in texts])
+
+
 BAD = [
     # (request changes, status, param)
     ({"model": "no-such-model"}, 404, "model"),

@@ -127,7 +127,18 @@ def serve(
             help="Skip / use torch.compile and CUDA graphs (default: eager on CPU, compiled on GPU).",
         ),
     ] = None,
-    max_concurrent_requests: Annotated[int, typer.Option(help="Beyond this, requests get 429.")] = 256,
+    max_concurrent_requests: Annotated[
+        int, typer.Option(min=1, help="Beyond this, requests queue (--max-queued-requests) or get 429.")
+    ] = 256,
+    max_queued_requests: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Requests beyond the concurrency limit that wait for a slot, first come first served."
+        ),
+    ] = 0,
+    queue_timeout: Annotated[
+        float, typer.Option(min=0.0, help="Seconds a queued request waits for a slot before it gets 429.")
+    ] = 30.0,
     budget_profile: Annotated[
         list[str] | None,
         typer.Option(
@@ -224,6 +235,8 @@ def serve(
         log_level=log_level,
         keep_alive=keep_alive,
         max_concurrent_requests=max_concurrent_requests,
+        max_queued_requests=max_queued_requests,
+        queue_timeout_s=queue_timeout,
         profiles=profiles,
         api_keys=keys,
         public_metrics=public_metrics,
@@ -244,6 +257,8 @@ def run_server(
     keep_alive: float,
     max_concurrent_requests: int,
     profiles: dict[str, str],
+    max_queued_requests: int = 0,
+    queue_timeout_s: float = 30.0,
     api_keys: Sequence[str] = (),
     public_metrics: bool = False,
     public_docs: bool = False,
@@ -268,6 +283,8 @@ def run_server(
     api = create_app(
         pool,
         max_concurrent_requests=max_concurrent_requests,
+        max_queued_requests=max_queued_requests,
+        queue_timeout_s=queue_timeout_s,
         profiles=profiles,
         api_keys=api_keys,
         public_metrics=public_metrics,

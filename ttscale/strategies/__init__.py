@@ -52,6 +52,7 @@ def _load_builtins() -> None:
     from ttscale.strategies import (  # noqa: F401
         auto,
         best_of_n,
+        deepconf,
         none,
         refine,
         rpc,

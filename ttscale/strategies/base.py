@@ -143,7 +143,8 @@ class Sampler:
             if tokens_left is None:
                 out.append(s)
                 continue
-            free = tokens_left - sum(self._reserved.values()) - sum(self._cost(x.max_tokens) for x in out)
+            # what this sampler (and any other of the request) reserved is held in the ledger
+            free = tokens_left - sum(self._cost(x.max_tokens) for x in out)
             if free >= self._cost(s.max_tokens):
                 out.append(s)
             elif not out and not self._reserved:
@@ -211,6 +212,7 @@ class Sampler:
             for c in fo.candidates:  # c.index stays the position inside its fan-out
                 self._owner[id(c)] = (fo, c.index)
                 self._reserved[id(c)] = self._cost(c.settings.max_tokens)
+                self.ctx.ledger.hold(self._reserved[id(c)])
             self.candidates.extend(fo.candidates)
             if self.counts_samples:
                 self.ctx.ledger.count_samples(len(batch))
@@ -267,6 +269,7 @@ class Sampler:
     def _settle(self, c: Candidate) -> None:
         r = self._reserved.pop(id(c), None)
         if r is not None:
+            self.ctx.ledger.release(r)
             self.ctx.ledger.spend(c.num_tokens)
             if self.scoring_cost is not None:
                 self.ctx.ledger.hold(self.scoring_cost(c.num_tokens))
