@@ -8,7 +8,8 @@ Suites (each method sees the same problems and seeds):
 * ``strategies``: pass@1 (mean correctness of the 16 samples a majority request drew),
   majority@16, verifier best-of-16, and majority / RPC at K = 4, 8, 16.
 * ``rejection``: best_of_n (N=16, the verifier) vs speculative_rejection and draft_target.
-* ``adaptive``: ``budget: auto`` (majority in waves) vs fixed majority@16.
+* ``adaptive``: ``budget: auto`` (majority in waves, and asynchronous) and ``deepconf`` (online,
+  low and high) vs fixed majority@16.
 
 Prints a Markdown table (accuracy with 95% bootstrap CIs over problems, paired differences
 against the suite's baseline, tokens per problem, seconds per problem) and writes JSON to
@@ -52,7 +53,23 @@ SUITES = {
     ],
     "adaptive": [
         ("majority@16 fixed", {"strategy": "majority", "budget": {"samples": 16}, "stop_when_decided": False}),
-        ("auto (majority waves)", {"strategy": "majority", "budget": "auto", "max_samples": 16}),
+        (
+            "auto (majority waves)",
+            {"strategy": "majority", "budget": "auto", "max_samples": 16, "schedule": "waves"},
+        ),
+        (
+            "auto (majority async)",
+            {"strategy": "majority", "budget": "auto", "max_samples": 16, "schedule": "async"},
+        ),
+        # the embedded model writes ~80 tokens: a 16-token window (DeepConf's is 2048 for long traces)
+        (
+            "deepconf (low, window 16)",
+            {"strategy": "deepconf", "budget": {"samples": 16}, "warmup": 4, "window": 16, "keep": 0.1},
+        ),
+        (
+            "deepconf (high, window 16)",
+            {"strategy": "deepconf", "budget": {"samples": 16}, "warmup": 4, "window": 16, "keep": 0.9},
+        ),
     ],
 }
 

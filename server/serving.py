@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from ttscale.budget import Budget, parse_budget
 from ttscale.engine import ModelPool, PromptInput, SamplingSettings
-from ttscale.engine.base import check_encodable
+from ttscale.engine.base import check_encodable, prompt_chars
 from ttscale.errors import InvalidRequestError, OverloadedError, ShuttingDownError
 from ttscale.run import JSON, RunContext, StrategyResult
 from ttscale.server import errors, render
@@ -149,6 +149,17 @@ async def prepare(state: State, body: Body, endpoint: Endpoint) -> Run:
     chat = isinstance(body, ChatCompletionRequest)
     prompt: PromptInput = body.message_dicts() if isinstance(body, ChatCompletionRequest) else body.prompt_input()
     check_encodable(prompt)  # whichever engine serves it
+    ctx_len = engine.max_model_len
+    if ctx_len is not None and engine.max_token_chars and engine.can_render:
+        # a text too long for any tokenization of it is refused before it is tokenised
+        chars = prompt_chars(prompt)
+        if chars > ctx_len * engine.max_token_chars:
+            raise InvalidRequestError(
+                f"the prompt has {chars} characters, at least {-(-chars // engine.max_token_chars)} tokens; "
+                f"model {engine.name!r} takes at most {ctx_len - 1}",
+                param="messages" if chat else "prompt",
+                code="context_length_exceeded",
+            )
     ids: list[int] | None = None
     if engine.can_render:  # else an upstream checks lengths itself
         if isinstance(body, ChatCompletionRequest):
@@ -162,7 +173,6 @@ async def prepare(state: State, body: Body, endpoint: Endpoint) -> Run:
                 prompt = ids  # rendered exactly as asked; the engine takes the ids
         else:
             ids = await asyncio.to_thread(engine.render, prompt)
-    ctx_len = engine.max_model_len
     if ctx_len is not None and ids is not None:
         if len(ids) >= ctx_len:
             raise InvalidRequestError(

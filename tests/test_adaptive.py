@@ -129,21 +129,82 @@ def _ctx(eng, budget, profile=None):
 
 
 async def test_easy_stops_after_first_wave_hard_uses_more():
-    easy = await get_strategy("majority").from_request({"wave": 4}).run(_ctx(_engine(["5"]), Budget(auto=True)))
+    easy = (
+        await get_strategy("majority")
+        .from_request({"wave": 4, "schedule": "waves"})
+        .run(_ctx(_engine(["5"]), Budget(auto=True)))
+    )
     assert easy.info["samples_used"] == 4 and easy.info["stop_reason"] == "confident"
     assert easy.info["adaptive"]["waves"] == 1 and easy.info["tokens_saved"] > 0
     hard = (
         await get_strategy("majority")
-        .from_request({"wave": 4, "max_samples": 24})
+        .from_request({"wave": 4, "max_samples": 24, "schedule": "waves"})
         .run(_ctx(_engine(["1", "2", "3", "1", "4", "2"]), Budget(auto=True)))
     )
     assert hard.info["samples_used"] > 4
 
 
+def _varied(answers, tick_s=0.001):
+    """Sample s answers answers[s % len] after 3*s characters of work: they finish in seed order."""
+
+    def respond(prompt, s):
+        seed = s.seed or 0
+        return "w" * (3 * seed) + f" \\boxed{{{answers[seed % len(answers)]}}}"
+
+    return FakeEngine("p", respond=respond, tick_s=tick_s)
+
+
+async def test_async_schedule_starts_every_sample_and_aborts_the_rest_when_the_rule_fires():
+    eng = _varied(["5"])
+    r = await get_strategy("majority").from_request({"max_samples": 16}).run(_ctx_long(eng, Budget(auto=True)))
+    a = r.info["adaptive"]
+    assert r.info["stop_reason"] == "confident" and r.info["answer"] == "5"
+    assert a["schedule"] == "async" and a["waves"] == 0
+    assert r.info["samples_used"] == 16 and eng.requests_started == 16  # all started at once
+    assert a["samples_finished"] == 4  # Beta rule: 4 unanimous answers are enough
+    aborted = [c for c in r.candidates if c.aborted]
+    assert len(aborted) == 12 and all(c.settings.seed >= 4 for c in aborted)
+    assert eng.num_running == 0
+    # the aborted ones were cut before their end: fewer tokens than the fixed plan of 16
+    assert all(c.num_tokens < 3 * c.settings.seed + len(" \\boxed{5}") for c in aborted)
+    assert a["tokens_used"] == sum(c.num_tokens for c in r.candidates) < sum(3 * s + 11 for s in range(16))
+
+
+async def test_async_schedule_with_a_concurrency_cap_starts_samples_as_others_finish():
+    eng = _varied(["5"], tick_s=0.0)
+    r = (
+        await get_strategy("majority")
+        .from_request({"max_samples": 16, "concurrency": 2})
+        .run(_ctx_long(eng, Budget(auto=True)))
+    )
+    assert r.info["stop_reason"] == "confident" and r.info["adaptive"]["samples_finished"] == 4
+    assert eng.requests_started <= 5  # never more than 2 running: at most one more started
+    hard = _varied(["1", "2", "3"])
+    r = (
+        await get_strategy("majority")
+        .from_request({"max_samples": 9, "concurrency": 3})
+        .run(_ctx_long(hard, Budget(auto=True)))
+    )
+    assert r.info["samples_used"] == 9 and r.info["stop_reason"] == "sample_budget"
+
+
+def _ctx_long(eng, budget):
+    c = _ctx(eng, budget)
+    return RunContext(
+        pool=c.pool,
+        model=eng,
+        prompt=c.prompt,
+        n=1,
+        request_id="t",
+        settings=SamplingSettings(max_tokens=200, seed=0, temperature=0.8),
+        budget=budget,
+    )
+
+
 async def test_hard_limits_hold_under_auto():
     r = (
         await get_strategy("majority")
-        .from_request({"wave": 4})
+        .from_request({"wave": 4, "schedule": "waves"})
         .run(_ctx(_engine(["1", "2", "3"]), Budget(auto=True, tokens=100)))
     )
     used = r.info["adaptive"]["tokens_used"]

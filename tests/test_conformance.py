@@ -34,7 +34,7 @@ CONFIGS: dict[str, dict] = {
     "speculative_rejection": {"checkpoints": [16, 32], "verifier": VERIFIER_NAME},
     "draft_target": {"draft": DRAFT_NAME, "chunk_tokens": 24},
     "auto": {"wave": 3},
-    "deepconf": {"warmup": 3, "window": 16, "keep": 0.5},
+    "deepconf": {"warmup": 3, "window": 16, "keep": 0.5, "consensus": 1.0},
 }
 EXTRA_VARIANTS = [
     ("majority", {"wave": 2, "auto_budget": True}),

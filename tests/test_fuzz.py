@@ -154,6 +154,9 @@ def request(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
                         del parent[where[-1]]
                     else:
                         parent[where[-1]] = draw(NASTY)
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        # valid, but the context's worth of tokens per sample: minutes of CPU for a chain strategy
+        body["max_tokens"] = draw(st.integers(1, 24))
     # Python's json writes NaN/Infinity tokens (as some clients do) and escapes lone surrogates
     return path, json.dumps(body).encode(), headers
 

@@ -622,6 +622,23 @@ async def test_lone_surrogates_in_the_prompt_are_a_400(path, raw, param):
     assert_error(r, 400, IR, param)
 
 
+async def test_a_prompt_longer_than_any_tokenization_can_fit_is_refused_before_it_is_tokenised():
+    app, eng = make_app(max_model_len=64)
+    calls = []
+    real = eng.render
+    eng.render = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    async with client(app) as h:
+        r = await post(h, CHAT, chat_body(messages=[{"role": "user", "content": "x" * 65}]))
+        err = assert_error(r, 400, IR, "messages", "context_length_exceeded")
+        assert "65 characters" in err["message"] and calls == []
+        r = await post(h, COMPLETIONS, {"model": "p", "prompt": "y" * 100})
+        assert_error(r, 400, IR, "prompt", "context_length_exceeded")
+        assert calls == []
+        r = await post(h, CHAT, chat_body(messages=[{"role": "user", "content": "x" * 60}]))
+        assert_error(r, 400, IR, "messages", "context_length_exceeded")  # 60 chars + the template: too long
+        assert calls == [1]  # this one could only be told by tokenizing it
+
+
 async def test_a_huge_token_id_is_a_400():
     app, _ = make_app()
     async with client(app, raise_app_exceptions=False) as h:

@@ -124,3 +124,85 @@ def test_a_user_share_below_the_weights_is_refused(tmp_path):
     d = _qwen_dir(tmp_path, weights_gib=20)
     with pytest.raises(ConfigError, match="less than its weights"):
         plan_gpu_memory([need_of("m", "generate", d, {"gpu_memory_utilization": 0.1})], H200)
+
+
+# -- CPU engines sharing the cores ---------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_omp(monkeypatch):
+    for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TTSCALE_CPU_THREADS", "TTSCALE_SET_OMP_NUM_THREADS"):
+        monkeypatch.setenv(var, "x")  # recorded, so that what the policy sets is undone after the test
+        monkeypatch.delenv(var)
+    return monkeypatch
+
+
+def test_cpu_engines_sharing_the_cores_split_them_and_wait_passively(clean_omp):
+    import os
+
+    from ttscale.engine.vllm_engine import cpu_thread_policy
+
+    assert cpu_thread_policy(3, cores=2) == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # what the engine processes start with
+    assert cpu_thread_policy(3, cores=16)["OMP_NUM_THREADS"] == "5"  # ours: recomputed
+
+
+def test_a_single_cpu_engine_keeps_every_core_and_spins(clean_omp):
+    from ttscale.engine.vllm_engine import cpu_thread_policy
+
+    assert cpu_thread_policy(1, cores=8) == {"OMP_NUM_THREADS": "8"}
+
+
+def test_the_users_openmp_settings_win(clean_omp):
+    from ttscale.engine.vllm_engine import cpu_thread_policy
+
+    clean_omp.setenv("OMP_NUM_THREADS", "4")
+    clean_omp.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert cpu_thread_policy(3, cores=2) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    clean_omp.setenv("TTSCALE_CPU_THREADS", "off")
+    assert cpu_thread_policy(3, cores=2) == {}
+    clean_omp.delenv("OMP_NUM_THREADS")
+    clean_omp.setenv("TTSCALE_CPU_THREADS", "2")
+    assert cpu_thread_policy(3, cores=2)["OMP_NUM_THREADS"] == "2"
+
+
+# -- the longest token, for the length check before tokenization -----------------------------------
+
+
+def _trained(model, pre_tokenizer, trainer):
+    from tokenizers import Tokenizer
+
+    t = Tokenizer(model)
+    t.pre_tokenizer = pre_tokenizer
+    t.train_from_iterator(["the cat sat on the mat", "a dog ran far away"] * 50, trainer)
+    return t
+
+
+def test_longest_token_bounds_the_characters_of_a_byte_level_bpe_tokenizer():
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ttscale.engine.vllm_engine import _longest_token
+
+    t = _trained(models.BPE(), pre_tokenizers.ByteLevel(), trainers.BpeTrainer(vocab_size=300))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t)
+    n = _longest_token(tok)
+    assert n is not None and n >= 2
+    for text in ["the cat sat on the mat", "zzz qqq", "ünïcödé ☃"]:
+        ids = tok.encode(text)
+        assert len(ids) >= len(text) / n  # the bound the server refuses long prompts by
+
+
+def test_no_length_bound_where_an_unknown_token_covers_a_whole_word():
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ttscale.engine.vllm_engine import _longest_token
+
+    t = _trained(
+        models.WordPiece(unk_token="[UNK]"),
+        pre_tokenizers.Whitespace(),
+        trainers.WordPieceTrainer(vocab_size=100, special_tokens=["[UNK]"]),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+    assert tok.encode("supercalifragilistic") and _longest_token(tok) is None

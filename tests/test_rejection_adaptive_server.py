@@ -69,7 +69,7 @@ def test_speculative_rejection_aborts_in_the_engine_and_tracks_alpha(client):
 
 
 def test_easy_question_stops_after_first_wave_hard_uses_more(client):
-    tts = {"strategy": "majority", "budget": "auto", "wave": 4, "max_samples": 24}
+    tts = {"strategy": "majority", "budget": "auto", "wave": 4, "max_samples": 24, "schedule": "waves"}
     easy = _ask(client, EASY["problem"], tts, seed=0, temperature=0.3, max_tokens=200).model_extra["ttscale"]
     assert easy["samples_used"] == 4 and easy["stop_reason"] == "confident", easy["adaptive"]
     used = [
@@ -78,6 +78,18 @@ def test_easy_question_stops_after_first_wave_hard_uses_more(client):
     assert max(u["samples_used"] for u in used) > 4, [u["adaptive"] for u in used]
     for u in used:
         assert u["adaptive"]["difficulty"]["bucket"] is not None  # the shipped profile is in use
+
+
+def test_async_adaptive_budget_stops_as_soon_as_the_rule_fires(client):
+    tts = {"strategy": "majority", "budget": "auto", "max_samples": 24, "return_samples": True}
+    r = _ask(client, EASY["problem"], tts, seed=0, temperature=0.3, max_tokens=200).model_extra["ttscale"]
+    a = r["adaptive"]
+    assert r["stop_reason"] == "confident" and a["schedule"] == "async" and a["waves"] == 0, a
+    assert r["samples_used"] == 24  # every sample started at once
+    finished = [s for s in r["samples"] if s["finish_reason"] != "abort"]
+    assert len(finished) == a["samples_finished"] >= 4
+    aborted = [s for s in r["samples"] if s["finish_reason"] == "abort"]
+    assert r["usage"]["aborted_tokens"] == sum(s["tokens"] for s in aborted)
 
 
 def test_auto_budget_hard_limits(client):

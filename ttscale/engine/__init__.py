@@ -180,6 +180,10 @@ class ModelPool:
     async def start(self) -> None:
         if not getattr(self, "_planned", False):
             self.plan()
+        # CPU engines share the host's cores: each learns how many of them there are
+        cpu = [e for e in self._engines.values() if hasattr(e, "cpu_peers")]
+        for e in cpu:
+            e.cpu_peers = len(cpu)
         # One at a time: engine start-up is CPU-heavy and parallel starts only contend; on a
         # shared GPU each engine also checks the memory left by the ones before it.
         for e in self._engines.values():

@@ -185,6 +185,9 @@ class Engine(abc.ABC):
     name: str
     role: Literal["generate", "score"] = "generate"
     max_model_len: int | None = None
+    # the most characters one token of the tokenizer spells (a prompt of more than
+    # max_model_len × this many characters cannot fit, whatever it says); None: unknown
+    max_token_chars: int | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model; called once before use."""
@@ -266,6 +269,15 @@ def perplexity(logprobs: Sequence[float]) -> float:
     if not logprobs:
         return math.inf
     return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def prompt_chars(prompt: PromptInput) -> int:
+    """The characters of a prompt's text (0 for token ids)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return sum(len(str(m.get("content") or "")) for m in prompt)
+    return 0
 
 
 def check_encodable(prompt: PromptInput) -> None:

@@ -65,6 +65,7 @@ class FakeEngine(Engine):
         self.scorer = scorer or (lambda text: (hashlib.sha256(text.encode()).digest()[0]) / 255.0)
         self.tick_s = tick_s
         self.max_model_len = max_model_len
+        self.max_token_chars = 1  # characters are tokens
         self.requests_started = 0
         self._live: set[str] = set()
 

@@ -131,6 +131,55 @@ def _to_params(s: SamplingSettings, *, max_tokens: int, stream: bool) -> Samplin
     )
 
 
+def _longest_token(tok: PreTrainedTokenizerBase) -> int | None:
+    """The most characters a token of ``tok`` spells: the length of its longest vocabulary entry
+    (a byte-level entry has one symbol per byte, at least as many as the characters it decodes
+    to; added tokens are in the vocabulary too). Only where no unknown-token can stand for a
+    longer stretch of text: byte-level or byte-fallback BPE, or no unknown token at all; else
+    None (no length check before tokenization)."""
+    try:
+        backend = getattr(tok, "backend_tokenizer", None)
+        model = getattr(backend, "model", None)
+        byte_level = "ByteLevel" in repr(getattr(backend, "pre_tokenizer", None)) or bool(
+            getattr(model, "byte_fallback", False)
+        )
+        if not ((type(model).__name__ == "BPE" and byte_level) or tok.unk_token is None):
+            return None
+        vocab = tok.get_vocab()
+        return max(len(t) for t in vocab) if vocab else None
+    except Exception:  # a tokenizer without a readable vocabulary: no length pre-check
+        return None
+
+
+_OMP_SET_BY_TTSCALE = "TTSCALE_SET_OMP_NUM_THREADS"
+
+
+def cpu_thread_policy(peers: int, cores: int | None = None) -> dict[str, str]:
+    """The OpenMP settings for CPU engines that share the host's cores (applied to the
+    environment the engine processes start with; returned for the log).
+
+    Each of ``peers`` engines gets ``cores // peers`` threads (at least 1) instead of one thread
+    per core each, and threads that wait sleep (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning
+    where the engines outnumber the cores: spinning threads of one engine steal the cores
+    another engine's step needs. ``$TTSCALE_CPU_THREADS``: ``off`` leaves OpenMP alone, a number
+    sets the threads per engine; an ``OMP_NUM_THREADS`` of the user's own is kept.
+    """
+    policy = os.environ.get("TTSCALE_CPU_THREADS", "auto").strip().lower()
+    if policy == "off":
+        return {}
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = int(policy) if policy.isdigit() and int(policy) > 0 else max(1, cores // max(1, peers))
+    out: dict[str, str] = {}
+    if "OMP_NUM_THREADS" not in os.environ or os.environ.get(_OMP_SET_BY_TTSCALE) == "1":
+        out["OMP_NUM_THREADS"] = str(threads)
+        os.environ[_OMP_SET_BY_TTSCALE] = "1"
+    if peers > 1:
+        out["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.update(out)
+    return out
+
+
 class VLLMEngine(Engine):
     """One model served by an in-process ``AsyncLLM``."""
 
@@ -149,6 +198,7 @@ class VLLMEngine(Engine):
         self.options = options or VLLMOptions()
         self.role = role or detect_role(self.path)
         self.planned_memory: float | None = None  # gpu_memory_utilization from the GPU plan
+        self.cpu_peers = 1  # CPU engines of the pool sharing this host's cores (set by the pool)
         self._llm: AsyncLLM | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._running = 0  # engine requests of this adapter not yet finished
@@ -167,6 +217,7 @@ class VLLMEngine(Engine):
         self._tokenizer = await asyncio.to_thread(
             AutoTokenizer.from_pretrained, str(args.get("tokenizer") or self.path), **tok_kw
         )
+        self.max_token_chars = await asyncio.to_thread(_longest_token, self._tokenizer)
         llm = await asyncio.to_thread(self._build)
         self._llm = llm
         self.max_model_len = int(llm.model_config.max_model_len)
@@ -211,6 +262,9 @@ class VLLMEngine(Engine):
             # a policy, its verifier and its draft would share one core while others idle.
             # Leave placement to the OS unless the user chose a binding.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            omp = cpu_thread_policy(self.cpu_peers)
+            if omp:
+                log.info("engine %s: %s (%d CPU engines share the cores)", self.name, omp, self.cpu_peers)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -30,7 +30,7 @@ class Auto(ParallelStrategy[AutoOptions]):
         verifier = None
         if o.verifier is not None or any(e.role == "score" for e in ctx.pool):
             verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
-        stop_reason, cands, adapt = await self._waves(
+        stop_reason, cands, adapt = await self._adaptive(
             ctx, logprobs=0, scoring_cost=verifier.scoring_cost(ctx) if verifier else None
         )
         pool = await Pool.build(cands)

@@ -101,13 +101,16 @@ class Sampler:
         *,
         scoring_cost: Callable[[int], int] | None = None,
         counts_samples: bool = True,
+        max_live: int | None = None,
     ):
         """``scoring_cost(t)``: an upper bound of the tokens scoring a candidate of ``t`` tokens
         will cost; reserved with each candidate so that scoring never breaks the token budget.
         Without ``counts_samples`` its candidates are parts of samples counted elsewhere (chunks
-        of a chain): they neither count as samples nor stop at the sample budget."""
+        of a chain): they neither count as samples nor stop at the sample budget. ``max_live``
+        caps the candidates running at once (the next starts as one finishes)."""
         self.ctx = ctx
         self.counts_samples = counts_samples
+        self.max_live = max_live
         self.scoring_cost = scoring_cost
         self.engine = engine or ctx.model
         if prompt is None:
@@ -199,7 +202,10 @@ class Sampler:
             nonlocal pending
             if self._stopped or not pending:
                 return 0
-            batch = self._fit(pending)
+            room = len(pending) if self.max_live is None else self.max_live - len(self._reserved)
+            if room <= 0:
+                return 0
+            batch = self._fit(pending[:room])
             if not batch:
                 left = self.ctx.tokens_left()
                 if not self._reserved and left is not None and left <= 0:
@@ -238,11 +244,12 @@ class Sampler:
                     ev: CandidateEvent = item
                     if ev.finished:
                         self._settle(ev.candidate)
-                        live += launch()
                     if on_event is not None:
                         r = on_event(ev)
                         if asyncio.iscoroutine(r):
                             await r
+                    if ev.finished:  # after the listener: a stop it decides starts nothing more
+                        live += launch()
                     if self._stopped and not aborted_all:
                         aborted_all = True
                         for fo in self._fanouts:

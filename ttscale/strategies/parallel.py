@@ -7,7 +7,7 @@ import asyncio
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, model_validator
 
@@ -28,6 +28,14 @@ class ParallelOptions(StrategyOptions):
     max_samples: int = Field(default=32, ge=1, le=4096, description="adaptive cap without budget.samples")
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0, description="Beta-rule stop threshold")
     token_cost: float = Field(default=1e-5, ge=0.0, description="accuracy one token is worth")
+    schedule: Literal["async", "waves"] = Field(
+        default="async",
+        description="adaptive budgets: 'async' starts the samples at once and stops the rest when the rule "
+        "fires (no added latency); 'waves' draws `wave` samples at a time (fewer wasted tokens on a loaded server)",
+    )
+    concurrency: int | None = Field(
+        default=None, ge=1, le=4096, description="most samples of one request running at once (default: all)"
+    )
 
 
 class ScoredOptions(ParallelOptions):
@@ -150,7 +158,7 @@ class ParallelStrategy(Strategy[PO]):
         plan = settings if settings is not None else base.replicate(k)
         if logprobs is not None and settings is not None:
             plan = [replace(s, logprobs=base.logprobs) for s in plan]
-        sampler = Sampler(ctx, scoring_cost=scoring_cost)
+        sampler = Sampler(ctx, scoring_cost=scoring_cost, max_live=self.options.concurrency)
         finished = 0
         if tracker is None and (should_stop is not None or ctx.on_progress is not None):
             tracker = AnswerTracker()
@@ -201,7 +209,7 @@ class ParallelStrategy(Strategy[PO]):
                 tracker=tracker,
             )
             return sampler.stop_reason, cands, {}
-        return await self._waves(ctx, logprobs=logprobs, scoring_cost=scoring_cost)
+        return await self._adaptive(ctx, logprobs=logprobs, scoring_cost=scoring_cost)
 
     async def draw_scored(
         self,
@@ -217,10 +225,12 @@ class ParallelStrategy(Strategy[PO]):
         pool = await Pool.build(cands)
         return stop_reason, pool, await scorer.score(ctx, cands), {"scorer": opts.name, **adapt}
 
-    async def _waves(
+    async def _adaptive(
         self, ctx: RunContext, *, logprobs: int | None, scoring_cost: Callable[[int], int] | None
     ) -> tuple[StopReason, list[Candidate], dict[str, JSON]]:
-        from ttscale.adaptive import decide
+        """Samples under an adaptive budget: after each sample (``async``) or wave (``waves``)
+        the stopping rule of :mod:`ttscale.adaptive` decides whether more are worth their cost."""
+        from ttscale.adaptive import Decision, decide
 
         o = self.options
         if ctx.n != 1:
@@ -240,8 +250,53 @@ class ParallelStrategy(Strategy[PO]):
         )
         cands: list[Candidate] = []
         sampler: Sampler | None = None
-        stop_reason, decision, waves = StopReason.SAMPLE_BUDGET, None, 0
-        while len(cands) < cap:
+        stop_reason, waves = StopReason.SAMPLE_BUDGET, 0
+        decision: Decision | None = None
+        if o.schedule == "async":
+            tracker = AnswerTracker()
+            done: list[Candidate] = []
+            sampler = Sampler(ctx, scoring_cost=scoring_cost, max_live=o.concurrency)
+            live_sampler = sampler
+
+            async def on_event(ev: CandidateEvent) -> None:
+                nonlocal decision
+                if not ev.finished or ev.candidate.aborted:
+                    return
+                done.append(ev.candidate)
+                answer = await tracker.add(ev.candidate)
+                answered = sum(a is not None for a in tracker.answers.values())
+                d = decide(
+                    tracker.counts(),
+                    answered,
+                    len(done),
+                    wave=1,  # the next sample
+                    profile=profile,
+                    curve=self.curve,
+                    confidence=confidence,
+                    target=target,
+                    tokens_per_sample=(sum(c.num_tokens for c in done) / len(done))
+                    or (profile.tokens_per_sample if profile else 0)
+                    or 0,
+                    token_cost=o.token_cost,
+                )
+                decision = d
+                await ctx.progress(
+                    {
+                        "type": "sample",
+                        "samples_done": len(done),
+                        "answer": answer,
+                        "p_major": round(d.p_major, 4),
+                        "difficulty": d.bucket,
+                        "stop": d.stop,
+                    }
+                )
+                if d.stop and len(done) < cap:
+                    live_sampler.stop(StopReason(d.reason or StopReason.EARLY_STOP))
+
+            cands = await sampler.run(base.replicate(cap), on_event=on_event)
+            if sampler.stop_reason != StopReason.COMPLETE:
+                stop_reason = sampler.stop_reason
+        while o.schedule == "waves" and len(cands) < cap:
             w = min(o.wave, cap - len(cands))
             sampler, got = await self.sample(
                 ctx, w, settings=base.replicate(w, first_index=len(cands)), scoring_cost=scoring_cost
@@ -279,11 +334,14 @@ class ParallelStrategy(Strategy[PO]):
             if decision.stop:
                 stop_reason = StopReason(decision.reason or StopReason.EARLY_STOP)
                 break
-        tps = (sum(c.num_tokens for c in cands) / len(cands)) if cands else 0.0
+        finished = [c for c in cands if not c.aborted] or cands
+        tps = (sum(c.num_tokens for c in finished) / len(finished)) if finished else 0.0
         tokens_planned = round(planned * tps)
         tokens_used = sum(c.num_tokens for c in cands)
         info: dict[str, JSON] = {
             "adaptive": {
+                "schedule": o.schedule,
+                "samples_finished": sum(1 for c in cands if not c.aborted),
                 "waves": waves,
                 "wave_size": o.wave,
                 "samples_planned": planned,
