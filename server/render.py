@@ -6,6 +6,7 @@ on which one it serves."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -177,11 +178,28 @@ def response(result: StrategyResult, ctx: RunContext, reply: Reply, seconds: flo
 
 
 def dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    """Strict JSON: a non-finite number (a -inf log-prob of a token the sampler had masked, a
+    NaN a model computed) goes out as null, never as a token JSON parsers refuse."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate in some text: escaped, as ASCII JSON
+        return json.dumps(_finite(obj), allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:  # rare: walk the object once
+        return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
 
 
 def sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"

@@ -1560,3 +1560,13 @@ async def test_metrics_count_requests_tokens_and_samples():
     assert metric(v, "ttscale_request_seconds_count", strategy="none") == 3
     assert metric(v, "ttscale_client_disconnects_total") == 0
     assert metric(v, "ttscale_engine_requests_running", model="p") == 0
+
+
+def test_responses_are_strict_json_whatever_numbers_or_texts_they_carry():
+    from ttscale.server.render import dumps, sse
+
+    body = {"a": [1.0, float("-inf"), float("nan")], "b": {"c": float("inf")}, "t": "ok ✓"}
+    assert json.loads(dumps(body)) == {"a": [1.0, None, None], "b": {"c": None}, "t": "ok ✓"}
+    assert json.loads(sse(body)[len(b"data: ") :]) == {"a": [1.0, None, None], "b": {"c": None}, "t": "ok ✓"}
+    assert json.loads(dumps({"t": "a\ud800b"})) == {"t": "a\ud800b"}  # escaped, not an encoding error
+    assert dumps({"t": "ok ✓"}) == '{"t":"ok ✓"}'.encode()  # the common case: compact UTF-8
