@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from conftest import DRAFT, POLICY, VERIFIER, has_cuda, wait_until
+from test_conformance import CONFIGS
 from ttscale.engine import parse_model_arg
 
 pytestmark = [pytest.mark.server, pytest.mark.vllm]
@@ -172,19 +173,8 @@ def test_deadline_answers_with_what_exists(client, long_tokens):
     assert all(c.message.content for c in r.choices)
 
 
-DEADLINE_CONFIGS = {
-    "none": {},
-    "majority": {},
-    "weighted_majority": {"verifier": VERIFIER_NAME},
-    "best_of_n": {"scorer": "verifier", "verifier": VERIFIER_NAME},
-    "perplexity_consistency": {},
-    "temperature_sweep": {"temperatures": [0.5, 1.0], "round_size": 2, "min_per_temperature": 2},
-    "refine": {"max_rounds": 1},
-    "speculative_rejection": {"checkpoints": [16, 32], "verifier": VERIFIER_NAME},
-    "draft_target": {"draft": DRAFT_NAME, "chunk_tokens": 24},
-    "auto": {"wave": 2},
-    "deepconf": {"warmup": 3, "window": 16},
-}
+# the options the conformance suite runs each strategy with
+DEADLINE_CONFIGS = CONFIGS
 
 
 def test_every_strategy_is_in_the_deadline_test():
@@ -206,7 +196,12 @@ def test_every_strategy_answers_at_its_deadline(client, long_tokens, strategy):
         extra_body={"ignore_eos": True, "ttscale": {**tts_req, "budget": {"samples": 8, "deadline_ms": 1000}}},
     )
     tts = r.model_extra["ttscale"]
-    assert tts["stop_reason"] == "deadline", tts
+    if strategy == "draft_target":
+        # its chains end at their first \boxed{} answer (ignore_eos or not), which the embedded
+        # model writes within ~100 tokens: it may be done first (the cut itself: test_deadlines.py)
+        assert tts["stop_reason"] in ("deadline", "complete"), tts
+    else:
+        assert tts["stop_reason"] == "deadline", tts
     assert r.usage.completion_tokens < tts["samples_used"] * long_tokens  # cut before the end
     # the answer is a text that existed at the deadline (a chain's, for draft_target)
     assert len(r.choices) == 1
