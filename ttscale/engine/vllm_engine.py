@@ -151,6 +151,20 @@ def _longest_token(tok: PreTrainedTokenizerBase) -> int | None:
         return None
 
 
+ENGINE_SHUTDOWN_S = 3.0  # an engine process given longer to exit is killed (it holds no request by then)
+
+
+def _shutdown(llm: AsyncLLM) -> None:
+    """Stop ``llm``'s engine processes, killing what has not exited after ``ENGINE_SHUTDOWN_S``
+    (vLLM's own default waits 5 s; a server's grace period has already let its requests end)."""
+    import inspect
+
+    if "timeout" in inspect.signature(llm.shutdown).parameters:
+        llm.shutdown(timeout=ENGINE_SHUTDOWN_S)
+    else:  # an older vLLM
+        llm.shutdown()
+
+
 _OMP_SET_BY_TTSCALE = "TTSCALE_SET_OMP_NUM_THREADS"
 
 
@@ -294,7 +308,7 @@ class VLLMEngine(Engine):
             if isinstance(handler, asyncio.Task) and not handler.done():
                 handler.cancel()
                 await asyncio.wait([handler], timeout=5)
-            await asyncio.to_thread(llm.shutdown)
+            await asyncio.to_thread(_shutdown, llm)
             # AsyncLLM.__del__ calls shutdown() again, at interpreter exit when module globals
             # are gone (a TypeError traceback); it has nothing left to do.
             llm.shutdown = lambda *args, **kwargs: None  # type: ignore[method-assign]  # on purpose
