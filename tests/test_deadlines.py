@@ -9,6 +9,7 @@ So a strategy that returns at all has honoured the deadline; none of these tests
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -104,12 +105,32 @@ async def test_a_deadline_while_sampling_ends_the_run_with_what_exists(name):
     assert sum(m.completion_tokens for m in ctx.usage.models.values()) >= written
 
 
+@pytest.fixture
+def deadline_at_scoring(monkeypatch):
+    """The request's deadline falls 0.2 s after the verifier is first asked to score, whatever
+    sampling took (no wall-clock race between sampling and the deadline in these tests)."""
+    from ttscale.scorers import VerifierScorer
+
+    at: list[float] = []
+    real_inputs = VerifierScorer.inputs
+
+    async def inputs(self, ctx, texts):
+        if not at:
+            at.append(time.monotonic() + 0.2)
+        return await real_inputs(self, ctx, texts)
+
+    monkeypatch.setattr(VerifierScorer, "inputs", inputs)
+    monkeypatch.setattr(RunContext, "time_left", lambda self: at[0] - time.monotonic() if at else None)
+    return at
+
+
 @pytest.mark.parametrize("name", SCORING)
-async def test_a_deadline_while_scoring_cancels_the_reads_and_answers(name):
+async def test_a_deadline_while_scoring_cancels_the_reads_and_answers(name, deadline_at_scoring):
     verifier = HangingVerifier()
     pool, policy, _ = _pool("short \\boxed{2}", 0.0, verifier)
-    ctx = _ctx(pool, deadline_ms=1500, max_tokens=64)  # sampling is over long before
+    ctx = _ctx(pool, deadline_ms=3_600_000, max_tokens=64)  # the fixture sets the real one
     result = await _run(name, ctx)
+    assert deadline_at_scoring, "the verifier was asked to score"
     assert result.stop_reason == StopReason.DEADLINE, result.details
     assert verifier.reads > 0 and verifier.cancelled == verifier.reads  # no read left running
     assert policy.num_running == 0

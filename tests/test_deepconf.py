@@ -128,6 +128,14 @@ async def test_a_unanimous_warmup_needs_no_final_phase():
     assert eng.requests_started == 3
 
 
+async def test_one_voter_is_no_consensus():
+    # DeepConf-low over 4 warm-up traces keeps one: the final phase runs, and stops at its first voter
+    plan = {s: (MID if s in (1, 2, 3) else HIGH, "7", 10 + 5 * s) for s in range(12)}
+    r = await run(ctx(engine(plan), 12), warmup=4, keep=0.1, window=4)
+    assert r.samples_used == 12 and r.answer == "7" and r.stop_reason == StopReason.EARLY_STOP
+    assert r.details["consensus_at_voters"] == 2  # warm-up's seed 0, then the first final trace
+
+
 async def test_consensus_in_the_final_phase_aborts_the_rest():
     # warm-up split 1:1, then every final trace says "1"; trace s works s*3 tokens, so they finish
     # in seed order: with equal weights, β = (1+m)/(2+m) reaches 0.95 at m = 18 final voters
