@@ -142,7 +142,7 @@ class ConfidenceScorer(Scorer):
 
         if not c.top_logprobs:
             return -math.inf
-        conf = S.token_confidence([[v for _, v in top] for top in c.top_logprobs], k=self.logprobs or 20)
+        conf = S.candidate_confidence(c.top_logprobs, k=self.logprobs or 20)
         if self.kind == "lowest_group":
             return float(S.lowest_group_confidence(conf, self.window))
         if self.kind == "bottom_10":

@@ -327,6 +327,11 @@ def token_confidence(top_logprobs: Sequence[Sequence[float]], k: int = 20) -> np
     return out
 
 
+def candidate_confidence(top_logprobs: Sequence[Sequence[tuple[object, float]]], k: int = 20) -> np.ndarray:
+    """:func:`token_confidence` of a candidate's ``top_logprobs`` rows of (token, log-prob)."""
+    return token_confidence([[lp for _, lp in row] for row in top_logprobs], k=k)
+
+
 def group_confidences(conf: Sequence[float] | np.ndarray, window: int = 2048) -> np.ndarray:
     """Means of every *window*-token sliding window (stride 1), computed with a cumulative sum.
 

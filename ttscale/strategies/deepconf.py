@@ -83,8 +83,7 @@ def lowest_group(c: Candidate, window: int, k: int) -> float:
     """DeepConf's ``min_conf`` of a trace (0 without log-probs)."""
     if not c.top_logprobs:
         return 0.0
-    conf = S.token_confidence([[lp for _, lp in row] for row in c.top_logprobs], k=k)
-    return S.lowest_group_confidence(conf, window)
+    return S.lowest_group_confidence(S.candidate_confidence(c.top_logprobs, k=k), window)
 
 
 class _Vote:
