@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ttscale.engine import ModelPool
+from ttscale.engine.replicas import ReplicaPool
 from ttscale.run import StrategyResult, Usage
 
 SAMPLE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -38,6 +43,7 @@ class Metrics:
             "ttscale_engine_requests_running", "Requests the engine holds, per model", ["model"], registry=r
         )
         self._pool = pool
+        r.register(_ReplicaCollector(pool))
 
     def observe(self, strategy: str, result: StrategyResult, seconds: float) -> None:
         """A request answered in full."""
@@ -59,3 +65,35 @@ class Metrics:
         for eng in self._pool:
             self.engine_running.labels(eng.name).set(eng.num_running)
         return generate_latest(self.registry)
+
+
+class _ReplicaCollector(Collector):
+    """Per replica of each replicated model: up, load, candidates placed, ejections, redraws."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "replica"]
+        up = GaugeMetricFamily("ttscale_replica_up", "Replica admitted (1) or ejected (0)", labels=labels)
+        load = GaugeMetricFamily("ttscale_replica_in_flight", "Candidates this server has open there", labels=labels)
+        others = GaugeMetricFamily(
+            "ttscale_replica_other_requests", "Requests other clients keep there (its /metrics)", labels=labels
+        )
+        cands = CounterMetricFamily("ttscale_replica_candidates", "Candidates started there", labels=labels)
+        fails = CounterMetricFamily("ttscale_replica_ejections", "Times it was ejected", labels=labels)
+        redrawn = CounterMetricFamily(
+            "ttscale_replica_redrawn", "Candidates lost with it and redrawn on another", labels=labels
+        )
+        for eng in self._pool:
+            if not isinstance(eng, ReplicaPool):
+                continue
+            for rep in eng.replicas:
+                lv = [eng.name, rep.url]
+                up.add_metric(lv, 1.0 if rep.up else 0.0)
+                load.add_metric(lv, rep.in_flight)
+                others.add_metric(lv, rep.others)
+                cands.add_metric(lv, rep.candidates)
+                fails.add_metric(lv, rep.failures)
+                redrawn.add_metric(lv, rep.redrawn)
+        yield from (up, load, others, cands, fails, redrawn)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ttscale.engine import Engine
+from ttscale.engine.replicas import ReplicaPool
 from ttscale.server import serving
 from ttscale.server.protocol import (
     ChatCompletionRequest,
@@ -23,8 +24,11 @@ router = APIRouter()
 
 def _health(state: Any) -> tuple[str, dict[str, Any]]:
     alive = state.pool.alive
+    replicas = {e.name: e.replica_states() for e in state.pool if isinstance(e, ReplicaPool)}
     if not all(alive.values()):
         status = "engine_down"
+    elif any(not any(r["up"] for r in reps.values()) for reps in replicas.values()):
+        status = "no_replica"  # a replicated model has none up (the server itself is alive)
     elif not state.ready:
         status = "starting"
     elif state.drain.draining:
@@ -37,6 +41,7 @@ def _health(state: Any) -> tuple[str, dict[str, Any]]:
         "engines": {n: "up" if a else "down" for n, a in alive.items()},
         "engine_requests_running": state.pool.num_running,
         "requests_in_flight": state.in_flight,
+        **({"replicas": replicas} if replicas else {}),
     }
 
 

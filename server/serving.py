@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from ttscale.budget import Budget, parse_budget
 from ttscale.engine import ModelPool, PromptInput, SamplingSettings
-from ttscale.engine.base import check_encodable, prompt_chars
+from ttscale.engine.base import PLACEMENTS, Placement, Routing, check_encodable, prompt_chars
 from ttscale.errors import InvalidRequestError, OverloadedError, ShuttingDownError
 from ttscale.run import JSON, RunContext, StrategyResult
 from ttscale.server import errors, render
@@ -126,7 +126,7 @@ class Run:
     reply: Reply
 
 
-def parse_ttscale(raw: dict[str, Any] | None) -> tuple[Strategy[Any], Budget, bool]:
+def parse_ttscale(raw: dict[str, Any] | None) -> tuple[Strategy[Any], Budget, bool, Placement]:
     raw = dict(raw or {})
     name = raw.pop("strategy", "none")
     if not isinstance(name, str):
@@ -135,17 +135,34 @@ def parse_ttscale(raw: dict[str, Any] | None) -> tuple[Strategy[Any], Budget, bo
     return_samples = raw.pop("return_samples", False)
     if not isinstance(return_samples, bool):
         raise InvalidRequestError("return_samples must be a boolean", param="ttscale.return_samples")
+    placement = raw.pop("placement", "auto")
+    if placement not in PLACEMENTS:
+        raise InvalidRequestError(
+            f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}", param="ttscale.placement"
+        )
     strategy = get_strategy(name).from_request(raw)
     strategy.check_budget(budget)
-    return strategy, budget, return_samples
+    return strategy, budget, return_samples, placement
 
 
-async def prepare(state: State, body: Body, endpoint: Endpoint) -> Run:
+MAX_SESSION_ID = 256
+
+
+def session_key(request: Request | None) -> str | None:
+    """The client's ``X-Session-ID``: requests that share one share a replica."""
+    sid = request.headers.get("x-session-id") if request is not None else None
+    if sid is not None and (not sid or len(sid) > MAX_SESSION_ID):
+        raise InvalidRequestError(f"X-Session-ID must be 1 to {MAX_SESSION_ID} characters", param="X-Session-ID")
+    return sid
+
+
+async def prepare(state: State, body: Body, endpoint: Endpoint, request: Request | None = None) -> Run:
     """The run of a request: its model, strategy and budget, the prompt tokenised once (in a
     worker thread: a long prompt must not stall other requests) and checked against the context."""
     pool: ModelPool = state.pool
     engine = pool.get(body.model, role="generate")
-    strategy, budget, return_samples = parse_ttscale(body.ttscale)
+    strategy, budget, return_samples, placement = parse_ttscale(body.ttscale)
+    routing = Routing(key=session_key(request), placement=placement, deadline=budget.deadline_ms is not None)
     chat = isinstance(body, ChatCompletionRequest)
     prompt: PromptInput = body.message_dicts() if isinstance(body, ChatCompletionRequest) else body.prompt_input()
     check_encodable(prompt)  # whichever engine serves it
@@ -214,6 +231,7 @@ async def prepare(state: State, body: Body, endpoint: Endpoint) -> Run:
         request_id=rid,
         profile=state.profiles.get(engine.name),
         prompt_ids=ids,
+        routing=routing,
     )
     echo = body.prompt if isinstance(body, CompletionRequest) and body.echo and isinstance(body.prompt, str) else None
     reply = Reply(
@@ -258,7 +276,7 @@ async def serve(state: State, request: Request, body: Body, endpoint: Endpoint) 
     else:
         slot = Slot(state)  # held from admission: streams and requests still tokenising count too
     try:
-        run = await prepare(state, body, endpoint)
+        run = await prepare(state, body, endpoint, request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _stream(state.metrics, state.drain, run, include_usage, slot)

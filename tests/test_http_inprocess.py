@@ -691,6 +691,7 @@ async def test_chat_none_n2_shape():
         "completion_tokens": sum(map(len, texts)),
         "aborted_tokens": 0,
         "requests": 2,
+        "redrawn": 0,
     }
     assert isinstance(tts["elapsed_ms"], int | float) and tts["elapsed_ms"] >= 0
     assert [(s["index"], s["text"], s["finish_reason"], s["tokens"]) for s in tts["samples"]] == [

@@ -33,6 +33,7 @@ def build_pool(
     seed: int = 0,
     engine_args: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
+    placement: str | None = None,
 ) -> ModelPool:
     """The served models: ``models`` (command-line ``--model`` values; default the embedded
     family) or a config file's ``models``, each with the vLLM ``engine_args`` given for all and
@@ -56,8 +57,19 @@ def build_pool(
             if isinstance(m, str):
                 specs.append((parse_model_arg(m), {}))
                 continue
-            src = m.get("url") or m["path"]
+            src = m.get("urls") or m.get("url") or m["path"]
+            if isinstance(src, list):  # replicas of one model
+                src = ",".join(map(str, src))
             spec = parse_model_arg(f"{m['name']}={src}" if m.get("name") else str(src))
+            if m.get("replicas") is not None:
+                if not isinstance(m["replicas"], dict) or not spec.is_upstream:
+                    raise typer.BadParameter(
+                        f"models[{i}].replicas is a mapping of replica options, for upstream URLs",
+                        param_hint="--config",
+                    )
+                from dataclasses import replace
+
+                spec = replace(spec, replica_options=tuple(m["replicas"].items()))
             if m.get("upstream_model"):
                 from dataclasses import replace
 
@@ -84,6 +96,10 @@ def build_pool(
     engines, aliases = [], {}
     for spec, own in specs:
         spec = with_engine_options(spec, {**common, **own})
+        if placement is not None and spec.replicas and "placement" not in dict(spec.replica_options):
+            from dataclasses import replace
+
+            spec = replace(spec, replica_options=(*spec.replica_options, ("placement", placement)))
         engines.append(
             build_engine(
                 spec,
@@ -108,7 +124,8 @@ def serve(
             "-m",
             help="Model to serve: an embedded name (ttscale-arith, ttscale-arith-draft, "
             "ttscale-arith-verifier), a local Hugging Face directory, NAME=DIR, or "
-            "NAME=http://host:port[@upstream-id] for an OpenAI-compatible upstream. Repeat for "
+            "NAME=http://host:port[@upstream-id] for an OpenAI-compatible upstream, "
+            "NAME=http://a:port,http://b:port[@upstream-id] for replicas of one model. Repeat for "
             "several; the first generating model is the default. A first bare argument "
             "(`ttscale serve DIR`) is taken as a model too. Default: the embedded family.",
         ),
@@ -117,6 +134,15 @@ def serve(
         Path | None,
         typer.Option(help="YAML or JSON file: models with per-model vLLM engine options (see ttscale.engine.options)."),
     ] = None,
+    placement: Annotated[
+        str,
+        typer.Option(
+            help="Where the candidates of a request to a replicated model run, unless the request says "
+            "(ttscale.placement): 'auto' (the prompt's replica by rendezvous hashing, overflowing to the "
+            "next when it holds more than its share of the load; spread over replicas under a deadline), "
+            "'affinity' (all on the prompt's replica), 'spread' (split over the replicas), 'round_robin'."
+        ),
+    ] = "auto",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     kv_cache_gib: Annotated[float | None, typer.Option(help="CPU: KV cache GiB per model.")] = None,
@@ -213,8 +239,17 @@ def serve(
         engine_args, bare = parse_engine_cli(list(ctx.args))  # `ttscale serve MODEL [vLLM options]`
         models = bare + list(model or [])
         cfg = load_config(config) if config is not None else None
+        from ttscale.engine.base import PLACEMENTS
+
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"--placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
         pool = build_pool(
-            models or None, kv_cache_gib=kv_cache_gib, enforce_eager=eager, engine_args=engine_args, config=cfg
+            models or None,
+            kv_cache_gib=kv_cache_gib,
+            enforce_eager=eager,
+            engine_args=engine_args,
+            config=cfg,
+            placement=placement,
         )
         keys = load_api_keys(api_key or [], api_key_file or [])
         if on_engine_death not in ("exit", "stay"):

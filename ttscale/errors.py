@@ -80,3 +80,4 @@ class UpstreamError(TTScaleError):
     def __init__(self, message: str, *, status: int = 502, param: str | None = None, code: str | None = None):
         super().__init__(message, param=param, code=code)
         self.status = status
+        self.upstream_status: int | None = None  # what the upstream answered, where it answered

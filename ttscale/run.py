@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ttscale.budget import Budget
 from ttscale.engine import Candidate, Engine, ModelPool, PromptInput, SamplingSettings
+from ttscale.engine.base import Routing
 
 if TYPE_CHECKING:
     from ttscale.adaptive import Profile
@@ -68,6 +69,7 @@ class ModelUsage:
     completion_tokens: int = 0
     aborted_tokens: int = 0
     requests: int = 0
+    redrawn: int = 0  # candidates redrawn on another replica after theirs was lost
 
 
 @dataclass
@@ -215,15 +217,21 @@ class Ledger:
     ) -> None:
         """Usage of one fan-out: its prompt once, every candidate's tokens. ``budget``: charge the
         candidates' tokens too (a sampler charges its own as each candidate settles)."""
+        lost = sum(c.lost_tokens for c in cands)  # generated on a replica that was lost, redrawn since
         self.charge(
             model,
             prompt=prompt_tokens,
-            completion=sum(c.num_tokens for c in cands),
-            aborted=sum(c.num_tokens for c in cands if c.aborted),
-            requests=len(cands),
+            completion=sum(c.num_tokens for c in cands) + lost,
+            aborted=sum(c.num_tokens for c in cands if c.aborted) + lost,
+            requests=len(cands) + sum(c.redraws for c in cands),
             budget_prompt=budget_prompt,
             budget_completion=budget,
         )
+        if lost and not budget:  # the sampler charged each candidate's own tokens, not the lost ones
+            self.spend(lost)
+        redrawn = sum(c.redraws for c in cands)
+        if redrawn:
+            self.usage.of(model).redrawn += redrawn
 
     def charge_scoring(self, model: str, tokens: int, requests: int = 1, *, released: int = 0) -> None:
         """Tokens a scorer read (they count against the budget), releasing the ``released``
@@ -251,6 +259,7 @@ class RunContext:
         "prompt",
         "prompt_ids",
         "request_id",
+        "routing",
         "settings",
         "started",
     )
@@ -270,6 +279,7 @@ class RunContext:
         profile: Profile | None = None,
         prompt_ids: list[int] | None = None,
         usage: Usage | None = None,
+        routing: Routing | None = None,
     ):
         self.pool = pool
         self.model = model
@@ -286,6 +296,9 @@ class RunContext:
         # ``prompt`` rendered by ``model`` (tokenised once, off the event loop, by the server);
         # fan-outs of ``model`` for ``prompt`` take these ids instead of rendering it again
         self.prompt_ids = prompt_ids
+        # where the request's candidates may run, for replicated models (engines read it from
+        # ``ROUTING``, which the strategy sets for its run)
+        self.routing = routing if routing is not None else Routing(deadline=budget.deadline_ms is not None)
         self.started = time.monotonic()
 
     @property

@@ -8,7 +8,7 @@
 #   bash bench/gpu/run.sh gsm8k profile      # 150 GSM8K questions, majority@16, concurrency 32 (~5 min);
 #                                            # the server under cProfile (~3 min)
 # Sections: setup (vLLM, the model, test wheels in .whl/), tests and engine-tests (make test-gpu),
-# bench, gsm8k, profile. Logs and results go to /tmp/gpu/out, and, on the device
+# bench, gsm8k, replicas, profile. Logs and results go to /tmp/gpu/out, and, on the device
 # tool's machine, into one archive $OUT/gpu-results.tgz (a call brings back at most 8 files).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -50,8 +50,9 @@ for section in "$@"; do
         >> "$OUTDIR/gpu.txt" 2>&1; cat "$OUTDIR/gpu.txt" ;;
     tests)  # the GPU tests and every server test; the session server takes 0.3 of the GPU, so the
             # tests that start servers of their own fit beside it
-      export TTSCALE_TEST_SERVER_ARGS="--gpu-memory-utilization 0.3"
-      step test_server timeout 520 python3 -P -m pytest -q -m "gpu or server" -p no:cacheprovider -rs
+      export TTSCALE_TEST_SERVER_ARGS="--gpu-memory-utilization 0.3" TTSCALE_FUZZ_EXAMPLES=${TTSCALE_FUZZ_EXAMPLES:-40}
+      step test_server timeout ${TESTS_TIMEOUT:-520} python3 -P -m pytest -q -m "gpu or server" -p no:cacheprovider -rs \
+        ${TESTS_ARGS:-}
       unset TTSCALE_TEST_SERVER_ARGS ;;
     engine-tests)
       step test_engine timeout 400 python3 -P -m pytest -q -m "vllm and not server and not gpu" -p no:cacheprovider ;;
@@ -63,6 +64,11 @@ for section in "$@"; do
       (cd /tmp && step bench_gsm8k timeout 400 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" \
         --dataset gsm8k --prompts 150 --k 16 --max-tokens 1024 --concurrency 32 --rounds 2 --phases majority \
         --out "$OUTDIR/gsm8k-gpu.json") ;;
+    replicas)  # two vLLM servers on the GPU, 0.3 of it each, behind one ttscale: placement
+      (cd /tmp && step bench_replicas timeout ${REPLICAS_TIMEOUT:-420} python3 "$REPO/bench/replicas.py" \
+        --model "qwen=$MODEL" --replicas 2 --replica-share 0.3 --dataset gsm8k --k 16 --max-tokens 256 \
+        --shots ${REPLICAS_SHOTS:-8} --rate ${REPLICAS_RATE:-12} --requests 64 --rounds ${REPLICAS_ROUNDS:-2} \
+        --out "$OUTDIR/replicas-gpu.json") ;;
     profile)
       (cd /tmp && step bench_profile timeout 300 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
         --prompts 64 --k 16 --max-tokens 512 --concurrency 32 --rounds 1 --phases majority_es \

@@ -52,20 +52,37 @@ class ModelSpec:
     role: Literal["generate", "score"] | None = None  # None: detect from the checkpoint
     engine: tuple[tuple[str, Any], ...] = ()  # vLLM engine arguments of this model (by field name)
     aliases: tuple[str, ...] = ()  # further names the model answers to
+    replicas: tuple[str, ...] = ()  # further upstream URLs serving the same model (a replica pool)
+    replica_options: tuple[tuple[str, Any], ...] = ()  # ReplicaOptions fields
 
     @property
     def is_upstream(self) -> bool:
         return self.source.startswith(("http://", "https://"))
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return (self.source, *self.replicas) if self.is_upstream else ()
+
 
 def parse_model_arg(arg: str) -> ModelSpec:
-    """``NAME|PATH``, ``SERVED=NAME|PATH``, or ``SERVED=http://host:port[@upstream-id]``."""
+    """``NAME|PATH``, ``SERVED=NAME|PATH``, or ``SERVED=http://host:port[,http://host2:port...][@upstream-id]``
+    (several URLs: replicas of one model)."""
     served, sep, source = arg.partition("=")
     if not sep:
         served, source = "", arg
     if source.startswith(("http://", "https://")):
-        url, _, up = source.partition("@")
-        return ModelSpec(name=served or up or url, source=url, upstream_model=up or served or None)
+        urls, _, up = source.rpartition("@") if "@" in source.rsplit(",", 1)[-1] else (source, "", "")
+        parts = [u.strip() for u in urls.split(",") if u.strip()]
+        if len(set(parts)) != len(parts):
+            raise ConfigError(f"the replicas of {arg!r} repeat a URL", param="model")
+        if any(not u.startswith(("http://", "https://")) for u in parts):
+            raise ConfigError(f"every replica of {arg!r} must be an http(s) URL", param="model")
+        return ModelSpec(
+            name=served or up or parts[0],
+            source=parts[0],
+            upstream_model=up or served or None,
+            replicas=tuple(parts[1:]),
+        )
     if not served:
         from pathlib import Path
 
@@ -88,6 +105,16 @@ def with_engine_options(spec: ModelSpec, options: dict[str, Any]) -> ModelSpec:
 def build_engine(spec: ModelSpec, **vllm_options: Any) -> Engine:
     """An engine for ``spec``; ``vllm_options`` are :class:`VLLMOptions` fields (the spec's own
     engine arguments override them)."""
+    if spec.is_upstream and (spec.replicas or spec.replica_options):
+        from ttscale.engine.replicas import ReplicaOptions, ReplicaPool
+
+        try:
+            ropts = ReplicaOptions(**dict(spec.replica_options))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"replica options of {spec.name!r}: {e}", param="replicas") from None
+        return ReplicaPool(
+            spec.name, spec.urls, upstream_model=spec.upstream_model, role=spec.role or "generate", options=ropts
+        )
     if spec.is_upstream:
         from ttscale.engine.openai_engine import OpenAIEngine
 

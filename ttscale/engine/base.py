@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -75,6 +76,10 @@ class Candidate:
     stop_reason: str | int | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    # tokens generated on a replica that was lost before the candidate finished; the candidate
+    # was then redrawn on another (``redraws`` times). They cost compute: usage counts them.
+    lost_tokens: int = 0
+    redraws: int = 0
 
     @property
     def finished(self) -> bool:
@@ -97,6 +102,35 @@ class Candidate:
         if not self.logprobs:
             return None
         return float(sum(self.logprobs) / len(self.logprobs))
+
+
+Placement = Literal["auto", "affinity", "spread", "round_robin"]
+PLACEMENTS: tuple[Placement, ...] = ("auto", "affinity", "spread", "round_robin")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where a request's candidates may run, for engines with several replicas (or
+    data-parallel ranks); other engines ignore it.
+
+    ``key``: what places the request (a client's ``X-Session-ID``); None: the model and the
+    prompt's prefix, so requests that share a prefix share a replica's prefix cache.
+    ``placement``: ``affinity`` puts every candidate on the key's replica; ``spread`` splits
+    them over the healthy replicas in the key's order; ``round_robin`` deals them out in turn,
+    whatever the key; ``auto`` is affinity bounded by load (candidates overflow to the next
+    replica in the key's order when the first is loaded beyond its share), and spread when the
+    request has a deadline.
+    """
+
+    key: str | None = None
+    placement: Placement = "auto"
+    deadline: bool = False
+
+
+# Set by whoever runs a request (the server per request, the eval runner per problem); read by
+# engines when a fan-out starts. A context variable, so concurrent requests never mix.
+DEFAULT_ROUTING = Routing()
+ROUTING: contextvars.ContextVar[Routing] = contextvars.ContextVar("ttscale_routing", default=DEFAULT_ROUTING)
 
 
 @dataclass(frozen=True)

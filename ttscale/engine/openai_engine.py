@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -187,119 +187,153 @@ def _upstream_error(status: int, text: str) -> Exception:
         msg, param = text, None
     if status in (400, 422):
         return InvalidRequestError(f"upstream rejected the request: {msg}", param=param)
-    return UpstreamError(f"upstream answered {status}: {msg}", status=502, param=param)
+    e = UpstreamError(f"upstream answered {status}: {msg}", status=502, param=param)
+    e.upstream_status = status
+    return e
+
+
+def is_chat(prompt: PromptInput) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def request_body(upstream_model: str, prompt: PromptInput, s: SamplingSettings) -> dict[str, Any]:
+    """The streaming OpenAI request of one candidate (``n=1``)."""
+    body: dict[str, Any] = {
+        "model": upstream_model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "max_tokens": s.max_tokens,
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+    }
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.top_k > 0:
+        body["top_k"] = s.top_k
+    if s.min_tokens:
+        body["min_tokens"] = s.min_tokens
+    if s.ignore_eos:
+        body["ignore_eos"] = True
+    if is_chat(prompt):
+        body["messages"] = prompt
+        if s.logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = s.logprobs
+    else:
+        body["prompt"] = prompt
+        if s.logprobs is not None:
+            body["logprobs"] = max(s.logprobs, 1) if s.logprobs else 0
+    return body
+
+
+def reset_candidate(c: Candidate) -> None:
+    """Empty ``c`` for a fresh draw (its settings and index stay)."""
+    c.text, c.token_ids, c.token_count = "", [], 0
+    c.finish_reason = c.stop_reason = None
+    c.logprobs = [] if c.settings.logprobs is not None else None
+    c.top_logprobs = [] if c.settings.logprobs else None
+
+
+async def stream_candidate(
+    eng: OpenAIEngine,
+    prompt: PromptInput,
+    c: Candidate,
+    emit: Callable[[CandidateEvent], None],
+    *,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """Stream candidate ``c`` from ``eng`` into ``c``, emitting a delta event per chunk (the
+    final event is the caller's). Returns the prompt tokens the upstream reported.
+
+    Raises ``InvalidRequestError`` / ``UpstreamError`` for an upstream's error answer and
+    ``EngineUnavailableError`` when the connection fails or breaks off.
+    """
+    chat = is_chat(prompt)
+    path = "/chat/completions" if chat else "/completions"
+    reset_candidate(c)
+    prompt_tokens = 0
+    eng._open_streams += 1
+    try:
+        body = request_body(eng.upstream_model, prompt, c.settings)
+        async with eng.client.stream("POST", f"{eng.base_url}{path}", json=body, headers=headers) as r:
+            if r.status_code >= 400:
+                raise _upstream_error(r.status_code, (await r.aread()).decode())
+            done = False
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(payload)
+                if chunk.get("usage"):
+                    u = chunk["usage"]
+                    prompt_tokens = int(u.get("prompt_tokens") or 0)
+                    c.token_count = int(u.get("completion_tokens") or c.token_count)
+                for ch in chunk.get("choices") or []:
+                    delta = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
+                    delta = delta or ""
+                    ntok = _absorb_logprobs(chat, c, ch.get("logprobs"))
+                    c.text += delta
+                    c.token_count += ntok if ntok else (1 if delta else 0)
+                    if ch.get("finish_reason"):
+                        c.finish_reason = "length" if ch["finish_reason"] == "length" else "stop"
+                    emit(CandidateEvent(c, delta, ntok or (1 if delta else 0), False))
+            if not done and c.finish_reason is None:
+                raise EngineUnavailableError(f"upstream {eng.base_url} ended the stream before the answer")
+    except httpx.HTTPError as e:
+        raise EngineUnavailableError(f"upstream {eng.base_url} failed: {e}") from e
+    finally:
+        eng._open_streams -= 1
+    return prompt_tokens
+
+
+def _absorb_logprobs(chat: bool, c: Candidate, lp: dict[str, Any] | None) -> int:
+    if not lp or c.logprobs is None:
+        return 0
+    if chat:
+        items = lp.get("content") or []
+        for it in items:
+            c.logprobs.append(float(it["logprob"]))
+            if c.top_logprobs is not None:
+                c.top_logprobs.append(
+                    sorted(
+                        ((t["token"], float(t["logprob"])) for t in it.get("top_logprobs") or []),
+                        key=lambda x: -x[1],
+                    )
+                )
+        return len(items)
+    vals = lp.get("token_logprobs") or []
+    c.logprobs.extend(float(v) for v in vals)
+    if c.top_logprobs is not None:
+        for top in lp.get("top_logprobs") or []:
+            c.top_logprobs.append(sorted(((t, float(v)) for t, v in (top or {}).items()), key=lambda x: -x[1]))
+    return len(vals)
 
 
 class _HTTPFanout(Fanout):
     def __init__(self, engine: OpenAIEngine, prompt: PromptInput, settings: list[SamplingSettings], request_id: str):
-        prompt_tokens = 0
-        super().__init__([Candidate(i, s) for i, s in enumerate(settings)], prompt_tokens, request_id)
+        super().__init__([Candidate(i, s) for i, s in enumerate(settings)], 0, request_id)
         self._engine = engine
-        self._chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
         self._prompt = prompt
         self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
 
-    def _body(self, s: SamplingSettings) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self._engine.upstream_model,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "max_tokens": s.max_tokens,
-            "presence_penalty": s.presence_penalty,
-            "frequency_penalty": s.frequency_penalty,
-        }
-        if s.seed is not None:
-            body["seed"] = s.seed
-        if s.stop:
-            body["stop"] = list(s.stop)
-        if s.top_k > 0:
-            body["top_k"] = s.top_k
-        if s.min_tokens:
-            body["min_tokens"] = s.min_tokens
-        if s.ignore_eos:
-            body["ignore_eos"] = True
-        if self._chat:
-            body["messages"] = self._prompt
-            if s.logprobs is not None:
-                body["logprobs"] = True
-                body["top_logprobs"] = s.logprobs
-        else:
-            body["prompt"] = self._prompt
-            if s.logprobs is not None:
-                body["logprobs"] = max(s.logprobs, 1) if s.logprobs else 0
-        return body
-
     async def _run(self, i: int) -> None:
         c = self.candidates[i]
-        eng = self._engine
-        path = "/chat/completions" if self._chat else "/completions"
-        if c.settings.logprobs is not None:
-            c.logprobs = []
-            if c.settings.logprobs:
-                c.top_logprobs = []
         c.started_at = time.perf_counter()
-        eng._open_streams += 1
         try:
-            async with eng.client.stream("POST", f"{eng.base_url}{path}", json=self._body(c.settings)) as r:
-                if r.status_code >= 400:
-                    raise _upstream_error(r.status_code, (await r.aread()).decode())
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    chunk = json.loads(payload)
-                    if chunk.get("usage"):
-                        u = chunk["usage"]
-                        self.prompt_tokens = int(u.get("prompt_tokens") or 0)
-                        c.token_count = int(u.get("completion_tokens") or c.token_count)
-                    for ch in chunk.get("choices") or []:
-                        delta = (ch.get("delta") or {}).get("content") if self._chat else ch.get("text")
-                        delta = delta or ""
-                        ntok = self._absorb_logprobs(c, ch.get("logprobs"))
-                        c.text += delta
-                        c.token_count += ntok if ntok else (1 if delta else 0)
-                        if ch.get("finish_reason"):
-                            c.finish_reason = "length" if ch["finish_reason"] == "length" else "stop"
-                        self._emit(CandidateEvent(c, delta, ntok or (1 if delta else 0), False))
-        except asyncio.CancelledError:
-            raise
-        except (InvalidRequestError, UpstreamError) as e:
+            self.prompt_tokens = await stream_candidate(self._engine, self._prompt, c, self._emit)
+        except (InvalidRequestError, UpstreamError, EngineUnavailableError) as e:
             self._fail(e)
             return
-        except httpx.HTTPError as e:
-            self._fail(EngineUnavailableError(f"upstream {eng.base_url} failed: {e}"))
-            return
-        finally:
-            eng._open_streams -= 1
         c.finish_reason = c.finish_reason or "stop"
         c.finished_at = time.perf_counter()
         self._emit(CandidateEvent(c, "", 0, True))
-
-    def _absorb_logprobs(self, c: Candidate, lp: dict[str, Any] | None) -> int:
-        if not lp or c.logprobs is None:
-            return 0
-        if self._chat:
-            items = lp.get("content") or []
-            for it in items:
-                c.logprobs.append(float(it["logprob"]))
-                if c.top_logprobs is not None:
-                    c.top_logprobs.append(
-                        sorted(
-                            ((t["token"], float(t["logprob"])) for t in it.get("top_logprobs") or []),
-                            key=lambda x: -x[1],
-                        )
-                    )
-            return len(items)
-        vals = lp.get("token_logprobs") or []
-        c.logprobs.extend(float(v) for v in vals)
-        if c.top_logprobs is not None:
-            for top in lp.get("top_logprobs") or []:
-                c.top_logprobs.append(sorted(((t, float(v)) for t, v in (top or {}).items()), key=lambda x: -x[1]))
-        return len(vals)
 
     async def abort(self, index: int) -> None:
         t = self._tasks[index]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from ttscale.engine.base import (
+    ROUTING,
     Candidate,
     CandidateEvent,
     Engine,
@@ -415,7 +417,8 @@ class VLLMEngine(Engine):
             raise ModelRoleError(f"model {self.name!r} is a scoring model and cannot generate", param="model")
         ids = self.render(prompt)
         self._check_len(ids)
-        return _VLLMFanout(self, ids, list(settings), request_id or new_request_id(), stream)
+        ranks = data_parallel_ranks(int(self.options.engine_args().get("data_parallel_size") or 1), ids, len(settings))
+        return _VLLMFanout(self, ids, list(settings), request_id or new_request_id(), stream, ranks)
 
     async def score(self, prompts: Sequence[PromptInput], *, request_id: str | None = None) -> list[float]:
         if self.role != "score":
@@ -478,9 +481,30 @@ class VLLMEngine(Engine):
         return res
 
 
+def data_parallel_ranks(size: int, ids: Sequence[int], k: int) -> list[int | None]:
+    """The data-parallel rank of each of ``k`` candidates of prompt ``ids`` (None: vLLM's own
+    load balancing, with one rank). By default (``affinity``, ``auto``) all on the rank the
+    request's key hashes to, so the K candidates share one prefill; ``spread`` and
+    ``round_robin`` deal them over the ranks from there."""
+    if size <= 1:
+        return [None] * k
+    routing = ROUTING.get()
+    key = routing.key or " ".join(map(str, ids[:512]))
+    first = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % size
+    if routing.placement in ("spread", "round_robin") or (routing.placement == "auto" and routing.deadline):
+        return [(first + i) % size for i in range(k)]
+    return [first] * k
+
+
 class _VLLMFanout(Fanout):
     def __init__(
-        self, engine: VLLMEngine, ids: list[int], settings: list[SamplingSettings], request_id: str, stream: bool
+        self,
+        engine: VLLMEngine,
+        ids: list[int],
+        settings: list[SamplingSettings],
+        request_id: str,
+        stream: bool,
+        ranks: list[int | None] | None = None,
     ) -> None:
         cands = [Candidate(index=i, settings=s) for i, s in enumerate(settings)]
         super().__init__(cands, len(ids), request_id)
@@ -490,6 +514,7 @@ class _VLLMFanout(Fanout):
         room = (engine.max_model_len or 1 << 30) - len(ids)
         self._params = [_to_params(s, max_tokens=max(1, min(s.max_tokens, room)), stream=stream) for s in settings]
         self._rids = [f"{request_id}-{i}" for i in range(len(settings))]
+        self._ranks = ranks or [None] * len(settings)
         self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
 
     async def _run(self, i: int) -> None:
@@ -503,7 +528,10 @@ class _VLLMFanout(Fanout):
         c.started_at = time.perf_counter()
         try:
             with self._engine._tracked():
-                async for out in self._llm.generate({"prompt_token_ids": self._ids}, self._params[i], self._rids[i]):
+                gen = self._llm.generate(
+                    {"prompt_token_ids": self._ids}, self._params[i], self._rids[i], data_parallel_rank=self._ranks[i]
+                )
+                async for out in gen:
                     o = out.outputs[0]
                     new = list(o.token_ids)
                     c.text += o.text

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from ttscale.budget import Budget
 from ttscale.engine import Candidate, CandidateEvent, Engine, Fanout, PromptInput, SamplingSettings
+from ttscale.engine.base import ROUTING
 from ttscale.errors import BudgetError, InvalidRequestError
 from ttscale.run import (
     RunContext,
@@ -74,6 +75,7 @@ class Strategy(abc.ABC, Generic[OptionsT]):
 
     async def execute(self, ctx: RunContext) -> StrategyResult:
         """``run`` for a request: the result names the budget it ran under."""
+        ROUTING.set(ctx.routing)  # this task's (and its children's) fan-outs are placed by it
         result = await self.run(ctx)
         result.budget = ctx.ledger.budget
         if ctx.ledger.deadline_cut:  # sampling or scoring was cut: the answer is what existed then
