@@ -96,6 +96,30 @@ async def test_speculative_rejection_aborts_weak_partials():
     assert pol.num_running == 0
 
 
+class LateAborts(FakeEngine):
+    """An engine whose aborts arrive after each candidate's last step: every candidate finishes."""
+
+    def fanout(self, prompt, settings, *, request_id=None, stream=True):
+        fo = super().fanout(prompt, settings, request_id=request_id, stream=stream)
+
+        async def too_late(index):
+            return None
+
+        fo.abort = too_late
+        return fo
+
+
+async def test_a_rejection_that_lands_too_late_counts_as_accepted():
+    pol = LateAborts("p", respond=lambda prompt, s: ("good " if s.seed % 2 == 0 else "bad! ") * 20, tick_s=0.001)
+    ver = FakeEngine("v", role="score", scorer=lambda t: 0.9 if "good" in t else 0.05)
+    ctx = _ctx(ModelPool([pol, ver]), pol, 8)
+    r = await get_strategy("speculative_rejection").from_request({"checkpoints": [10], "verifier": "v"}).run(ctx)
+    info = r.info
+    assert info["checkpoint_stats"]["10"]["rejections"] > 0  # the tests rejected some ...
+    assert not any(c.aborted for c in r.candidates)  # ... but none was stopped
+    assert info["rejected"] == info["aborted"] == 0 and info["accepted"] == 8 and info["rejection_rate"] == 0.0
+
+
 async def test_speculative_rejection_reports_progress_without_rejections():
     # every candidate is good: nothing is rejected, yet a streaming client still sees the
     # checkpoint decisions and each finished sample

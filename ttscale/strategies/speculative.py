@@ -241,15 +241,18 @@ class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
         by_id = {id(c): s for c, s in zip(finished, fscores)}
         scores = [by_id.get(id(c), -math.inf) for c in cands]
         decisions = sum(t.decisions for t in tests.values())
+        # rejected: the candidates a rejection stopped (one whose abort reached the engine after
+        # its last step has finished, and is among the accepted)
+        stopped = sum(1 for c in rejected if c.aborted)
         extra: dict[str, JSON] = {
             "scorer": by,
             "checkpoints": list(cps),
             "alpha": o.alpha,
             "accepted": len(finished),
-            "rejected": len(rejected),
-            "aborted": sum(1 for c in cands if c.aborted) - len(rejected),
+            "rejected": stopped,
+            "aborted": sum(1 for c in cands if c.aborted) - stopped,
             "decisions": decisions,
-            "rejection_rate": round(len(rejected) / decisions, 6) if decisions else 0.0,
+            "rejection_rate": round(stopped / decisions, 6) if decisions else 0.0,
             "checkpoint_stats": {
                 str(cp): {"decisions": t.decisions, "rejections": t.rejections} for cp, t in tests.items()
             },
