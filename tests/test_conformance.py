@@ -43,6 +43,7 @@ EXTRA_VARIANTS = [
     ("best_of_n", {"scorer": "confidence"}),
     ("best_of_n", {"scorer": "judge", "judge_model": DRAFT_NAME}),
     ("weighted_majority", {"scorer": "confidence"}),
+    ("speculative_rejection", {"scorer": "confidence"}),  # reward-free: checkpoints at fractions of max_tokens
     ("refine", {"critic": "verifier", "max_rounds": 2, "verifier": VERIFIER_NAME}),
 ]
 SAMPLES = 6
@@ -133,6 +134,8 @@ def test_strategy_conformance(client, strategy, options):
     assert sum(s["tokens"] for s in ta["samples"]) == generated
     if options.get("scorer", "verifier") == "verifier" and strategy in ("best_of_n", "weighted_majority"):
         assert models[VERIFIER_NAME]["prompt_tokens"] > 0  # the verifier's reading is counted
+    if options.get("scorer") == "confidence":
+        assert VERIFIER_NAME not in models  # the policy's own log-probs: nothing read them
 
     # streaming gives the same answer through the SDK; progress chunks are tolerated
     chunks = list(_ask(client, strategy, options, stream=True))

@@ -68,6 +68,41 @@ def test_speculative_rejection_aborts_in_the_engine_and_tracks_alpha(client):
     assert abs(rejected / decisions - alpha) <= 0.25, (rejected, decisions)
 
 
+def test_speculative_rejection_by_confidence_aborts_with_no_verifier_read(client):
+    max_tokens = 200
+    rejected = 0
+    for seed in range(2):
+        r = _ask(
+            client,
+            HARD[0]["problem"],
+            {
+                "strategy": "speculative_rejection",
+                "scorer": "confidence",
+                "alpha": 0.5,
+                "checkpoints": [0.06, 0.12],  # of max_tokens: 12 and 24 tokens
+                "budget": {"samples": 16},
+            },
+            seed=seed,
+            temperature=0.9,
+            max_tokens=max_tokens,
+            extra={"ignore_eos": True},
+        )
+        tts = r.model_extra["ttscale"]
+        assert tts["scorer"] == "confidence" and tts["checkpoints"] == [12, 24]
+        aborted = [s for s in tts["samples"] if s["finish_reason"] == "abort"]
+        assert len(aborted) == tts["rejected"]
+        assert all(s["tokens"] < max_tokens for s in aborted), [s["tokens"] for s in aborted]
+        assert tts["usage"]["aborted_tokens"] == sum(s["tokens"] for s in aborted)
+        assert set(tts["usage"]["models"]) == {POLICY_NAME}  # no scoring model read anything
+        finished = [s for s in tts["samples"] if s["finish_reason"] != "abort"]
+        assert len(finished) >= 2  # min_survivors
+        # the winner: the most confident finished candidate (a real confidence, from top-20 log-probs)
+        best = max(s["score"] for s in finished)
+        assert best > 0 and tts["samples"][tts["selected_index"]]["score"] == best
+        rejected += tts["rejected"]
+    assert rejected > 0
+
+
 def test_easy_question_stops_after_first_wave_hard_uses_more(client):
     tts = {"strategy": "majority", "budget": "auto", "wave": 4, "max_samples": 24, "schedule": "waves"}
     easy = _ask(client, EASY["problem"], tts, seed=0, temperature=0.3, max_tokens=200).model_extra["ttscale"]

@@ -138,11 +138,16 @@ class ConfidenceScorer(Scorer):
         self.window = opts.confidence_window
 
     def of(self, c: Candidate) -> float:
+        return self.of_rows(c.top_logprobs or [])
+
+    def of_rows(self, rows: Sequence[Sequence[tuple[int | str, float]]]) -> float:
+        """The confidence of a trace from its top log-probs (one row of (token, log-prob) per
+        token); -inf without any (the engine returned none)."""
         from ttscale import selection as S
 
-        if not c.top_logprobs:
+        if not rows:
             return -math.inf
-        conf = S.candidate_confidence(c.top_logprobs, k=self.logprobs or 20)
+        conf = S.candidate_confidence(rows, k=self.logprobs or 20)
         if self.kind == "lowest_group":
             return float(S.lowest_group_confidence(conf, self.window))
         if self.kind == "bottom_10":

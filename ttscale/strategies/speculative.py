@@ -2,10 +2,35 @@
 rejection (after ATTS, Xiong et al.).
 
 ``speculative_rejection``: N policy candidates start together. When a candidate reaches a
-checkpoint (a token count) the verifier scores its partial text, and an online conformal test
-against the scores other candidates had at that checkpoint decides, at rate α, whether it is
-among the weak ones: then it is aborted in the engine (its work stops, its slot is freed for the
-survivors). No candidate waits for another. The best finished candidate by verifier score wins.
+checkpoint its partial text is scored, and an online conformal test against the scores other
+candidates had at that checkpoint decides, at rate α, whether it is among the weak ones: then it
+is aborted in the engine (its work stops, its slot is freed for the survivors; its tokens stay
+counted). No candidate waits for another. The best finished candidate by the same score wins.
+What scores a partial candidate (``scorer``):
+
+- ``verifier``: a scoring model reads (prompt, partial text); its reads are charged to the
+  budget. Checkpoints default to 24, 48 and 96 tokens.
+- ``confidence``: the policy's own confidence, with no read at all: the DeepConf confidence
+  (Fu et al. 2025) of the candidate's first ``checkpoint`` tokens, from the top-k log-probs the
+  engine streams with each token (``C_i = -mean(top-k log-probs)``, k = ``top_logprobs`` = 20),
+  by default the lowest sliding-window group confidence (window ``confidence_window``; a prefix
+  shorter than the window gives its mean token confidence). Partial and final score are one
+  measure: once a prefix holds a full window, the trace's final lowest group confidence can
+  only be lower (a partial score bounds the final one from above). Every candidate is judged on
+  a prefix of exactly the checkpoint's length (the lowest group falls with length; streamed
+  deltas may overshoot the checkpoint), so the scores one test compares are alike. DeepConf's
+  online mode stops a trace whose window falls below a threshold set by warm-up traces; here
+  the conformal test against the candidates ahead at the checkpoint plays that part, with no
+  warm-up. (Self-truncation best-of-N, Wang et al. 2025, judges the early consistency of hidden
+  states, which the engines' sampling does not expose; log-probs it does.) Checkpoints default
+  to 0.1, 0.25 and 0.5 of max_tokens: the first tokens' confidence says little, and a trace's
+  expected length, not a fixed count, tells how early "early" is (DeepConf stops nothing before
+  a full window of 2048 tokens, with max_tokens of 32k and more). Final selection: the highest
+  confidence; ties go to the earlier launched candidate.
+
+The default is the verifier when one is named or served, else confidence. ``checkpoints`` are
+token counts, or fractions of the request's max_tokens (all in (0, 1)): fraction f is reached
+at ``ceil(f · max_tokens)`` tokens.
 
 ``draft_target``: N independent chains. The draft writes a chunk; the target scores it by its
 perplexity of the chunk (prompt log-probabilities, prefill only); an online conformal test at
@@ -19,17 +44,18 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ttscale.answers import extract_answer
 from ttscale.conformal import OnlineConformal
 from ttscale.engine import Candidate, CandidateEvent, Engine
 from ttscale.errors import BudgetError, InvalidRequestError
 from ttscale.run import JSON, RunContext, StopReason, StrategyResult
-from ttscale.scorers import VerifierScorer, fit_budget
+from ttscale.scorers import ConfidenceScorer, ScorerOptions, VerifierScorer, compose_scorer, fit_budget
 from ttscale.selection import vote
 from ttscale.strategies import register
 from ttscale.strategies.base import Sampler
@@ -48,25 +74,77 @@ async def score_partial(ctx: RunContext, verifier: VerifierScorer, text: str) ->
     return float(s)
 
 
+VERIFIER_CHECKPOINTS = (24, 48, 96)  # tokens
+CONFIDENCE_CHECKPOINTS = (0.1, 0.25, 0.5)  # fractions of max_tokens
+
+
+def resolve_checkpoints(checkpoints: Sequence[float], max_tokens: int) -> list[int]:
+    """The token counts of ``checkpoints``: token counts stay as they are; fractions of
+    ``max_tokens`` (all in (0, 1)) become the least count at which that share is written,
+    ``ceil(f · max_tokens)``, at least 1. Distinct and ascending (on a short ``max_tokens``,
+    fractions that reach the same count merge)."""
+    if all(c < 1 for c in checkpoints):
+        # 1e-9: a product that float arithmetic puts just above an integer (0.3 · 10) stays on it
+        return sorted({max(1, math.ceil(f * max_tokens - 1e-9)) for f in checkpoints})
+    return sorted({int(c) for c in checkpoints})
+
+
 class SpecRejOptions(ParallelOptions):
     samples: int = Field(default=16, ge=1, le=4096)
     alpha: float = Field(default=0.5, ge=0.0, lt=1.0, description="rejection rate at each checkpoint")
-    checkpoints: list[int] = Field(default_factory=lambda: [24, 48, 96], min_length=1, max_length=16)
+    checkpoints: list[float] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="where partial candidates are tested: token counts, or fractions of max_tokens (all in (0, 1)); "
+        "default: [24, 48, 96] tokens with the verifier, [0.1, 0.25, 0.5] of max_tokens with confidence",
+    )
     min_survivors: int = Field(default=2, ge=1, description="never reject below this many live candidates")
-    verifier: str | None = None
+    scorer: ScorerOptions = Field(
+        default_factory=ScorerOptions,
+        description="what scores a partial candidate: 'verifier' (a scoring model reads it) or 'confidence' (the "
+        "policy's own top-k log-probs, no read); default: the verifier when one is named or served, else confidence",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _compose(cls, raw: Any) -> Any:
+        return compose_scorer(raw)
 
     @field_validator("checkpoints")
     @classmethod
-    def _cps(cls, v: list[int]) -> list[int]:
-        if any(c < 1 for c in v) or len(set(v)) != len(v):
-            raise ValueError("checkpoints must be distinct positive token counts")
+    def _cps(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        counts = all(c >= 1 and c.is_integer() for c in v)
+        if not (counts or all(0 < c < 1 for c in v)) or len(set(v)) != len(v):
+            raise ValueError(
+                "checkpoints must be distinct token counts (integers >= 1) or distinct fractions of max_tokens "
+                "(all in (0, 1)), not both"
+            )
         return sorted(v)
+
+    @field_validator("scorer")
+    @classmethod
+    def _partial_scorer(cls, v: ScorerOptions) -> ScorerOptions:
+        if v.name not in ("verifier", "confidence"):
+            raise ValueError(f"a partial candidate is scored by 'verifier' or 'confidence', not {v.name!r}")
+        return v
+
+    def scorer_for(self, ctx: RunContext) -> Literal["verifier", "confidence"]:
+        """The scorer named, else the verifier where one is named or served, else confidence."""
+        s = self.scorer
+        if "name" in s.model_fields_set:
+            return "confidence" if s.name == "confidence" else "verifier"
+        if s.verifier is not None or any(e.role == "score" for e in ctx.pool):
+            return "verifier"
+        return "confidence"
 
 
 @register
 class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
     name = "speculative_rejection"
-    summary = "best-of-N that aborts weak partial candidates early (verifier + online conformal test)"
+    summary = "best-of-N that aborts weak partial candidates early (verifier or own confidence + online conformal test)"
     Options = SpecRejOptions
     supports_auto = False
     # A candidate's checkpoint test uses the scores of those that reached the checkpoint before
@@ -76,28 +154,43 @@ class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
     async def run(self, ctx: RunContext) -> StrategyResult:
         o = self.options
         k = self.planned(ctx)
-        verifier = VerifierScorer(ctx.pool.get(o.verifier, role="score", param="ttscale.verifier"))
+        by = o.scorer_for(ctx)
+        given = o.checkpoints or (VERIFIER_CHECKPOINTS if by == "verifier" else CONFIDENCE_CHECKPOINTS)
+        cps = resolve_checkpoints(given, ctx.settings.max_tokens)
+        verifier: VerifierScorer | None = None
+        confidence = ConfidenceScorer(o.scorer)
+        settings = ctx.settings
+        if by == "verifier":
+            verifier = VerifierScorer(ctx.pool.get(o.scorer.verifier, role="score", param="ttscale.verifier"))
+            sampler = Sampler(ctx, scoring_cost=verifier.scoring_cost(ctx))
+        else:
+            want = o.scorer.top_logprobs
+            settings = replace(settings, logprobs=want if settings.logprobs is None else max(settings.logprobs, want))
+            sampler = Sampler(ctx)  # nothing to reserve: the log-probs come with the tokens
         seed = ctx.settings.seed
-        tests = {cp: OnlineConformal(o.alpha, seed=None if seed is None else seed + cp) for cp in o.checkpoints}
+        tests = {cp: OnlineConformal(o.alpha, seed=None if seed is None else seed + cp) for cp in cps}
         next_cp: dict[int, int] = {}
         judging: set[asyncio.Task[None]] = set()
         rejected: list[Candidate] = []
-        sampler = Sampler(ctx, scoring_cost=verifier.scoring_cost(ctx))
 
         def alive() -> int:
             return sum(1 for c in sampler.candidates if not c.aborted)
 
-        async def judge(c: Candidate, cp: int, text: str) -> None:
-            s = await score_partial(ctx, verifier, text)
-            if s is None or c.finished:
+        async def decide(c: Candidate, cp: int, s: float) -> None:
+            if c.finished:
                 return
-            _, reject = tests[cp].test(-s)  # nonconformity: a low verifier score is bad
+            _, reject = tests[cp].test(-s)  # nonconformity: a low score is bad
             if reject and alive() > o.min_survivors and not c.finished:
                 rejected.append(c)
                 await sampler.abort(c)
                 await ctx.progress({"type": "reject", "checkpoint": cp, "score": round(s, 4), "live": alive()})
             else:
                 await ctx.progress({"type": "accept", "checkpoint": cp, "score": round(s, 4), "live": alive()})
+
+        async def judge(v: VerifierScorer, c: Candidate, cp: int, text: str) -> None:
+            s = await score_partial(ctx, v, text)
+            if s is not None:
+                await decide(c, cp, s)
 
         n_done = 0
 
@@ -118,40 +211,71 @@ class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
                     )
                 return
             i = next_cp.get(id(c), 0)
-            if i < len(o.checkpoints) and c.num_tokens >= o.checkpoints[i]:
-                while i < len(o.checkpoints) and c.num_tokens >= o.checkpoints[i]:
+            if i < len(cps) and c.num_tokens >= cps[i]:
+                while i < len(cps) and c.num_tokens >= cps[i]:
                     i += 1
                 next_cp[id(c)] = i
-                t = asyncio.create_task(judge(c, o.checkpoints[i - 1], c.text))
+                cp = cps[i - 1]
+                if verifier is None:
+                    # the first cp tokens only: every candidate is judged on a prefix of one length
+                    s = partial_confidence(confidence, c, cp)
+                    if s is not None:
+                        await decide(c, cp, s)
+                    return
+                t = asyncio.create_task(judge(verifier, c, cp, c.text))
                 judging.add(t)
                 t.add_done_callback(judging.discard)
 
         try:
-            cands = await sampler.run(ctx.settings.replicate(k), on_event=on_event, stream=True)
+            cands = await sampler.run(settings.replicate(k), on_event=on_event, stream=True)
         finally:
             for t in list(judging):
                 t.cancel()
             await asyncio.gather(*judging, return_exceptions=True)
         pool = await Pool.build(cands)
         finished = [c for c in cands if not c.aborted]
-        fscores = await verifier.score(ctx, finished) if finished else []
+        if verifier is not None:
+            fscores = await verifier.score(ctx, finished) if finished else []
+        else:
+            fscores = [confidence.of(c) for c in finished]
         by_id = {id(c): s for c, s in zip(finished, fscores)}
         scores = [by_id.get(id(c), -math.inf) for c in cands]
         decisions = sum(t.decisions for t in tests.values())
+        # rejected: the candidates a rejection stopped (one whose abort reached the engine after
+        # its last step has finished, and is among the accepted)
+        stopped = sum(1 for c in rejected if c.aborted)
         extra: dict[str, JSON] = {
+            "scorer": by,
+            "checkpoints": list(cps),
             "alpha": o.alpha,
             "accepted": len(finished),
-            "rejected": len(rejected),
-            "aborted": sum(1 for c in cands if c.aborted) - len(rejected),
+            "rejected": stopped,
+            "aborted": sum(1 for c in cands if c.aborted) - stopped,
             "decisions": decisions,
-            "rejection_rate": round(len(rejected) / decisions, 6) if decisions else 0.0,
+            "rejection_rate": round(stopped / decisions, 6) if decisions else 0.0,
             "checkpoint_stats": {
                 str(cp): {"decisions": t.decisions, "rejections": t.rejections} for cp, t in tests.items()
             },
             "tokens_by_model": {n: m.completion_tokens + m.prompt_tokens for n, m in ctx.usage.models.items()},
         }
-        sel = best_by_score(cands, scores)
+        # the verifier's ties go to the earlier finisher; confidence's to the earlier launched
+        # candidate (identical traces score alike: the choice must not depend on timing)
+        sel = best_by_score(cands, scores) if verifier is not None else best_in_order(scores)
         return self.result(pool, sel, stop_reason=sampler.stop_reason, scores=scores, extra=extra)
+
+
+def partial_confidence(scorer: ConfidenceScorer, c: Candidate, tokens: int) -> float | None:
+    """The confidence of the first ``tokens`` tokens of a running candidate (as the scorer
+    measures a whole trace); None where the engine returned no top log-probs."""
+    rows = (c.top_logprobs or [])[:tokens]
+    return scorer.of_rows(rows) if rows else None
+
+
+def best_in_order(scores: Sequence[float]) -> int | None:
+    """Index of the highest score; ties (and unscored, -inf) go to the lower index."""
+    if not scores:
+        return None
+    return min(range(len(scores)), key=lambda i: (-(scores[i] if math.isfinite(scores[i]) else -1e300), i))
 
 
 class DraftTargetOptions(ParallelOptions):
