@@ -13,6 +13,10 @@ Budget profile (``profile.json``, read by the server's adaptive budget), schema 
     {
       "version": 1,
       "model": str, "verifier": str | null, "dataset": str,
+      "prompt": {"system": str | null, "template": str},   # the prompt format the curves were
+                                         # measured with ({problem} marks the problem; see
+                                         # ttscale.eval.prompts); requests in another format
+                                         # may scale differently
       "k_max": int,                      # K of the run
       "tokens_per_sample": float,        # mean completion tokens per sample
       "prompt_tokens": float,            # mean prompt tokens per problem
@@ -60,6 +64,7 @@ import numpy as np
 
 from ttscale.eval import fit as F
 from ttscale.eval import metrics as M
+from ttscale.eval.prompts import PromptFormat
 from ttscale.eval.store import load_run
 
 STRATEGIES = ("coverage", "majority", "verifier_best_of", "weighted", "rpc")
@@ -352,6 +357,11 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def prompt(self) -> PromptFormat:
+        """The run's prompt format (runs recorded before formats were recorded: the plain one)."""
+        return PromptFormat.from_dict(self.manifest.get("prompt"))
+
+    @property
     def cost_per_sample(self) -> float:
         return self.tokens_per_sample * self.cost_per_1k_tokens / 1000.0
 
@@ -363,6 +373,7 @@ class Analysis:
                 "model": m.get("model"),
                 "verifier": m.get("verifier"),
                 "dataset": m.get("dataset"),
+                "prompt": self.prompt.to_dict(),
                 "k_max": self.k_max,
                 "tokens_per_sample": self.tokens_per_sample,
                 "prompt_tokens": self.prompt_tokens,

@@ -307,6 +307,12 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
         ["dataset", f"{m.get('dataset')} ({m.get('dataset_source')})"],
         ["problems", f"{len(an.probs)} of {m.get('n_problems')}"],
         ["samples per problem K", an.k_max],
+        ["system prompt", "none" if an.prompt.system is None else json.dumps(an.prompt.system, ensure_ascii=False)],
+        [
+            "prompt template",
+            json.dumps(an.prompt.template, ensure_ascii=False)
+            + (f" (preset {an.prompt.preset})" if an.prompt.preset else ""),
+        ],
         [
             "sampling",
             f"temperature {samp.get('temperature')}, top_p {samp.get('top_p')}, "
