@@ -97,6 +97,8 @@ class Problem:
     latency: np.ndarray
     texts: list[str] | None
     prompt_tokens: int
+    answered: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # an answer was extracted
+    finish: list[str | None] = field(default_factory=list)  # finish reason per sample
 
     @property
     def n(self) -> int:
@@ -126,6 +128,8 @@ def load_problems(records: list[dict[str, Any]]) -> list[Problem]:
                 latency=np.array([x.get("latency_s") or 0.0 for x in s], dtype=np.float64),
                 texts=texts,
                 prompt_tokens=int(r.get("prompt_tokens") or 0),
+                answered=np.array([x["answer"] is not None for x in s], dtype=bool),
+                finish=[x.get("finish") for x in s],
             )
         )
     return out
@@ -353,6 +357,7 @@ class Analysis:
     subjects: dict[str, dict[Any, tuple[float, float, float, int]]]
     targets: dict[str, list[dict[str, Any]]]
     latency_at_k: list[float]
+    extraction: dict[str, Any] = field(default_factory=dict)  # extraction_summary()
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -399,6 +404,7 @@ class Analysis:
                 "subjects": {s: {str(k): v for k, v in d.items()} for s, d in self.subjects.items()},
                 "targets": self.targets,
                 "latency_at_k": self.latency_at_k,
+                "extraction": self.extraction,
                 "profile": self.profile(),
             }
         )
@@ -523,6 +529,7 @@ def analyse_run(
         subjects=subjects_tab,
         targets=targets,
         latency_at_k=lat.tolist(),
+        extraction=extraction_summary(probs),
     )
     if "rpc" in values and not rpc_prune:
         an.notes.append("RPC here is perplexity consistency without reasoning pruning (`--rpc-prune` adds it)")
@@ -530,6 +537,60 @@ def analyse_run(
         an.notes.append(f"{len(probs)} of {manifest['n_problems']} problems recorded (run incomplete)")
     an.elapsed_s = time.perf_counter() - t0
     return an
+
+
+EXTRACTION_EXAMPLES = 5  # answerless samples shown in the report
+EXAMPLE_HEAD, EXAMPLE_TAIL = 200, 400  # characters kept of an example's start and end
+
+
+def extraction_summary(probs: list[Problem], n_examples: int = EXTRACTION_EXAMPLES) -> dict[str, Any]:
+    """How often no answer was extracted (answerless samples: they do not vote), how many of those
+    were cut at ``max_tokens`` (finish ``length``), per level when there are levels, and a few
+    examples: the first answerless sample of each of the first ``n_examples`` problems that have
+    one (record order), their text shortened to its first 200 and last 400 characters."""
+    n = sum(p.n for p in probs)
+    none = [(p, i) for p in probs for i in np.flatnonzero(~p.answered)]
+    out: dict[str, Any] = {
+        "samples": n,
+        "answerless": len(none),
+        "rate": len(none) / n if n else float("nan"),
+        "answerless_cut_at_max_tokens": sum(p.finish[i] == "length" for p, i in none),
+        "problems_with_answerless": len({p.id for p, _ in none}),
+    }
+    if probs and all(p.level is not None for p in probs):
+        by: dict[Any, list[int]] = {}
+        for p in probs:
+            acc = by.setdefault(p.level, [0, 0])
+            acc[0] += int((~p.answered).sum())
+            acc[1] += p.n
+        out["by_level"] = {lv: {"answerless": a, "samples": t, "rate": a / t} for lv, (a, t) in sorted(by.items())}
+    examples: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for p, i in none:
+        if len(examples) >= n_examples:
+            break
+        if p.id in seen:
+            continue
+        seen.add(p.id)
+        examples.append(
+            {
+                "id": p.id,
+                "i": int(i),
+                "finish": p.finish[i],
+                "tokens": int(p.tokens[i]),
+                "text": None if p.texts is None else shorten(p.texts[i]),
+            }
+        )
+    out["examples"] = examples
+    return out
+
+
+def shorten(text: str, head: int = EXAMPLE_HEAD, tail: int = EXAMPLE_TAIL) -> str:
+    """``text`` itself when short, else its first ``head`` and last ``tail`` characters around
+    a marker saying how many were left out."""
+    if len(text) <= head + tail + 40:
+        return text
+    return f"{text[:head]} […{len(text) - head - tail} characters…] {text[-tail:]}"
 
 
 def expected_max(x: np.ndarray, k_max: int) -> np.ndarray:
@@ -585,6 +646,12 @@ def summary_lines(an: Analysis) -> list[str]:
         f"{an.manifest.get('model')} on {an.manifest.get('dataset')}: {len(an.probs)} problems, "
         f"K={an.k_max}, {an.tokens_per_sample:.1f} tokens/sample"
     ]
+    ex = an.extraction
+    if ex:
+        lines.append(
+            f"  no answer extracted: {ex['answerless']} of {ex['samples']} samples ({100 * ex['rate']:.1f}%), "
+            f"{ex['answerless_cut_at_max_tokens']} of them cut at max_tokens"
+        )
     for s, v in g.points.items():
         lines.append(f"  {s:<17} " + "  ".join(f"k={k}:{m:.3f}" for k, m in zip(an.ks, v["mean"])))
     for s, f in g.curves.items():

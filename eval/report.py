@@ -8,6 +8,7 @@ import html
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -256,7 +257,9 @@ class _Doc:
     def p(self, text: str, code: bool = False) -> None:
         if code:
             self.html.append(f"<pre>{html.escape(text)}</pre>")
-            self.md.append(f"```\n{text}\n```\n")
+            runs = [len(r) for r in re.findall(r"`+", text)]
+            fence = "`" * max(3, max(runs, default=0) + 1)  # longer than any backtick run of the text
+            self.md.append(f"{fence}\n{text}\n{fence}\n")
         else:
             self.html.append(f"<p>{html.escape(text)}</p>")
             self.md.append(text + "\n")
@@ -290,6 +293,44 @@ td:first-child,th:first-child{text-align:left}
 pre{background:#f6f6f6;padding:8px 10px;overflow-x:auto;font-size:13px}
 figure{margin:12px 0}img{max-width:100%}figcaption{font-size:13px;color:#555}
 """
+
+
+def _extraction_section(d: _Doc, an: Analysis) -> None:
+    ex = an.extraction
+    if not ex:
+        return
+    d.h(2, "Answer extraction")
+    d.p(
+        "Samples from which no final answer was extracted (no \\boxed{}, no 'the answer is …' or "
+        "'Answer: …', no #### …, no literal result of a final code block) are answerless: they count "
+        "as wrong and do not vote. A high rate means the prompt format or the extractor does not fit "
+        "the model's outputs (or max_tokens cuts them off), not that the model cannot solve the problems."
+    )
+    d.table(
+        ["samples", "no answer extracted", "rate", "of these cut at max_tokens", "problems with one"],
+        [
+            [
+                ex["samples"],
+                ex["answerless"],
+                f"{100 * ex['rate']:.2f}%",
+                ex["answerless_cut_at_max_tokens"],
+                ex["problems_with_answerless"],
+            ]
+        ],
+    )
+    if ex.get("by_level"):
+        d.table(
+            ["level", "samples", "no answer", "rate"],
+            [[str(lv), v["samples"], v["answerless"], f"{100 * v['rate']:.2f}%"] for lv, v in ex["by_level"].items()],
+        )
+    if ex["examples"]:
+        d.p(
+            f"The first answerless sample of each of the first {len(ex['examples'])} problems with one "
+            "(texts shortened to their start and end):"
+        )
+        for e in ex["examples"]:
+            d.p(f"{e['id']}, sample {e['i']} (finish {e['finish']}, {e['tokens']} tokens):")
+            d.p(e["text"] if e["text"] is not None else "(texts not recorded: --no-text)", code=True)
 
 
 def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
@@ -362,6 +403,8 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
         cols = list(tab)
         keys = list(tab[cols[0]])
         d.table([title_, "n", *cols], [[str(k), tab[cols[0]][k][3], *(_ci(tab[c][k]) for c in cols)] for k in keys])
+
+    _extraction_section(d, an)
 
     d.h(2, "Scaling curves and fits")
     d.fig("curves", figs["curves"], "Accuracy vs k for every strategy with the fitted curves")

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ttscale.eval import metrics as M
-from ttscale.eval.analysis import analyse_run, budgets
+from ttscale.eval.analysis import analyse_run, budgets, summary_lines
 from ttscale.eval.fit import FitResult
 from ttscale.eval.report import write_report
 from ttscale.eval.store import RunStore
@@ -18,23 +18,26 @@ from ttscale.eval.store import RunStore
 K = 16
 
 
-def _synthetic_run(path, n_problems=60, seed=0, levels=True):
+PROMPT = {"system": "Be exact.", "template": "{problem}\n\nPut the answer in \\boxed{}."}
+
+
+def _synthetic_run(path, n_problems=60, seed=0, levels=True, prompt=None):
     """Problem i has single-sample accuracy r_i; wrong answers spread over 3 distractors;
-    the verifier scores correct samples higher on average."""
+    the verifier scores correct samples higher on average. The last sample of every fourth
+    problem states no answer (a long text; cut at max_tokens in every eighth problem)."""
     rng = np.random.default_rng(seed)
     st = RunStore(path)
-    st.open(
-        {
-            "dataset": "synth",
-            "dataset_fingerprint": "x",
-            "model": "toy",
-            "verifier": "toy-v",
-            "k": K,
-            "seed": seed,
-            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64},
-            "n_problems": n_problems,
-        }
-    )
+    manifest = {
+        "dataset": "synth",
+        "dataset_fingerprint": "x",
+        "model": "toy",
+        "verifier": "toy-v",
+        "k": K,
+        "seed": seed,
+        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64},
+        "n_problems": n_problems,
+    }
+    st.open(manifest if prompt is None else {**manifest, "prompt": prompt})
     for i in range(n_problems):
         level = 1 + i % 5
         r = float(np.clip(rng.beta(6 - level, level), 0.0, 1.0))
@@ -58,6 +61,9 @@ def _synthetic_run(path, n_problems=60, seed=0, levels=True):
                     "latency_s": float(rng.random()),
                 }
             )
+        if i % 4 == 0:
+            cut = "length" if i % 8 == 0 else "stop"
+            samples[-1].update(answer=None, correct=False, text=f"p{i} " + "x" * 1000 + " END", finish=cut)
         rec = {"id": f"p{i}", "gold": "42", "prompt_tokens": 30, "wall_s": 1.0, "samples": samples}
         if levels:
             rec["level"] = level
@@ -72,7 +78,7 @@ def test_budgets():
 
 @pytest.mark.parametrize("levels", [True, False])
 def test_analysis_profile_and_report(tmp_path, levels):
-    _synthetic_run(tmp_path / "run", levels=levels)
+    _synthetic_run(tmp_path / "run", levels=levels, prompt=PROMPT if levels else None)
     an = analyse_run(tmp_path / "run", n_boot=100, rpc_draws=4)
     g = an.global_
     # Estimators agree with the metrics module on the raw data.
@@ -97,6 +103,8 @@ def test_analysis_profile_and_report(tmp_path, levels):
         assert b["recommended"]["strategy"] in ("majority", "verifier_best_of")
         assert 1 <= b["recommended"]["k"] <= K
     assert set(prof["global"]["flaws"]) == {"completeness", "soundness", "ceiling", "optimal_k"}
+    # the prompt format the curves were measured with (a run without one: the problem alone)
+    assert prof["prompt"] == (PROMPT if levels else {"system": None, "template": "{problem}"})
     if not levels:  # quantile bins: easiest first
         p1 = [b["pass1"] for b in prof["buckets"]]
         assert p1 == sorted(p1, reverse=True)
@@ -113,9 +121,40 @@ def test_analysis_profile_and_report(tmp_path, levels):
         "## Saturation point",
         "## Tokens, latency",
         "## Recommended budget",
+        "## Answer extraction",
     ):
         assert section in md
+    if levels:
+        assert '| system prompt | "Be exact." |' in md
+        assert '| prompt template | "{problem}\\n\\nPut the answer in \\\\boxed{}." |' in md
+    else:
+        assert "| system prompt | none |" in md and '| prompt template | "{problem}" (preset plain) |' in md
     assert (tmp_path / "rep" / "figures" / "curves.png").stat().st_size > 1000
+
+
+def test_extraction_failures_are_counted_and_shown(tmp_path):
+    _synthetic_run(tmp_path / "run", n_problems=40)
+    an = analyse_run(tmp_path / "run", n_boot=20, rpc_draws=0)
+    ex = an.extraction
+    # problems 0, 4, ..., 36 (10) have one answerless sample; 0, 8, ..., 32 (5) were cut at max_tokens
+    assert (ex["samples"], ex["answerless"], ex["answerless_cut_at_max_tokens"]) == (640, 10, 5)
+    assert ex["rate"] == 10 / 640 and ex["problems_with_answerless"] == 10
+    # level 1 + i % 5: two of those ten problems on each level
+    assert ex["by_level"] == {lv: {"answerless": 2, "samples": 128, "rate": 2 / 128} for lv in range(1, 6)}
+    assert [(e["id"], e["i"], e["finish"]) for e in ex["examples"]] == [
+        ("p0", K - 1, "length"),
+        ("p4", K - 1, "stop"),
+        ("p8", K - 1, "length"),
+        ("p12", K - 1, "stop"),
+        ("p16", K - 1, "length"),
+    ]
+    text = ex["examples"][1]["text"]
+    assert text.startswith("p4 xxx") and text.endswith("x END") and "[…" in text and len(text) < 700
+    paths = write_report(an, tmp_path / "rep")
+    md = Path(paths["markdown"]).read_text()
+    assert "| 640 | 10 | 1.56% | 5 | 10 |" in md
+    assert "p4, sample 15 (finish stop, " in md
+    assert "no answer extracted: 10 of 640 samples (1.6%), 5 of them cut at max_tokens" in "\n".join(summary_lines(an))
 
 
 def test_cli_fit_and_report(tmp_path):
