@@ -656,7 +656,11 @@ def summary_lines(an: Analysis) -> list[str]:
         lines.append(f"  {s:<17} " + "  ".join(f"k={k}:{m:.3f}" for k, m in zip(an.ks, v["mean"])))
     for s, f in g.curves.items():
         ps = ", ".join(f"{k}={v:.4g}±{f.stderr[k]:.2g}" for k, v in f.params.items()) if f.fittable else f.reason
-        lines.append(f"  fit {s:<13} {f.name}: {ps}  R2={f.r2:.4f}")
+        ci = f.ci.get("A_inf")
+        trust = "" if ci is None else f"  A_inf 95% CI [{ci[0]:.3f}, {ci[1]:.3f}]"
+        if f.issues:
+            trust += "  not trustworthy: " + "; ".join(f.issues)
+        lines.append(f"  fit {s:<13} {f.name}: {ps}  R2={f.r2:.4f}{trust}")
     if g.flaws:
         lines.append(
             f"  fLaws: TPR={g.flaws['completeness']:.3f} FPR={1 - g.flaws['soundness']:.3f} "

@@ -16,7 +16,7 @@ import numpy as np
 
 from ttscale.eval import metrics as M
 from ttscale.eval.analysis import FLAWS_COSTS, LABELS, SELECTORS, Analysis
-from ttscale.eval.fit import FitResult
+from ttscale.eval.fit import MAX_CI_WIDTH, MIN_TRUST_POINTS, FitResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -53,6 +53,20 @@ def _params(f: FitResult) -> str:
         f"{k} = {v:.4g} ± {f.stderr[k]:.2g}" if math.isfinite(f.stderr[k]) else f"{k} = {v:.4g}"
         for k, v in f.params.items()
     )
+
+
+def _ci_of(f: FitResult) -> str:
+    lo_hi = f.ci.get("A_inf")
+    return "–" if lo_hi is None else f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
+
+
+def _trust(f: FitResult) -> str:
+    """'trustworthy', or why not (fits without an asymptote: '–')."""
+    if not f.fittable:
+        return "not fittable"
+    if f.name != "selected_accuracy_ceiling":
+        return "–"
+    return "trustworthy" if f.trusted else "not trustworthy: " + "; ".join(f.issues)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,13 +109,13 @@ def _figures(an: Analysis) -> dict[str, bytes]:
         elif s in ("weighted", "rpc"):
             ax.plot(ks, m, ":", color=COLORS[s], alpha=0.7)
     vf = g.curves.get("verifier_best_of")
-    if vf is not None and vf.fittable and 0 <= vf.params["A_inf"] <= 1:
+    if vf is not None and vf.fittable:
         ax.axhline(
             vf.params["A_inf"],
             color=COLORS["verifier_best_of"],
             ls="--",
             lw=0.9,
-            label=f"verifier fit asymptote A∞ = {vf.params['A_inf']:.3f}",
+            label=f"verifier fit asymptote A∞ = {vf.params['A_inf']:.3f}{'' if vf.trusted else ' (not trustworthy)'}",
         )
     if g.flaws:
         ax.axhline(
@@ -410,12 +424,25 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
     d.fig("curves", figs["curves"], "Accuracy vs k for every strategy with the fitted curves")
     rows = []
     for s, f in g.curves.items():
-        rows.append([LABELS[s], f.name, _params(f), _fmt(f.r2, 4), _fmt(f.rmse, 4)])
-    d.table(["curve", "model", "parameters (± s.e.)", "R²", "RMSE"], rows)
+        rows.append([LABELS[s], f.name, _params(f), _fmt(f.r2, 4), _fmt(f.rmse, 4), _ci_of(f), _trust(f)])
+    d.table(["curve", "model", "parameters (± s.e.)", "R²", "RMSE", "95% CI of A∞", "asymptote"], rows)
     d.p(
         "coverage: exponentiated power law c(k) = exp(a·k^b) (fit in log-coverage space, Large "
-        "Language Monkeys); selected accuracy: A(k) = A∞ − (A∞ − A₁)·k^(−β), A∞ the asymptote."
+        "Language Monkeys); selected accuracy: A(k) = A∞ − (A∞ − A₁)·k^(−β), A∞ the asymptote, "
+        "bounded to what is possible (selected accuracy ≤ coverage ≤ 1: A∞ ∈ [0, 1], A₁ ∈ [0, 1]). "
+        "The 95% interval of A∞ is its profile interval; an asymptote is not trustworthy with fewer "
+        f"than {MIN_TRUST_POINTS} budgets, an interval wider than {MAX_CI_WIDTH:g}, A∞ held at a bound "
+        "(the fit without bounds would leave [0, 1]), β on a bound, or R² < 0.9. The standard errors "
+        "treat the points as independent, which points over the same problems are not."
     )
+    brows = [
+        [b.name, LABELS[s], _fmt(f.params["A_inf"]) if f.fittable else "–", _ci_of(f), _trust(f)]
+        for b in an.buckets
+        for s, f in b.curves.items()
+        if f.name == "selected_accuracy_ceiling"
+    ]
+    if brows:
+        d.table(["bucket", "curve", "A∞", "95% CI of A∞", "asymptote"], brows)
     d.fig("buckets", figs["buckets"], "Per-bucket curves")
 
     d.h(2, "Coverage vs selected accuracy")
@@ -443,7 +470,8 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
                 f"soundness s = 1 − FPR = {fl['soundness']:.3f}; per-problem single-sample accuracy r): the "
                 f"accuracy of 'resample until accepted' tends to c·r/(c·r + (1−s)(1−r)), a ceiling of "
                 f"{fl['ceiling']:.3f} averaged over problems, however large K is. The fitted asymptote of "
-                f"verifier best-of-k is A∞ = {_fmt(vf.params['A_inf']) if vf and vf.fittable else '–'}."
+                f"verifier best-of-k is A∞ = {_fmt(vf.params['A_inf']) if vf and vf.fittable else '–'}"
+                + (f" (95% CI {_ci_of(vf)}; {_trust(vf)})." if vf and vf.fittable else ".")
             )
             d.table(
                 ["false-positive cost C"] + [k for k in fl["optimal_k"]],

@@ -100,6 +100,12 @@ def test_analysis_profile_and_report(tmp_path, levels):
         fit = FitResult.from_dict(b["curves"]["coverage"])
         if fit.fittable:
             assert 0 <= float(fit.predict(4)) <= 1
+        for sel in ("majority", "verifier_best_of"):  # asymptotes bounded, with their interval and flags
+            f = FitResult.from_dict(b["curves"][sel])
+            assert 0 <= f.params["A_inf"] <= 1 and 0 <= f.params["A_1"] <= 1
+            assert f.ci["A_inf"][0] <= f.params["A_inf"] <= f.ci["A_inf"][1] and isinstance(
+                b["curves"][sel]["issues"], list
+            )
         assert b["recommended"]["strategy"] in ("majority", "verifier_best_of")
         assert 1 <= b["recommended"]["k"] <= K
     assert set(prof["global"]["flaws"]) == {"completeness", "soundness", "ceiling", "optimal_k"}
@@ -124,6 +130,11 @@ def test_analysis_profile_and_report(tmp_path, levels):
         "## Answer extraction",
     ):
         assert section in md
+    assert "| curve | model | parameters (± s.e.) | R² | RMSE | 95% CI of A∞ | asymptote |" in md
+    vf = g.curves["verifier_best_of"]
+    lo, hi = vf.ci["A_inf"]
+    trust = "trustworthy" if vf.trusted else "not trustworthy: " + "; ".join(vf.issues)
+    assert f"| [{lo:.3f}, {hi:.3f}] | {trust} |" in md
     if levels:
         assert '| system prompt | "Be exact." |' in md
         assert '| prompt template | "{problem}\\n\\nPut the answer in \\\\boxed{}." |' in md
