@@ -554,7 +554,53 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
         )
     d.table(["bucket", "n", "pass@1", "strategy", "K", "expected accuracy", *(f"{LABELS[s]}" for s in SELECTORS)], rows)
     d.p("The budget profile (profile.json) holds these curves and recommendations for the server's adaptive budget.")
+    _holdout_section(d, an)
     return d
+
+
+def _holdout_section(d: _Doc, an: Analysis) -> None:
+    ho = an.holdout
+    if not ho:
+        return
+    d.h(3, "Held-out check of the recommendations")
+    d.p(
+        f"The problems are split in two by a hash of their id ({ho['n_fit']} to fit, {ho['n_heldout']} held "
+        "out). The fit half's buckets get their curves and recommended strategy and K as above; each "
+        "held-out problem goes to its "
+        + ("level's bucket" if an.bucket_by == "level" else "bucket of nearest mean pass@1")
+        + ". Predicted: the fit half's expected accuracy of the recommendation; realised: the accuracy "
+        "of that strategy and K on the held-out problems of the bucket (mean [95% bootstrap CI])."
+    )
+    if ho.get("note"):
+        d.p(f"Note: {ho['note']}")
+        return
+    rows = []
+    for b in ho["buckets"]:
+        if "strategy" not in b:
+            rows.append([b["name"], b["n_fit"], b["n_heldout"], "–", "–", "–", "–", "–"])
+            continue
+        real = (
+            f"{b['realised']:.3f} [{b['realised_lo']:.3f}, {b['realised_hi']:.3f}]"
+            if "realised" in b
+            else "no problems"
+        )
+        diff = f"{b['difference']:+.3f}" if "difference" in b else "–"
+        rows.append([b["name"], b["n_fit"], b["n_heldout"], b["strategy"], b["k"], f"{b['predicted']:.3f}", real, diff])
+    a = ho.get("all")
+    if a:
+        rows.append(
+            [
+                "all (per-bucket plans)",
+                ho["n_fit"],
+                a["n_heldout"],
+                "–",
+                f"{a['mean_k']:.1f} (mean)",
+                f"{a['predicted']:.3f}",
+                f"{a['realised']:.3f} [{a['realised_lo']:.3f}, {a['realised_hi']:.3f}]",
+                f"{a['difference']:+.3f}",
+            ]
+        )
+    d.table(["bucket", "n fit", "n held out", "strategy", "K", "predicted", "realised", "realised − predicted"], rows)
 
 
 def write_report(an: Analysis, out_dir: str | Path, *, command: str | None = None) -> dict[str, str]:

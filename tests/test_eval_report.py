@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from ttscale.eval import metrics as M
-from ttscale.eval.analysis import analyse_run, budgets, summary_lines
+from ttscale.eval.analysis import analyse_run, budgets, fit_half, summary_lines
 from ttscale.eval.fit import FitResult
 from ttscale.eval.report import write_report
-from ttscale.eval.store import RunStore
+from ttscale.eval.store import RunStore, load_run
 
 K = 16
 
@@ -166,6 +166,63 @@ def test_extraction_failures_are_counted_and_shown(tmp_path):
     assert "| 640 | 10 | 1.56% | 5 | 10 |" in md
     assert "p4, sample 15 (finish stop, " in md
     assert "no answer extracted: 10 of 640 samples (1.6%), 5 of them cut at max_tokens" in "\n".join(summary_lines(an))
+
+
+def test_fit_half_is_a_deterministic_hash_split():
+    ids = [f"p{i}" for i in range(12)]
+    # blake2b(b"p0", digest_size=8) ends in 0xf4 (even: fit half), blake2b(b"p1") in 0x91 (odd: held out)
+    assert fit_half(ids).tolist() == [True, False, True, False, True, True, False, False, True, True, True, False]
+    assert fit_half(ids[::-1]).tolist() == fit_half(ids).tolist()[::-1]  # the id alone decides
+
+
+@pytest.mark.parametrize("levels", [True, False])
+def test_holdout_check_plans_on_one_half_and_realises_on_the_other(tmp_path, levels):
+    _synthetic_run(tmp_path / "run", n_problems=80, levels=levels)
+    an = analyse_run(tmp_path / "run", n_boot=50, rpc_draws=0)
+    ho = an.holdout
+    half = fit_half([p.id for p in an.probs])
+    assert (ho["n_fit"], ho["n_heldout"]) == (int(half.sum()), int((~half).sum()))
+    # the plans are exactly what a report of the fit half alone recommends
+    manifest, records = load_run(tmp_path / "run")
+    st = RunStore(tmp_path / "fit-half")
+    st.open(manifest)
+    for r, f in zip(records, half):
+        if f:
+            st.append(r)
+    st.close()
+    alone = analyse_run(tmp_path / "fit-half", n_boot=50, rpc_draws=0)
+    assert [b["name"] for b in ho["buckets"]] == [b.name for b in alone.buckets]
+    for row, b in zip(ho["buckets"], alone.buckets):
+        assert row["n_fit"] == b.idx.size
+        assert (row["strategy"], row["k"]) == (b.recommended["strategy"], b.recommended["k"])
+        # the same fit (sums in another order)
+        assert row["predicted"] == pytest.approx(b.recommended["expected_accuracy"], abs=1e-6)
+    # realised: that strategy at that k on the held-out problems of the bucket
+    held = [p for p, f in zip(an.probs, half) if not f]
+    if levels:
+        placed = {f"level {lv}": [p for p in held if p.level == lv] for lv in range(1, 6)}
+    else:
+        centres = {b.name: b.pass1.mean() for b in alone.buckets}
+        placed = {name: [] for name in centres}
+        for p in held:
+            placed[min(centres, key=lambda n: abs(centres[n] - p.correct.mean()))].append(p)
+    n_all = 0
+    for row in ho["buckets"]:
+        ps = placed[row["name"]]
+        assert row["n_heldout"] == len(ps) > 0
+        if row["strategy"] == "majority":
+            want = [M.majority_at_k(p.clusters, p.correct, row["k"], seed=0) for p in ps]
+        else:
+            want = [float(M.best_of_k(p.scores, p.correct, np.array([row["k"]]))[0]) for p in ps]
+        assert row["realised"] == pytest.approx(np.mean(want), abs=1e-12)
+        assert row["realised_lo"] <= row["realised"] <= row["realised_hi"]
+        assert row["difference"] == pytest.approx(row["realised"] - row["predicted"], abs=1e-12)
+        n_all += len(ps)
+    assert ho["all"]["n_heldout"] == n_all == ho["n_heldout"]
+    md = Path(write_report(an, tmp_path / "rep")["markdown"]).read_text()
+    assert "### Held-out check of the recommendations" in md
+    r0 = ho["buckets"][0]
+    assert f"| {r0['name']} | {r0['n_fit']} | {r0['n_heldout']} | {r0['strategy']} | {r0['k']} | " in md
 
 
 def test_cli_fit_and_report(tmp_path):
