@@ -68,6 +68,7 @@ async def eval_phase(engine, ds, a) -> tuple[int, float, dict[str, list[int]]]:
         temperature=a.temperature,
         max_tokens=a.max_tokens,
         concurrency=a.concurrency,
+        prompt_template="plain",  # the problem alone, as the raw phase renders it (chat_prompt)
     )
     with tempfile.TemporaryDirectory() as d:
         runner = EvalRunner(cfg, Path(d) / "run", policy=engine, dataset=ds, progress=False)

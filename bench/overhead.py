@@ -144,6 +144,7 @@ async def eval_phase(engine, problems, a) -> dict:
         temperature=a.temperature,
         max_tokens=a.max_tokens,
         concurrency=a.concurrency,
+        prompt_template="plain",  # the problem alone, as raw_phase sends it
     )
     with tempfile.TemporaryDirectory() as d:
         runner = EvalRunner(cfg, Path(d) / "run", policy=engine, dataset=ds, progress=False)

@@ -13,6 +13,10 @@ Budget profile (``profile.json``, read by the server's adaptive budget), schema 
     {
       "version": 1,
       "model": str, "verifier": str | null, "dataset": str,
+      "prompt": {"system": str | null, "template": str},   # the prompt format the curves were
+                                         # measured with ({problem} marks the problem; see
+                                         # ttscale.eval.prompts); requests in another format
+                                         # may scale differently
       "k_max": int,                      # K of the run
       "tokens_per_sample": float,        # mean completion tokens per sample
       "prompt_tokens": float,            # mean prompt tokens per problem
@@ -49,6 +53,7 @@ the measured points, interpolated in log k, when the fit's R² is below 0.9).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import defaultdict
@@ -60,6 +65,7 @@ import numpy as np
 
 from ttscale.eval import fit as F
 from ttscale.eval import metrics as M
+from ttscale.eval.prompts import PromptFormat
 from ttscale.eval.store import load_run
 
 STRATEGIES = ("coverage", "majority", "verifier_best_of", "weighted", "rpc")
@@ -92,6 +98,8 @@ class Problem:
     latency: np.ndarray
     texts: list[str] | None
     prompt_tokens: int
+    answered: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # an answer was extracted
+    finish: list[str | None] = field(default_factory=list)  # finish reason per sample
 
     @property
     def n(self) -> int:
@@ -121,6 +129,8 @@ def load_problems(records: list[dict[str, Any]]) -> list[Problem]:
                 latency=np.array([x.get("latency_s") or 0.0 for x in s], dtype=np.float64),
                 texts=texts,
                 prompt_tokens=int(r.get("prompt_tokens") or 0),
+                answered=np.array([x["answer"] is not None for x in s], dtype=bool),
+                finish=[x.get("finish") for x in s],
             )
         )
     return out
@@ -348,8 +358,15 @@ class Analysis:
     subjects: dict[str, dict[Any, tuple[float, float, float, int]]]
     targets: dict[str, list[dict[str, Any]]]
     latency_at_k: list[float]
+    extraction: dict[str, Any] = field(default_factory=dict)  # extraction_summary()
+    holdout: dict[str, Any] = field(default_factory=dict)  # holdout_check()
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> PromptFormat:
+        """The run's prompt format (runs recorded before formats were recorded: the plain one)."""
+        return PromptFormat.from_dict(self.manifest.get("prompt"))
 
     @property
     def cost_per_sample(self) -> float:
@@ -363,6 +380,7 @@ class Analysis:
                 "model": m.get("model"),
                 "verifier": m.get("verifier"),
                 "dataset": m.get("dataset"),
+                "prompt": self.prompt.to_dict(),
                 "k_max": self.k_max,
                 "tokens_per_sample": self.tokens_per_sample,
                 "prompt_tokens": self.prompt_tokens,
@@ -388,6 +406,8 @@ class Analysis:
                 "subjects": {s: {str(k): v for k, v in d.items()} for s, d in self.subjects.items()},
                 "targets": self.targets,
                 "latency_at_k": self.latency_at_k,
+                "extraction": self.extraction,
+                "holdout": self.holdout,
                 "profile": self.profile(),
             }
         )
@@ -512,6 +532,18 @@ def analyse_run(
         subjects=subjects_tab,
         targets=targets,
         latency_at_k=lat.tolist(),
+        extraction=extraction_summary(probs),
+        holdout=holdout_check(
+            probs,
+            values,
+            cov_full,
+            ks,
+            cost_per_1k_tokens=cost_per_1k_tokens,
+            k_max=k_max,
+            by_level=has_levels,
+            n_bins=n_bins,
+            n_boot=n_boot,
+        ),
     )
     if "rpc" in values and not rpc_prune:
         an.notes.append("RPC here is perplexity consistency without reasoning pruning (`--rpc-prune` adds it)")
@@ -519,6 +551,167 @@ def analyse_run(
         an.notes.append(f"{len(probs)} of {manifest['n_problems']} problems recorded (run incomplete)")
     an.elapsed_s = time.perf_counter() - t0
     return an
+
+
+def fit_half(ids: list[str]) -> np.ndarray:
+    """The deterministic half split of the held-out check: True where a problem's id hashes to the
+    fit half (low bit of its 8-byte BLAKE2b digest is 0), False for the held-out half. Depends on
+    the id alone, not on the order or on the other problems."""
+    return np.array([hashlib.blake2b(i.encode(), digest_size=8).digest()[-1] & 1 == 0 for i in ids], dtype=bool)
+
+
+def realised_accuracy(p: Problem, strategy: str, k: int) -> float:
+    """Expected accuracy of ``strategy`` at budget ``k`` on one problem's recorded samples
+    (uniformly random k-subsets, as every metric here)."""
+    k = min(int(k), p.n)
+    if strategy == "majority":
+        return M.majority_at_k(p.clusters, p.correct, k, seed=0)
+    if strategy == "verifier_best_of":
+        if p.scores is None:
+            raise ValueError(f"problem {p.id} has no verifier scores")
+        return float(np.asarray(M.best_of_k(p.scores, p.correct, np.array([k])))[0])
+    if strategy == "coverage":
+        return M.pass_at_k(p.n, int(p.correct.sum()), k)
+    raise ValueError(f"no realised accuracy for strategy {strategy!r}")
+
+
+def holdout_check(
+    probs: list[Problem],
+    values: dict[str, np.ndarray],
+    cov_full: np.ndarray,
+    ks: list[int],
+    *,
+    cost_per_1k_tokens: float,
+    k_max: int,
+    by_level: bool,
+    n_bins: int = 5,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """Plan on one half of the problems, check on the other.
+
+    The problems split by :func:`fit_half`. On the fit half, buckets (levels, or pass@1 quantile
+    bins of the fit half) get their curves and their recommended strategy and k exactly as the
+    profile's buckets do (:func:`_recommend`; the cost per sample from the fit half's tokens):
+    the plans a report of the fit half alone would make. Each held-out problem goes to its level's bucket,
+    or to the bucket with the nearest mean pass@1 (its pass@1 from all its samples: how the server
+    places a request by its estimated pass@1, with the estimate exact here). The check reports,
+    per bucket, the accuracy the fit half predicts for its recommendation and the accuracy that
+    recommendation realises on the held-out problems of the bucket (mean [95% bootstrap CI]).
+    """
+    fit = fit_half([p.id for p in probs])
+    fit_idx, test_idx = np.flatnonzero(fit), np.flatnonzero(~fit)
+    out: dict[str, Any] = {
+        "split": "blake2b(id) low bit: 0 = fit half, 1 = held out",
+        "n_fit": int(fit_idx.size),
+        "n_heldout": int(test_idx.size),
+        "buckets": [],
+    }
+    if fit_idx.size == 0 or test_idx.size == 0:
+        out["note"] = "one half is empty: no check"
+        return out
+    pass1 = values["coverage"][:, 0]
+    # the cost per sample from the fit half's tokens too: the plans are what that half alone gives
+    cost_per_sample = float(np.concatenate([probs[i].tokens for i in fit_idx]).mean()) * cost_per_1k_tokens / 1000.0
+    if by_level:
+        lv = np.array([p.level for p in probs], dtype=object)
+        groups = [(f"level {x}", np.flatnonzero(fit & (lv == x))) for x in sorted(set(lv[fit_idx].tolist()))]
+    else:
+        bins = F.difficulty_bins(pass1[fit_idx], n_bins)
+        groups = [(f"bin {b}", fit_idx[bins == b]) for b in range(n_bins) if np.any(bins == b)]
+    plans = []
+    for name, idx in groups:
+        means = {s: v[idx].mean(axis=0).tolist() for s, v in values.items()}
+        curves, _ = _fits(ks, means, cov_full[idx].mean(axis=0), pass1[idx], _verifier_stats([probs[i] for i in idx]))
+        plans.append((name, idx, _recommend(ks, means, curves, cost_per_sample, k_max)))
+    # place each held-out problem
+    if by_level:
+        where = {name: [i for i in test_idx if f"level {probs[i].level}" == name] for name, _, _ in plans}
+    else:
+        centres = np.array([pass1[idx].mean() for _, idx, _ in plans])
+        nearest = np.abs(pass1[test_idx][:, None] - centres[None, :]).argmin(axis=1)
+        where = {plans[j][0]: [int(i) for i, b in zip(test_idx, nearest) if b == j] for j in range(len(plans))}
+    all_pred: list[float] = []
+    all_real: list[float] = []
+    all_k: list[int] = []
+    for j, (name, idx, rec) in enumerate(plans):
+        held = where[name]
+        row: dict[str, Any] = {"name": name, "n_fit": int(idx.size), "n_heldout": len(held)}
+        if rec:
+            row.update(strategy=rec["strategy"], k=rec["k"], predicted=rec["expected_accuracy"])
+        if rec and held:
+            real = np.array([realised_accuracy(probs[i], rec["strategy"], rec["k"]) for i in held])
+            m, lo, hi = M.bootstrap_ci(real, n_boot=n_boot, seed=j)
+            row.update(realised=m, realised_lo=lo, realised_hi=hi, difference=m - rec["expected_accuracy"])
+            all_pred += [rec["expected_accuracy"]] * len(held)
+            all_real += real.tolist()
+            all_k += [rec["k"]] * len(held)
+        out["buckets"].append(row)
+    if all_real:
+        m, lo, hi = M.bootstrap_ci(np.array(all_real), n_boot=n_boot, seed=len(plans))
+        out["all"] = {
+            "n_heldout": len(all_real),
+            "predicted": float(np.mean(all_pred)),
+            "realised": m,
+            "realised_lo": lo,
+            "realised_hi": hi,
+            "difference": m - float(np.mean(all_pred)),
+            "mean_k": float(np.mean(all_k)),
+        }
+    return out
+
+
+EXTRACTION_EXAMPLES = 5  # answerless samples shown in the report
+EXAMPLE_HEAD, EXAMPLE_TAIL = 200, 400  # characters kept of an example's start and end
+
+
+def extraction_summary(probs: list[Problem], n_examples: int = EXTRACTION_EXAMPLES) -> dict[str, Any]:
+    """How often no answer was extracted (answerless samples: they do not vote), how many of those
+    were cut at ``max_tokens`` (finish ``length``), per level when there are levels, and a few
+    examples: the first answerless sample of each of the first ``n_examples`` problems that have
+    one (record order), their text shortened to its first 200 and last 400 characters."""
+    n = sum(p.n for p in probs)
+    none = [(p, i) for p in probs for i in np.flatnonzero(~p.answered)]
+    out: dict[str, Any] = {
+        "samples": n,
+        "answerless": len(none),
+        "rate": len(none) / n if n else float("nan"),
+        "answerless_cut_at_max_tokens": sum(p.finish[i] == "length" for p, i in none),
+        "problems_with_answerless": len({p.id for p, _ in none}),
+    }
+    if probs and all(p.level is not None for p in probs):
+        by: dict[Any, list[int]] = {}
+        for p in probs:
+            acc = by.setdefault(p.level, [0, 0])
+            acc[0] += int((~p.answered).sum())
+            acc[1] += p.n
+        out["by_level"] = {lv: {"answerless": a, "samples": t, "rate": a / t} for lv, (a, t) in sorted(by.items())}
+    examples: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for p, i in none:
+        if len(examples) >= n_examples:
+            break
+        if p.id in seen:
+            continue
+        seen.add(p.id)
+        examples.append(
+            {
+                "id": p.id,
+                "i": int(i),
+                "finish": p.finish[i],
+                "tokens": int(p.tokens[i]),
+                "text": None if p.texts is None else shorten(p.texts[i]),
+            }
+        )
+    out["examples"] = examples
+    return out
+
+
+def shorten(text: str, head: int = EXAMPLE_HEAD, tail: int = EXAMPLE_TAIL) -> str:
+    """``text`` itself when short, else its first ``head`` and last ``tail`` characters around
+    a marker saying how many were left out."""
+    if len(text) <= head + tail + 40:
+        return text
+    return f"{text[:head]} […{len(text) - head - tail} characters…] {text[-tail:]}"
 
 
 def expected_max(x: np.ndarray, k_max: int) -> np.ndarray:
@@ -574,11 +767,21 @@ def summary_lines(an: Analysis) -> list[str]:
         f"{an.manifest.get('model')} on {an.manifest.get('dataset')}: {len(an.probs)} problems, "
         f"K={an.k_max}, {an.tokens_per_sample:.1f} tokens/sample"
     ]
+    ex = an.extraction
+    if ex:
+        lines.append(
+            f"  no answer extracted: {ex['answerless']} of {ex['samples']} samples ({100 * ex['rate']:.1f}%), "
+            f"{ex['answerless_cut_at_max_tokens']} of them cut at max_tokens"
+        )
     for s, v in g.points.items():
         lines.append(f"  {s:<17} " + "  ".join(f"k={k}:{m:.3f}" for k, m in zip(an.ks, v["mean"])))
     for s, f in g.curves.items():
         ps = ", ".join(f"{k}={v:.4g}±{f.stderr[k]:.2g}" for k, v in f.params.items()) if f.fittable else f.reason
-        lines.append(f"  fit {s:<13} {f.name}: {ps}  R2={f.r2:.4f}")
+        ci = f.ci.get("A_inf")
+        trust = "" if ci is None else f"  A_inf 95% CI [{ci[0]:.3f}, {ci[1]:.3f}]"
+        if f.issues:
+            trust += "  not trustworthy: " + "; ".join(f.issues)
+        lines.append(f"  fit {s:<13} {f.name}: {ps}  R2={f.r2:.4f}{trust}")
     if g.flaws:
         lines.append(
             f"  fLaws: TPR={g.flaws['completeness']:.3f} FPR={1 - g.flaws['soundness']:.3f} "

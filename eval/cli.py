@@ -62,10 +62,26 @@ def run(
     keep_text: Annotated[bool, typer.Option("--keep-text/--no-text", help="Store completion texts.")] = True,
     kv_cache_gib: Annotated[float | None, typer.Option(help="CPU: KV cache GiB per model.")] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="vLLM max_num_seqs.")] = None,
-    force: Annotated[bool, typer.Option(help="Continue a run directory with a different configuration.")] = False,
+    prompt_template: Annotated[
+        str | None,
+        typer.Option(
+            help="User message: 'boxed' (the problem, then 'Please reason step by step, and put your final "
+            "answer within \\boxed{}.'), 'plain' (the problem alone), or a template holding {problem} once "
+            "(\\n is a line break, \\\\ a backslash). Default: boxed for math500, aime24, aime25, amc23 and "
+            "gsm8k, plain otherwise."
+        ),
+    ] = None,
+    system_prompt: Annotated[
+        str | None, typer.Option(help="System message before each problem (\\n is a line break); default none.")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Continue a run directory with a different configuration (never a different prompt)."),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Draw K samples per problem once and record them (resumable: rerun to continue)."""
+    from ttscale.eval.prompts import unescape
     from ttscale.eval.runner import RunConfig, run_sync
     from ttscale.eval.store import ConfigMismatch
 
@@ -86,6 +102,8 @@ def run(
         data_dir=data_dir,
         kv_cache_gib=kv_cache_gib,
         max_num_seqs=max_num_seqs,
+        prompt_template=None if prompt_template is None else unescape(prompt_template),
+        system_prompt=None if system_prompt is None else unescape(system_prompt),
     )
     if out is None:
         name = Path(dataset).stem if dataset.endswith((".jsonl", ".json")) else dataset.replace("/", "_")

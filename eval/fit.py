@@ -5,7 +5,8 @@ Fits return a :class:`FitResult`: parameters with standard errors, goodness of f
 
 * coverage vs k: :func:`fit_coverage_power_law` (exponentiated power law, ``c(k) = exp(a·k^b)``);
 * selected accuracy vs k: :func:`fit_selected_accuracy_ceiling` (saturating power law with an
-  asymptote ``A_inf``);
+  asymptote ``A_inf`` bounded by what is possible, with a 95 % interval and the reasons it is
+  not trustworthy, ``FitResult.issues``);
 * saturating exponential ``F(N) = F_max·(1 − (1 − p)^N)``: :func:`fit_saturating_exponential`,
   :func:`saturation_point`;
 * verifier-limited resampling (completeness/soundness model): :func:`flaws_accuracy`,
@@ -27,6 +28,8 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from ttscale.curves import MODELS, ArrayLike, FitResult, saturating_exp, saturating_power, saturation_point
 
 __all__ = [
+    "MAX_CI_WIDTH",
+    "MIN_TRUST_POINTS",
     "MODELS",
     "FitResult",
     "difficulty_bins",
@@ -204,6 +207,13 @@ def _profile_fit(
     return best
 
 
+# Trust of a fitted asymptote: fewer budgets, a wider 95 % interval, or a parameter on a bound
+# (the data do not locate it) make a fit not trustworthy (FitResult.issues).
+MIN_TRUST_POINTS = 5
+MAX_CI_WIDTH = 0.15
+_BOUND_TOL = 1e-3
+
+
 def fit_selected_accuracy_ceiling(
     ks: ArrayLike,
     accuracy: ArrayLike,
@@ -211,16 +221,31 @@ def fit_selected_accuracy_ceiling(
     r_per_problem: ArrayLike | None = None,
     c: float | None = None,
     s: float | None = None,
+    upper: float = 1.0,
 ) -> FitResult:
     """Fit a saturating curve with an accuracy ceiling to selected accuracy vs k.
 
     Model: ``A(k) = A_inf − (A_inf − A_1)·k^(−β)``, β > 0: ``A(1) = A_1`` and ``A(k) → A_inf``
     (the plateau of a selection method limited by false positives; ``A_inf < A_1`` is allowed,
-    e.g. voting when the common wrong answer wins). For fixed β the model is linear in
-    (A_inf, A_1), so β is first located on a log grid by profile least squares and then all three
-    parameters are refined with ``curve_fit`` (bounds: A_inf, A_1 in [−0.5, 1.5], β in
-    [1e-3, 20]). Residuals in accuracy space. Fewer than 3 distinct budgets → not fittable;
-    with exactly 3 the standard errors are NaN.
+    e.g. voting when the common wrong answer wins). Bounds keep the curve possible: selected
+    accuracy is at most coverage, and coverage at most 1, so ``A_inf ∈ [0, upper]`` (``upper``
+    = 1 unless a lower coverage ceiling is known), ``A_1 ∈ [0, 1]``, ``β ∈ [1e-3, 20]``.
+
+    Procedure: for fixed (A_inf, β) the model is linear in A_1, whose bounded least-squares value
+    is exact (the clipped solution); a grid over A_inf (201 values on [0, upper]) and β (121
+    log-spaced values) gives the starting point, refined by ``scipy.optimize.least_squares``
+    with the bounds. Residuals in accuracy space. Fewer than 3 distinct budgets → not fittable;
+    with exactly 3 there are no standard errors and no interval.
+
+    Uncertainty (``ci``, ``issues``): ``ci["A_inf"]`` is the 95 % profile interval of A_inf, the
+    grid values whose profile SSE (minimised over A_1, β) is within
+    ``SSE_min·(1 + F_{0.95}(1, n − 3)/(n − 3))``, clipped to the bounds. ``issues`` lists why the
+    asymptote is not trustworthy: fewer than 5 budgets; A_inf held at a bound (the same fit with
+    A_inf, A_1 free in [−0.5, 1.5] puts it elsewhere: ``extra["A_inf_unbounded"]``; a plateau the
+    data put at 1 is no issue); β on a bound; an interval wider than 0.15; R² below 0.9.
+    Standard errors come from the Jacobian at the solution, NaN for a parameter on a bound (they
+    treat the points as independent, which points over the same problems are not: the interval
+    and the flags are the better guide).
 
     When ``r_per_problem`` (single-sample accuracy per problem), ``c`` (verifier completeness) and
     ``s`` (soundness) are all given, ``extra`` also holds ``flaws_ceiling``, the mean over problems
@@ -228,10 +253,16 @@ def fit_selected_accuracy_ceiling(
     accepted), and ``flaws_rmse``, the RMSE of the model's mixture curve
     ``mean_i flaws_accuracy(r_i, c, s, k)`` against the data, for comparison with ``A_inf``.
     """
+    from scipy.optimize import least_squares
+    from scipy.stats import f as f_dist
+
     name = "selected_accuracy_ceiling"
     given = [x is not None for x in (r_per_problem, c, s)]
     if any(given) and not all(given):
         raise ValueError("r_per_problem, c and s must be given together")
+    if not 0.0 < float(upper) <= 1.0:
+        raise ValueError(f"upper (the ceiling of A_inf) must lie in (0, 1], got {upper}")
+    upper = float(upper)
     k, y = _clean_xy(ks, accuracy)
     extra: dict[str, Any] = {"space": "accuracy"}
     if r_per_problem is not None and c is not None and s is not None:
@@ -244,36 +275,108 @@ def fit_selected_accuracy_ceiling(
     if k.size < 3:
         return _unfittable(name, f"{k.size} distinct budgets (need >= 3)", int(k.size), **extra)
 
-    def basis(kk: np.ndarray, beta: float) -> np.ndarray:
-        g = np.power(kk, -beta)
-        return np.stack([1.0 - g, g], axis=1)
+    lo, hi = np.array([0.0, 0.0, 1e-3]), np.array([upper, 1.0, 20.0])
+    a_grid = np.linspace(0.0, upper, 201)
+    b_grid = np.logspace(-3, np.log10(20.0), 121)
+    sse_grid = _ceiling_grid_sse(k, y, a_grid, b_grid)  # [A_inf, beta]
+    ia, ib = np.unravel_index(int(np.argmin(sse_grid)), sse_grid.shape)
+    a0, b0 = float(a_grid[ia]), float(b_grid[ib])
+    p0 = np.clip([a0, _best_a1(k, y, a0, b0), b0], lo, hi)
 
-    beta0, coef, _ = _profile_fit(k, y, basis, np.logspace(-3, np.log10(20.0), 121))
-    lo, hi = np.array([-0.5, -0.5, 1e-3]), np.array([1.5, 1.5, 20.0])
-    p0 = np.clip([coef[0], coef[1], beta0], lo + 1e-9, hi - 1e-9)
-    method = "curve_fit"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", OptimizeWarning)
-            popt, pcov = curve_fit(saturating_power, k, y, p0=p0, bounds=(lo, hi), maxfev=20000)
-        if k.size <= 3:
-            pcov = None
-    except (RuntimeError, ValueError):
-        method = "profile_grid"
-        popt, pcov = p0, None
+    def resid(p: np.ndarray) -> np.ndarray:
+        out: np.ndarray = saturating_power(k, *p) - y
+        return out
+
+    method = "least_squares"
+    popt, jac = p0, None
+    with np.errstate(all="ignore"):
+        try:
+            res = least_squares(resid, p0, bounds=(lo, hi), method="trf", max_nfev=20000)
+            if np.all(np.isfinite(res.x)) and float(np.sum(res.fun**2)) <= float(np.sum(resid(p0) ** 2)):
+                popt, jac = res.x, res.jac
+            else:
+                method = "grid"
+        except (RuntimeError, ValueError):
+            method = "grid"
     names = ("A_inf", "A_1", "beta")
-    params = {p: float(v) for p, v in zip(names, popt)}
+    sse = float(np.sum(resid(popt) ** 2))
+    dof = int(k.size) - 3
+    at_bound = [bool(min(v - lo_, hi_ - v) < _BOUND_TOL) for v, lo_, hi_ in zip(popt, lo, hi)]
+    # Is A_inf held by its bound? The same fit with the impossible region open (A_inf, A_1 in
+    # [−0.5, 1.5]) says where the data alone would put it.
+    unbounded = float(popt[0])
+    if at_bound[0]:
+        wide_lo, wide_hi = np.array([-0.5, -0.5, 1e-3]), np.array([1.5, 1.5, 20.0])
+        with np.errstate(all="ignore"):
+            try:
+                wide = least_squares(resid, popt, bounds=(wide_lo, wide_hi), method="trf", max_nfev=20000)
+                if np.all(np.isfinite(wide.x)):
+                    unbounded = float(wide.x[0])
+            except (RuntimeError, ValueError):
+                pass
+        extra["A_inf_unbounded"] = unbounded
+    stderr = {p: float("nan") for p in names}
+    if dof > 0 and jac is not None:
+        cov = np.linalg.pinv(jac.T @ jac) * (sse / dof)
+        stderr = _stderr_from_cov(cov, names)
+        stderr = {p: (float("nan") if b else v) for (p, v), b in zip(stderr.items(), at_bound)}
+    ci: dict[str, tuple[float, float]] = {}
+    if dof > 0:
+        limit = sse * (1.0 + float(f_dist.ppf(0.95, 1, dof)) / dof) + 1e-12 * k.size
+        inside = a_grid[sse_grid.min(axis=1) <= limit]
+        a_hat = float(popt[0])
+        ci["A_inf"] = (
+            min(float(inside.min()), a_hat) if inside.size else a_hat,
+            max(float(inside.max()), a_hat) if inside.size else a_hat,
+        )
     r2, rmse = _goodness(y, saturating_power(k, *popt))
+    held: list[str] = []
+    if abs(unbounded - float(popt[0])) > _BOUND_TOL:
+        edge = lo[0] if unbounded < popt[0] else hi[0]
+        held.append(f"A_inf held at its bound {edge:g} (unbounded, the fit would put it at {unbounded:.3f})")
+    if at_bound[2]:
+        held.append(f"beta on its bound {lo[2] if popt[2] - lo[2] < hi[2] - popt[2] else hi[2]:g}")
+    issues = _trust_issues(int(k.size), held, ci.get("A_inf"), r2)
     extra["method"] = method
     return FitResult(
         name=name,
-        params=params,
-        stderr=_stderr_from_cov(pcov, names),
+        params={p: float(v) for p, v in zip(names, popt)},
+        stderr=stderr,
         r2=r2,
         rmse=rmse,
         n_points=int(k.size),
         extra=extra,
+        ci=ci,
+        issues=tuple(issues),
     )
+
+
+def _ceiling_grid_sse(k: np.ndarray, y: np.ndarray, a_grid: np.ndarray, b_grid: np.ndarray) -> np.ndarray:
+    """SSE of the ceiling model at every (A_inf, β) of the grids, A_1 at its bounded optimum."""
+    g = np.power(k[None, :], -b_grid[:, None])  # [beta, k]
+    # y − A_inf·(1 − g) = A_1·g  →  A_1 = Σ g·(y − A_inf(1 − g)) / Σ g², clipped to [0, 1]
+    target = y[None, None, :] - a_grid[:, None, None] * (1.0 - g[None, :, :])  # [A, beta, k]
+    a1 = np.clip((target * g[None]).sum(axis=2) / (g**2).sum(axis=1)[None, :], 0.0, 1.0)
+    out: np.ndarray = ((target - a1[:, :, None] * g[None]) ** 2).sum(axis=2)
+    return out
+
+
+def _best_a1(k: np.ndarray, y: np.ndarray, a_inf: float, beta: float) -> float:
+    g = np.power(k, -beta)
+    return float(np.clip(np.sum(g * (y - a_inf * (1.0 - g))) / np.sum(g**2), 0.0, 1.0))
+
+
+def _trust_issues(n_points: int, bounds: list[str], ci: tuple[float, float] | None, r2: float) -> list[str]:
+    """Why a fit's asymptote is not trustworthy (empty: no reason found)."""
+    issues = []
+    if n_points < MIN_TRUST_POINTS:
+        issues.append(f"{n_points} budgets (need >= {MIN_TRUST_POINTS})")
+    issues += bounds
+    if ci is not None and ci[1] - ci[0] > MAX_CI_WIDTH:
+        issues.append(f"95% CI of A_inf [{ci[0]:.3f}, {ci[1]:.3f}] wider than {MAX_CI_WIDTH:g}")
+    if math.isfinite(r2) and r2 < 0.9:
+        issues.append(f"R² {r2:.3f} < 0.9")
+    return issues
 
 
 def fit_saturating_exponential(ks: ArrayLike, y: ArrayLike) -> FitResult:

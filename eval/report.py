@@ -8,6 +8,7 @@ import html
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ttscale.eval import metrics as M
 from ttscale.eval.analysis import FLAWS_COSTS, LABELS, SELECTORS, Analysis
-from ttscale.eval.fit import FitResult
+from ttscale.eval.fit import MAX_CI_WIDTH, MIN_TRUST_POINTS, FitResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -52,6 +53,20 @@ def _params(f: FitResult) -> str:
         f"{k} = {v:.4g} ± {f.stderr[k]:.2g}" if math.isfinite(f.stderr[k]) else f"{k} = {v:.4g}"
         for k, v in f.params.items()
     )
+
+
+def _ci_of(f: FitResult) -> str:
+    lo_hi = f.ci.get("A_inf")
+    return "–" if lo_hi is None else f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
+
+
+def _trust(f: FitResult) -> str:
+    """'trustworthy', or why not (fits without an asymptote: '–')."""
+    if not f.fittable:
+        return "not fittable"
+    if f.name != "selected_accuracy_ceiling":
+        return "–"
+    return "trustworthy" if f.trusted else "not trustworthy: " + "; ".join(f.issues)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,13 +109,13 @@ def _figures(an: Analysis) -> dict[str, bytes]:
         elif s in ("weighted", "rpc"):
             ax.plot(ks, m, ":", color=COLORS[s], alpha=0.7)
     vf = g.curves.get("verifier_best_of")
-    if vf is not None and vf.fittable and 0 <= vf.params["A_inf"] <= 1:
+    if vf is not None and vf.fittable:
         ax.axhline(
             vf.params["A_inf"],
             color=COLORS["verifier_best_of"],
             ls="--",
             lw=0.9,
-            label=f"verifier fit asymptote A∞ = {vf.params['A_inf']:.3f}",
+            label=f"verifier fit asymptote A∞ = {vf.params['A_inf']:.3f}{'' if vf.trusted else ' (not trustworthy)'}",
         )
     if g.flaws:
         ax.axhline(
@@ -256,7 +271,9 @@ class _Doc:
     def p(self, text: str, code: bool = False) -> None:
         if code:
             self.html.append(f"<pre>{html.escape(text)}</pre>")
-            self.md.append(f"```\n{text}\n```\n")
+            runs = [len(r) for r in re.findall(r"`+", text)]
+            fence = "`" * max(3, max(runs, default=0) + 1)  # longer than any backtick run of the text
+            self.md.append(f"{fence}\n{text}\n{fence}\n")
         else:
             self.html.append(f"<p>{html.escape(text)}</p>")
             self.md.append(text + "\n")
@@ -292,6 +309,44 @@ figure{margin:12px 0}img{max-width:100%}figcaption{font-size:13px;color:#555}
 """
 
 
+def _extraction_section(d: _Doc, an: Analysis) -> None:
+    ex = an.extraction
+    if not ex:
+        return
+    d.h(2, "Answer extraction")
+    d.p(
+        "Samples from which no final answer was extracted (no \\boxed{}, no 'the answer is …' or "
+        "'Answer: …', no #### …, no literal result of a final code block) are answerless: they count "
+        "as wrong and do not vote. A high rate means the prompt format or the extractor does not fit "
+        "the model's outputs (or max_tokens cuts them off), not that the model cannot solve the problems."
+    )
+    d.table(
+        ["samples", "no answer extracted", "rate", "of these cut at max_tokens", "problems with one"],
+        [
+            [
+                ex["samples"],
+                ex["answerless"],
+                f"{100 * ex['rate']:.2f}%",
+                ex["answerless_cut_at_max_tokens"],
+                ex["problems_with_answerless"],
+            ]
+        ],
+    )
+    if ex.get("by_level"):
+        d.table(
+            ["level", "samples", "no answer", "rate"],
+            [[str(lv), v["samples"], v["answerless"], f"{100 * v['rate']:.2f}%"] for lv, v in ex["by_level"].items()],
+        )
+    if ex["examples"]:
+        d.p(
+            f"The first answerless sample of each of the first {len(ex['examples'])} problems with one "
+            "(texts shortened to their start and end):"
+        )
+        for e in ex["examples"]:
+            d.p(f"{e['id']}, sample {e['i']} (finish {e['finish']}, {e['tokens']} tokens):")
+            d.p(e["text"] if e["text"] is not None else "(texts not recorded: --no-text)", code=True)
+
+
 def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
     m = an.manifest
     g = an.global_
@@ -307,6 +362,12 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
         ["dataset", f"{m.get('dataset')} ({m.get('dataset_source')})"],
         ["problems", f"{len(an.probs)} of {m.get('n_problems')}"],
         ["samples per problem K", an.k_max],
+        ["system prompt", "none" if an.prompt.system is None else json.dumps(an.prompt.system, ensure_ascii=False)],
+        [
+            "prompt template",
+            json.dumps(an.prompt.template, ensure_ascii=False)
+            + (f" (preset {an.prompt.preset})" if an.prompt.preset else ""),
+        ],
         [
             "sampling",
             f"temperature {samp.get('temperature')}, top_p {samp.get('top_p')}, "
@@ -357,16 +418,31 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
         keys = list(tab[cols[0]])
         d.table([title_, "n", *cols], [[str(k), tab[cols[0]][k][3], *(_ci(tab[c][k]) for c in cols)] for k in keys])
 
+    _extraction_section(d, an)
+
     d.h(2, "Scaling curves and fits")
     d.fig("curves", figs["curves"], "Accuracy vs k for every strategy with the fitted curves")
     rows = []
     for s, f in g.curves.items():
-        rows.append([LABELS[s], f.name, _params(f), _fmt(f.r2, 4), _fmt(f.rmse, 4)])
-    d.table(["curve", "model", "parameters (± s.e.)", "R²", "RMSE"], rows)
+        rows.append([LABELS[s], f.name, _params(f), _fmt(f.r2, 4), _fmt(f.rmse, 4), _ci_of(f), _trust(f)])
+    d.table(["curve", "model", "parameters (± s.e.)", "R²", "RMSE", "95% CI of A∞", "asymptote"], rows)
     d.p(
         "coverage: exponentiated power law c(k) = exp(a·k^b) (fit in log-coverage space, Large "
-        "Language Monkeys); selected accuracy: A(k) = A∞ − (A∞ − A₁)·k^(−β), A∞ the asymptote."
+        "Language Monkeys); selected accuracy: A(k) = A∞ − (A∞ − A₁)·k^(−β), A∞ the asymptote, "
+        "bounded to what is possible (selected accuracy ≤ coverage ≤ 1: A∞ ∈ [0, 1], A₁ ∈ [0, 1]). "
+        "The 95% interval of A∞ is its profile interval; an asymptote is not trustworthy with fewer "
+        f"than {MIN_TRUST_POINTS} budgets, an interval wider than {MAX_CI_WIDTH:g}, A∞ held at a bound "
+        "(the fit without bounds would leave [0, 1]), β on a bound, or R² < 0.9. The standard errors "
+        "treat the points as independent, which points over the same problems are not."
     )
+    brows = [
+        [b.name, LABELS[s], _fmt(f.params["A_inf"]) if f.fittable else "–", _ci_of(f), _trust(f)]
+        for b in an.buckets
+        for s, f in b.curves.items()
+        if f.name == "selected_accuracy_ceiling"
+    ]
+    if brows:
+        d.table(["bucket", "curve", "A∞", "95% CI of A∞", "asymptote"], brows)
     d.fig("buckets", figs["buckets"], "Per-bucket curves")
 
     d.h(2, "Coverage vs selected accuracy")
@@ -394,7 +470,8 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
                 f"soundness s = 1 − FPR = {fl['soundness']:.3f}; per-problem single-sample accuracy r): the "
                 f"accuracy of 'resample until accepted' tends to c·r/(c·r + (1−s)(1−r)), a ceiling of "
                 f"{fl['ceiling']:.3f} averaged over problems, however large K is. The fitted asymptote of "
-                f"verifier best-of-k is A∞ = {_fmt(vf.params['A_inf']) if vf and vf.fittable else '–'}."
+                f"verifier best-of-k is A∞ = {_fmt(vf.params['A_inf']) if vf and vf.fittable else '–'}"
+                + (f" (95% CI {_ci_of(vf)}; {_trust(vf)})." if vf and vf.fittable else ".")
             )
             d.table(
                 ["false-positive cost C"] + [k for k in fl["optimal_k"]],
@@ -477,7 +554,53 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
         )
     d.table(["bucket", "n", "pass@1", "strategy", "K", "expected accuracy", *(f"{LABELS[s]}" for s in SELECTORS)], rows)
     d.p("The budget profile (profile.json) holds these curves and recommendations for the server's adaptive budget.")
+    _holdout_section(d, an)
     return d
+
+
+def _holdout_section(d: _Doc, an: Analysis) -> None:
+    ho = an.holdout
+    if not ho:
+        return
+    d.h(3, "Held-out check of the recommendations")
+    d.p(
+        f"The problems are split in two by a hash of their id ({ho['n_fit']} to fit, {ho['n_heldout']} held "
+        "out). The fit half's buckets get their curves and recommended strategy and K as above; each "
+        "held-out problem goes to its "
+        + ("level's bucket" if an.bucket_by == "level" else "bucket of nearest mean pass@1")
+        + ". Predicted: the fit half's expected accuracy of the recommendation; realised: the accuracy "
+        "of that strategy and K on the held-out problems of the bucket (mean [95% bootstrap CI])."
+    )
+    if ho.get("note"):
+        d.p(f"Note: {ho['note']}")
+        return
+    rows = []
+    for b in ho["buckets"]:
+        if "strategy" not in b:
+            rows.append([b["name"], b["n_fit"], b["n_heldout"], "–", "–", "–", "–", "–"])
+            continue
+        real = (
+            f"{b['realised']:.3f} [{b['realised_lo']:.3f}, {b['realised_hi']:.3f}]"
+            if "realised" in b
+            else "no problems"
+        )
+        diff = f"{b['difference']:+.3f}" if "difference" in b else "–"
+        rows.append([b["name"], b["n_fit"], b["n_heldout"], b["strategy"], b["k"], f"{b['predicted']:.3f}", real, diff])
+    a = ho.get("all")
+    if a:
+        rows.append(
+            [
+                "all (per-bucket plans)",
+                ho["n_fit"],
+                a["n_heldout"],
+                "–",
+                f"{a['mean_k']:.1f} (mean)",
+                f"{a['predicted']:.3f}",
+                f"{a['realised']:.3f} [{a['realised_lo']:.3f}, {a['realised_hi']:.3f}]",
+                f"{a['difference']:+.3f}",
+            ]
+        )
+    d.table(["bucket", "n fit", "n held out", "strategy", "K", "predicted", "realised", "realised − predicted"], rows)
 
 
 def write_report(an: Analysis, out_dir: str | Path, *, command: str | None = None) -> dict[str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ttscale.eval.data import KNOWN_SETS, Dataset, extract, grade, load_dataset
+from ttscale.eval.prompts import PromptFormat, resolve_prompt
 from ttscale.eval.store import RunStore, load_run
 
 if TYPE_CHECKING:
@@ -42,6 +43,14 @@ class RunConfig:
     data_dir: str | None = None
     kv_cache_gib: float | None = None
     max_num_seqs: int | None = None
+    # user-message template (a preset name of ttscale.eval.prompts, or a template holding
+    # {problem}; None: the dataset's default) and system prompt (None: none)
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+
+    def prompt(self, dataset: str) -> PromptFormat:
+        """The run's prompt format on ``dataset`` (ValueError naming the option on bad input)."""
+        return resolve_prompt(dataset, self.prompt_template, self.system_prompt)
 
     def sampling(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "logprobs": 0}
@@ -73,6 +82,7 @@ def manifest_for(cfg: RunConfig, ds: Dataset) -> dict[str, Any]:
         "k": cfg.k,
         "seed": cfg.seed,
         "sampling": cfg.sampling(),
+        "prompt": cfg.prompt(ds.name).to_dict(),
         "batch": cfg.batch,
         "concurrency": cfg.concurrency,
         "keep_text": cfg.keep_text,
@@ -81,8 +91,9 @@ def manifest_for(cfg: RunConfig, ds: Dataset) -> dict[str, Any]:
     }
 
 
-def chat_prompt(problem: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": problem}]
+def chat_prompt(problem: str, prompt: PromptFormat | None = None) -> list[dict[str, str]]:
+    """The chat messages of ``problem`` in ``prompt``'s format (default: the problem alone)."""
+    return (prompt or PromptFormat()).messages(problem)
 
 
 def _engine_opts(kv_cache_gib: float | None, max_num_seqs: int | None) -> dict[str, Any]:
@@ -124,6 +135,7 @@ class EvalRunner:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.ds = dataset or load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
+        self.prompt = cfg.prompt(self.ds.name)
         self.policy = policy
         self.verifier = verifier
         self.force = force
@@ -165,7 +177,7 @@ class EvalRunner:
         cfg = self.cfg
         policy = self.policy
         assert policy is not None, "run() builds the engines"
-        prompt = chat_prompt(p["problem"])
+        prompt = chat_prompt(p["problem"], self.prompt)
         base = SamplingSettings(
             temperature=cfg.temperature,
             top_p=cfg.top_p,
@@ -339,6 +351,7 @@ async def rescore(
     if ds.fingerprint() != manifest.get("dataset_fingerprint"):
         raise ValueError(f"dataset {manifest['dataset']!r} differs from the one {src} was drawn on")
     problems = {p["id"]: p["problem"] for p in ds.problems}
+    fmt = PromptFormat.from_dict(manifest.get("prompt"))  # the verifier reads what the run's policy read
     new = {**manifest, "verifier": verifier, "rescored_from": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     store = RunStore(out_dir)
     done = store.open(new, force=force)
@@ -361,7 +374,7 @@ async def rescore(
             nonlocal n_samples
             while not queue.empty():
                 r = queue.get_nowait()
-                prompt = chat_prompt(problems[r["id"]])
+                prompt = chat_prompt(problems[r["id"]], fmt)
                 # a chat prompt: with_answer needs no policy tokenizer, any engine will do
                 scores = await scorer.score([with_answer(prompt, scorer, s["text"]) for s in r["samples"]])
                 store.append(

@@ -2,8 +2,10 @@
 
 A run directory holds:
 
-* ``run.json``: the manifest (dataset and its fingerprint, models, sampling settings, K, seed,
-  ttscale version). A run resumes only with the same configuration (``force`` overrides).
+* ``run.json``: the manifest (dataset and its fingerprint, models, sampling settings, prompt
+  format, K, seed, ttscale version). A run resumes only with the same configuration (``force``
+  overrides, except for the prompt format: samples drawn with two prompts are never mixed in
+  one run).
 * ``problems.jsonl``: append-only, one line per *finished* problem with all its samples, each
   line flushed and fsync'ed before the next problem is recorded. A killed run leaves at most a
   truncated last line; opening the store drops it (truncating the file back to the last
@@ -28,7 +30,9 @@ MANIFEST = "run.json"
 RECORDS = "problems.jsonl"
 
 # Manifest keys that must match for a run to resume.
-CONFIG_KEYS = ("dataset", "dataset_fingerprint", "model", "verifier", "k", "seed", "sampling")
+CONFIG_KEYS = ("dataset", "dataset_fingerprint", "model", "verifier", "k", "seed", "sampling", "prompt")
+# The value of a key in a manifest written before the key was recorded.
+LEGACY = {"prompt": {"system": None, "template": "{problem}"}}
 
 
 class ConfigMismatch(RuntimeError):
@@ -60,8 +64,16 @@ class RunStore:
         """Create or resume the run; returns the ids of the problems already recorded."""
         self.path.mkdir(parents=True, exist_ok=True)
         if self.exists():
-            old = self.read_manifest()
-            diff = [k for k in CONFIG_KEYS if old.get(k) != manifest.get(k)]
+            old, new = {**LEGACY, **self.read_manifest()}, {**LEGACY, **manifest}
+            diff = [k for k in CONFIG_KEYS if old.get(k) != new.get(k)]
+            if "prompt" in diff:  # --force does not override this one
+                was, now = _prompt_desc(old.get("prompt")), _prompt_desc(new.get("prompt"))
+                raise ConfigMismatch(
+                    f"{self.path} holds samples drawn with another prompt (recorded: {was}; "
+                    f"this run: {now}); resuming would mix samples of two prompts "
+                    "(--force does not apply): give the recorded --prompt-template / --system-prompt, "
+                    "or use another run directory"
+                )
             if diff and not force:
                 raise ConfigMismatch(
                     f"{self.path} holds a run with a different configuration ({', '.join(diff)}); "
@@ -147,6 +159,13 @@ def load_run(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[st
             seen.add(r["id"])
             recs.append(r)
     return store.read_manifest(), recs
+
+
+def _prompt_desc(p: Any) -> str:
+    if not isinstance(p, dict):
+        return repr(p)
+    system = p.get("system")
+    return f"system prompt {'none' if system is None else repr(system)}, template {p.get('template')!r}"
 
 
 def _atomic_write(path: Path, text: str) -> None:

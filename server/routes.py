@@ -75,7 +75,12 @@ def model_card(e: Engine, profiles: dict[str, Any]) -> dict[str, Any]:
         "created": 0,
         "owned_by": "ttscale",
         "max_model_len": e.max_model_len,
-        "ttscale": {"role": e.role, "budget_profile": prof.source if prof is not None else None},
+        "ttscale": {
+            "role": e.role,
+            "budget_profile": prof.source if prof is not None else None,
+            # the prompt format the profile's curves were measured with (None: not recorded)
+            "budget_profile_prompt": prof.prompt if prof is not None else None,
+        },
     }
 
 

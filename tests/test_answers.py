@@ -72,6 +72,125 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
+# Completions written the way instruct and coder models write them (by hand, after real outputs).
+QWEN_BOXED = r"""To find the distance, we use the distance formula:
+\[
+d = \sqrt{(x_2 - x_1)^2 + (y_2 - y_1)^2}
+\]
+Substituting the points $(1, 2)$ and $(4, 6)$:
+\[
+d = \sqrt{3^2 + 4^2} = \sqrt{25} = 5
+\]
+Therefore, the distance is \(\boxed{5}\)."""
+
+GSM_PROSE = """Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so she has 16 - 3 - 4 = 9 eggs left.
+She sells them for $2 each, so she makes 9 * 2 = $18 per day.
+The answer is 18."""
+
+CODER_COMPUTED = """To solve this problem, we can write a simple Python program.
+
+```python
+eggs_per_day = 16
+eaten = 3
+baked = 4
+price = 2
+result = (eggs_per_day - eaten - baked) * price
+print(result)
+```
+
+This program calculates how much money Janet makes every day at the farmers' market."""
+
+CODER_OUTPUT_BLOCK = """```python
+remaining = 16 - 3 - 4
+print(remaining * 2)
+```
+```output
+18
+```
+Janet makes $18 every day at the farmers' market."""
+
+CODER_LITERAL = """Let's compute step by step: 16 - 3 - 4 = 9 eggs are sold at $2 each.
+
+```python
+# 9 eggs * $2
+result = 18
+print(result)
+```"""
+
+CODER_ANSWER_LAST = """```python
+def f(n):
+    return n * (n + 1) // 2
+
+# f(10) = 55
+answer = 55
+```"""
+
+CODER_REASSIGNED = """```python
+result = 10
+result += 8
+print(result)
+```"""
+
+CODER_FSTRING = """```python
+total = sum(range(1, 11))
+print(f"The answer is {total}")
+print(f"\\boxed{{{total}}}")
+```"""
+
+CODER_CUT_OFF = """```python
+result = 18
+print(res"""
+
+CODER_PHRASE_THEN_CODE = """The answer is:
+```python
+print(42)
+```"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (QWEN_BOXED, "5"),
+        (GSM_PROSE, "18"),
+        ("So the answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
+        ("Adding them up, the answer is: **42**", "42"),
+        ("The answer is (C).", "(C)"),
+        ("The answer is $(1, 2)$, which lies on the line.", "(1, 2)"),
+        ("The answer is \\(-\\sqrt{2}\\).", "-\\sqrt{2}"),
+        ("Final Answer: The final answer is $\\frac{1}{3}$. I hope it is correct.", "\\frac{1}{3}"),
+        ("We add the three numbers.\n\n**Answer:** 12", "12"),
+        ("### Final Answer: 3.5", "3.5"),
+        ("Answer: $x = 5$", "x = 5"),
+        ("At first I thought the answer is 5, but that is wrong.", "5"),
+        # prose after "the answer is" states no answer
+        ("The answer is not 5, since 5 is odd.", None),
+        ("The answer is the number of ways to choose two of the five books", None),
+        ("I wonder whether the answer isn't simply larger.", None),
+        ("We check whether the answer is an integer.\n```python\nprint(n / 2)\n```", None),
+        ("Let me verify the answer is correct: 3 + 4 = 7.", None),
+        ("The answer is a.", "a"),
+        ("So we get:\n#### 1,024", "1024"),
+        # code: only literal results the code states
+        (CODER_COMPUTED, None),
+        (CODER_OUTPUT_BLOCK, "18"),
+        ("```python\nprint(2 * 9)\n```\n```\nTotal: 18\n```", "18"),
+        ("```python\nx = 1\n```\n```\nprint(x)\n```", None),
+        (CODER_LITERAL, "18"),
+        (CODER_ANSWER_LAST, "55"),
+        ("```python\nx = 5\n```", None),  # not an answer's name
+        ("```python\nprint(-7)\n```", "-7"),
+        ('```python\nprint("42")\n```', "42"),
+        (CODER_REASSIGNED, None),
+        (CODER_FSTRING, None),  # the phrase and the box inside the code are code
+        (CODER_CUT_OFF, None),
+        (CODER_PHRASE_THEN_CODE, "42"),
+        ("Here is the code:\n```python\nresult = 18\n```\nThe answer is \\boxed{19}.", "19"),
+    ],
+)
+def test_extract_answer_from_model_outputs(text, expected):
+    assert extract_answer(text) == expected
+
+
 # --------------------------------------------------------------------------------------------
 # strip_string (the eleven normalisation steps)
 # --------------------------------------------------------------------------------------------

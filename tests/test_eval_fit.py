@@ -212,6 +212,57 @@ def test_selected_accuracy_ceiling_unfittable():
     assert not fit.fittable and fit.n_points == 2
     three = fit_selected_accuracy_ceiling([1, 2, 4], [0.3, 0.4, 0.45])
     assert three.fittable and math.isnan(three.stderr["A_inf"])
+    assert three.ci == {} and "3 budgets (need >= 5)" in three.issues and not three.trusted
+
+
+# The global curves of the committed example report (eval/reports/ttscale-arith-arith500, K = 64):
+# its unbounded fit put the majority-vote asymptote at A_inf = 1.141 ± 0.28, an accuracy above 1.
+ARITH_KS = [1, 2, 4, 8, 16, 32, 64]
+ARITH_MAJORITY = [0.567, 0.567, 0.723, 0.842, 0.902, 0.922, 0.930]
+ARITH_VERIFIER = [0.567, 0.733, 0.845, 0.900, 0.912, 0.906, 0.892]
+
+
+def test_selected_accuracy_ceiling_is_bounded_and_says_when_it_is_held_there():
+    fit = fit_selected_accuracy_ceiling(ARITH_KS, ARITH_MAJORITY)
+    assert fit.fittable and fit.params["A_inf"] == pytest.approx(1.0, abs=1e-9)
+    assert 0 <= fit.params["A_1"] <= 1
+    assert fit.extra["A_inf_unbounded"] == pytest.approx(1.142, abs=5e-3)  # what the old fit reported
+    assert fit.issues == ("A_inf held at its bound 1 (unbounded, the fit would put it at 1.142)",)
+    assert not fit.trusted and math.isnan(fit.stderr["A_inf"])  # no standard error on a bound
+    assert fit.ci["A_inf"] == pytest.approx((0.86, 1.0), abs=1e-9)  # profile interval on the 0.005 grid
+    assert float(fit.predict(1e9)) <= 1.0
+
+
+def test_selected_accuracy_ceiling_trusted_fit_has_a_narrow_interval():
+    fit = fit_selected_accuracy_ceiling(ARITH_KS, ARITH_VERIFIER)
+    assert fit.params["A_inf"] == pytest.approx(0.9161, abs=1e-3)  # the committed report: 0.9161 ± 0.013
+    assert fit.stderr["A_inf"] == pytest.approx(0.0135, abs=1e-3)
+    assert fit.ci["A_inf"] == pytest.approx((0.885, 0.955), abs=1e-9)
+    assert fit.issues == () and fit.trusted
+    back = FitResult.from_dict(json.loads(json.dumps(fit.to_dict(), allow_nan=False)))
+    assert back.ci == fit.ci and back.issues == () and back.trusted
+
+
+def test_selected_accuracy_ceiling_flags():
+    # four budgets: too few for an asymptote (the fit itself is fine)
+    few = fit_selected_accuracy_ceiling([1, 2, 4, 8], [0.4, 0.55, 0.63, 0.67])
+    assert few.fittable and few.issues[0] == "4 budgets (need >= 5)"
+    # verifier best-of-k on level 5 of the example report: the plateau is not located (interval to 1)
+    level5 = [0.2225, 0.3724, 0.5518, 0.6893, 0.7365, 0.742, 0.76]
+    wide = fit_selected_accuracy_ceiling(ARITH_KS, level5)
+    assert wide.params["A_inf"] == pytest.approx(0.833, abs=1e-3) and wide.ci["A_inf"] == pytest.approx((0.73, 1.0))
+    assert wide.issues == ("95% CI of A_inf [0.730, 1.000] wider than 0.15",)
+    ks = np.array(ARITH_KS, dtype=float)
+    # a lower ceiling known (say, the coverage plateau): A_inf stays below it
+    capped = fit_selected_accuracy_ceiling(ks, 0.9 - 0.5 * ks**-0.8, upper=0.8)
+    assert capped.params["A_inf"] == pytest.approx(0.8, abs=1e-9)
+    assert capped.extra["A_inf_unbounded"] == pytest.approx(0.9, abs=1e-3)
+    assert "A_inf held at its bound 0.8 (unbounded, the fit would put it at 0.900)" in capped.issues
+    # a plateau the data themselves put at 1 is no issue
+    at_one = fit_selected_accuracy_ceiling(ks, 1.0 - 0.1 * ks**-2.0)
+    assert at_one.params["A_inf"] == pytest.approx(1.0, abs=1e-6) and at_one.trusted
+    with pytest.raises(ValueError, match="upper"):
+        fit_selected_accuracy_ceiling(ks, ARITH_VERIFIER, upper=1.2)
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,31 +10,34 @@ import pytest
 from typer.testing import CliRunner
 
 from ttscale.eval import metrics as M
-from ttscale.eval.analysis import analyse_run, budgets
+from ttscale.eval.analysis import analyse_run, budgets, fit_half, summary_lines
 from ttscale.eval.fit import FitResult
 from ttscale.eval.report import write_report
-from ttscale.eval.store import RunStore
+from ttscale.eval.store import RunStore, load_run
 
 K = 16
 
 
-def _synthetic_run(path, n_problems=60, seed=0, levels=True):
+PROMPT = {"system": "Be exact.", "template": "{problem}\n\nPut the answer in \\boxed{}."}
+
+
+def _synthetic_run(path, n_problems=60, seed=0, levels=True, prompt=None):
     """Problem i has single-sample accuracy r_i; wrong answers spread over 3 distractors;
-    the verifier scores correct samples higher on average."""
+    the verifier scores correct samples higher on average. The last sample of every fourth
+    problem states no answer (a long text; cut at max_tokens in every eighth problem)."""
     rng = np.random.default_rng(seed)
     st = RunStore(path)
-    st.open(
-        {
-            "dataset": "synth",
-            "dataset_fingerprint": "x",
-            "model": "toy",
-            "verifier": "toy-v",
-            "k": K,
-            "seed": seed,
-            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64},
-            "n_problems": n_problems,
-        }
-    )
+    manifest = {
+        "dataset": "synth",
+        "dataset_fingerprint": "x",
+        "model": "toy",
+        "verifier": "toy-v",
+        "k": K,
+        "seed": seed,
+        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64},
+        "n_problems": n_problems,
+    }
+    st.open(manifest if prompt is None else {**manifest, "prompt": prompt})
     for i in range(n_problems):
         level = 1 + i % 5
         r = float(np.clip(rng.beta(6 - level, level), 0.0, 1.0))
@@ -58,6 +61,9 @@ def _synthetic_run(path, n_problems=60, seed=0, levels=True):
                     "latency_s": float(rng.random()),
                 }
             )
+        if i % 4 == 0:
+            cut = "length" if i % 8 == 0 else "stop"
+            samples[-1].update(answer=None, correct=False, text=f"p{i} " + "x" * 1000 + " END", finish=cut)
         rec = {"id": f"p{i}", "gold": "42", "prompt_tokens": 30, "wall_s": 1.0, "samples": samples}
         if levels:
             rec["level"] = level
@@ -72,7 +78,7 @@ def test_budgets():
 
 @pytest.mark.parametrize("levels", [True, False])
 def test_analysis_profile_and_report(tmp_path, levels):
-    _synthetic_run(tmp_path / "run", levels=levels)
+    _synthetic_run(tmp_path / "run", levels=levels, prompt=PROMPT if levels else None)
     an = analyse_run(tmp_path / "run", n_boot=100, rpc_draws=4)
     g = an.global_
     # Estimators agree with the metrics module on the raw data.
@@ -94,9 +100,17 @@ def test_analysis_profile_and_report(tmp_path, levels):
         fit = FitResult.from_dict(b["curves"]["coverage"])
         if fit.fittable:
             assert 0 <= float(fit.predict(4)) <= 1
+        for sel in ("majority", "verifier_best_of"):  # asymptotes bounded, with their interval and flags
+            f = FitResult.from_dict(b["curves"][sel])
+            assert 0 <= f.params["A_inf"] <= 1 and 0 <= f.params["A_1"] <= 1
+            assert f.ci["A_inf"][0] <= f.params["A_inf"] <= f.ci["A_inf"][1] and isinstance(
+                b["curves"][sel]["issues"], list
+            )
         assert b["recommended"]["strategy"] in ("majority", "verifier_best_of")
         assert 1 <= b["recommended"]["k"] <= K
     assert set(prof["global"]["flaws"]) == {"completeness", "soundness", "ceiling", "optimal_k"}
+    # the prompt format the curves were measured with (a run without one: the problem alone)
+    assert prof["prompt"] == (PROMPT if levels else {"system": None, "template": "{problem}"})
     if not levels:  # quantile bins: easiest first
         p1 = [b["pass1"] for b in prof["buckets"]]
         assert p1 == sorted(p1, reverse=True)
@@ -113,9 +127,102 @@ def test_analysis_profile_and_report(tmp_path, levels):
         "## Saturation point",
         "## Tokens, latency",
         "## Recommended budget",
+        "## Answer extraction",
     ):
         assert section in md
+    assert "| curve | model | parameters (± s.e.) | R² | RMSE | 95% CI of A∞ | asymptote |" in md
+    vf = g.curves["verifier_best_of"]
+    lo, hi = vf.ci["A_inf"]
+    trust = "trustworthy" if vf.trusted else "not trustworthy: " + "; ".join(vf.issues)
+    assert f"| [{lo:.3f}, {hi:.3f}] | {trust} |" in md
+    if levels:
+        assert '| system prompt | "Be exact." |' in md
+        assert '| prompt template | "{problem}\\n\\nPut the answer in \\\\boxed{}." |' in md
+    else:
+        assert "| system prompt | none |" in md and '| prompt template | "{problem}" (preset plain) |' in md
     assert (tmp_path / "rep" / "figures" / "curves.png").stat().st_size > 1000
+
+
+def test_extraction_failures_are_counted_and_shown(tmp_path):
+    _synthetic_run(tmp_path / "run", n_problems=40)
+    an = analyse_run(tmp_path / "run", n_boot=20, rpc_draws=0)
+    ex = an.extraction
+    # problems 0, 4, ..., 36 (10) have one answerless sample; 0, 8, ..., 32 (5) were cut at max_tokens
+    assert (ex["samples"], ex["answerless"], ex["answerless_cut_at_max_tokens"]) == (640, 10, 5)
+    assert ex["rate"] == 10 / 640 and ex["problems_with_answerless"] == 10
+    # level 1 + i % 5: two of those ten problems on each level
+    assert ex["by_level"] == {lv: {"answerless": 2, "samples": 128, "rate": 2 / 128} for lv in range(1, 6)}
+    assert [(e["id"], e["i"], e["finish"]) for e in ex["examples"]] == [
+        ("p0", K - 1, "length"),
+        ("p4", K - 1, "stop"),
+        ("p8", K - 1, "length"),
+        ("p12", K - 1, "stop"),
+        ("p16", K - 1, "length"),
+    ]
+    text = ex["examples"][1]["text"]
+    assert text.startswith("p4 xxx") and text.endswith("x END") and "[…" in text and len(text) < 700
+    paths = write_report(an, tmp_path / "rep")
+    md = Path(paths["markdown"]).read_text()
+    assert "| 640 | 10 | 1.56% | 5 | 10 |" in md
+    assert "p4, sample 15 (finish stop, " in md
+    assert "no answer extracted: 10 of 640 samples (1.6%), 5 of them cut at max_tokens" in "\n".join(summary_lines(an))
+
+
+def test_fit_half_is_a_deterministic_hash_split():
+    ids = [f"p{i}" for i in range(12)]
+    # blake2b(b"p0", digest_size=8) ends in 0xf4 (even: fit half), blake2b(b"p1") in 0x91 (odd: held out)
+    assert fit_half(ids).tolist() == [True, False, True, False, True, True, False, False, True, True, True, False]
+    assert fit_half(ids[::-1]).tolist() == fit_half(ids).tolist()[::-1]  # the id alone decides
+
+
+@pytest.mark.parametrize("levels", [True, False])
+def test_holdout_check_plans_on_one_half_and_realises_on_the_other(tmp_path, levels):
+    _synthetic_run(tmp_path / "run", n_problems=80, levels=levels)
+    an = analyse_run(tmp_path / "run", n_boot=50, rpc_draws=0)
+    ho = an.holdout
+    half = fit_half([p.id for p in an.probs])
+    assert (ho["n_fit"], ho["n_heldout"]) == (int(half.sum()), int((~half).sum()))
+    # the plans are exactly what a report of the fit half alone recommends
+    manifest, records = load_run(tmp_path / "run")
+    st = RunStore(tmp_path / "fit-half")
+    st.open(manifest)
+    for r, f in zip(records, half):
+        if f:
+            st.append(r)
+    st.close()
+    alone = analyse_run(tmp_path / "fit-half", n_boot=50, rpc_draws=0)
+    assert [b["name"] for b in ho["buckets"]] == [b.name for b in alone.buckets]
+    for row, b in zip(ho["buckets"], alone.buckets):
+        assert row["n_fit"] == b.idx.size
+        assert (row["strategy"], row["k"]) == (b.recommended["strategy"], b.recommended["k"])
+        # the same fit (sums in another order)
+        assert row["predicted"] == pytest.approx(b.recommended["expected_accuracy"], abs=1e-6)
+    # realised: that strategy at that k on the held-out problems of the bucket
+    held = [p for p, f in zip(an.probs, half) if not f]
+    if levels:
+        placed = {f"level {lv}": [p for p in held if p.level == lv] for lv in range(1, 6)}
+    else:
+        centres = {b.name: b.pass1.mean() for b in alone.buckets}
+        placed = {name: [] for name in centres}
+        for p in held:
+            placed[min(centres, key=lambda n: abs(centres[n] - p.correct.mean()))].append(p)
+    n_all = 0
+    for row in ho["buckets"]:
+        ps = placed[row["name"]]
+        assert row["n_heldout"] == len(ps) > 0
+        if row["strategy"] == "majority":
+            want = [M.majority_at_k(p.clusters, p.correct, row["k"], seed=0) for p in ps]
+        else:
+            want = [float(M.best_of_k(p.scores, p.correct, np.array([row["k"]]))[0]) for p in ps]
+        assert row["realised"] == pytest.approx(np.mean(want), abs=1e-12)
+        assert row["realised_lo"] <= row["realised"] <= row["realised_hi"]
+        assert row["difference"] == pytest.approx(row["realised"] - row["predicted"], abs=1e-12)
+        n_all += len(ps)
+    assert ho["all"]["n_heldout"] == n_all == ho["n_heldout"]
+    md = Path(write_report(an, tmp_path / "rep")["markdown"]).read_text()
+    assert "### Held-out check of the recommendations" in md
+    r0 = ho["buckets"][0]
+    assert f"| {r0['name']} | {r0['n_fit']} | {r0['n_heldout']} | {r0['strategy']} | {r0['k']} | " in md
 
 
 def test_cli_fit_and_report(tmp_path):

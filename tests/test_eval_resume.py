@@ -1,4 +1,5 @@
-"""`ttscale eval run` against the real embedded policy: SIGKILL midway, resume, lose nothing."""
+"""`ttscale eval run` against the real embedded policy: SIGKILL midway, resume, lose nothing;
+a resume with another prompt format is refused."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ pytestmark = pytest.mark.vllm
 
 N_PROBLEMS = 12
 K = 4
+# as typed on a command line: \n is a line break (the arith models read a system line and "Q: ...")
+SYSTEM = "Work it out."
+TEMPLATE = "{problem}\\nShow each step."
 
 
-def _cmd(out: Path) -> list[str]:
+def _cmd(out: Path, template: str = TEMPLATE) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -39,6 +43,10 @@ def _cmd(out: Path) -> list[str]:
         "2",
         "--max-tokens",
         "256",
+        "--system-prompt",
+        SYSTEM,
+        "--prompt-template",
+        template,
         "--out",
         str(out),
         "--quiet",
@@ -91,6 +99,14 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path):
         rec = json.loads(line)
         assert [s["i"] for s in rec["samples"]] == list(range(K))
         assert all(s["finish"] in ("stop", "length") for s in rec["samples"])
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["prompt"] == {"system": "Work it out.", "template": "{problem}\nShow each step."}
+
+    # another template for the same run directory: refused before any engine starts, nothing written
+    res = subprocess.run(_cmd(out, template="boxed"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "another prompt" in res.stderr and "would mix samples" in res.stderr
+    assert _lines(records) == after
 
 
 def test_rescore_with_the_real_verifier_matches_the_run(tmp_path):

@@ -1495,6 +1495,21 @@ async def test_model_card_and_unknown_model():
     assert_error(missing, 404, NF, "model", "model_not_found")
 
 
+async def test_model_card_shows_the_budget_profile_and_its_prompt_format(tmp_path):
+    fmt = {"system": "Be careful.", "template": "{problem}\n\nPut the answer in \\boxed{}."}
+    (tmp_path / "p.json").write_text(json.dumps({"version": 1, "model": "p", "prompt": fmt, "buckets": []}))
+    (tmp_path / "old.json").write_text(json.dumps({"version": 1, "model": "q", "buckets": []}))
+    pool = ModelPool([FakeEngine("p"), FakeEngine("q"), FakeEngine("r")])
+    profiles = {"p": str(tmp_path / "p.json"), "q": str(tmp_path / "old.json")}
+    app = create_app(pool, profiles=profiles, manage_pool=False)
+    async with client(app) as h:
+        cards = {c["id"]: c["ttscale"] for c in (await h.get("/v1/models")).json()["data"]}
+    assert cards["p"]["budget_profile"] == str(tmp_path / "p.json")
+    assert cards["p"]["budget_profile_prompt"] == fmt
+    assert cards["q"]["budget_profile_prompt"] is None  # a profile made before formats were recorded
+    assert cards["r"]["budget_profile"] is None and cards["r"]["budget_profile_prompt"] is None
+
+
 async def test_model_card_of_a_name_with_a_slash():
     app, _ = make_app(name="org/model")
     async with client(app) as h:

@@ -20,8 +20,14 @@ says the target accuracy is reached and the evidence agrees (``"target_reached"`
 limit: ``budget.samples`` (or ``max_samples``), ``budget.tokens`` and ``budget.deadline_ms``
 (in-flight candidates aborted). Without a profile only the evidence rule and the limits apply.
 
-The profile is the JSON that ``ttscale eval report`` writes (schema in ``ttscale.eval.report``);
-the embedded model's ships with the package.
+The profile is the JSON that ``ttscale eval report`` writes (schema in ``ttscale.eval.analysis``);
+the embedded model's ships with the package. A profile records the prompt format its curves were
+measured with (``prompt``: system prompt and user template, :attr:`Profile.prompt`; absent in
+profiles made before formats were recorded, which were measured with the problem alone as the
+user message). The curves describe requests written in that format: fit a profile on the prompt
+format the server's clients send (``ttscale eval run --prompt-template/--system-prompt``) and give
+it with ``ttscale serve --budget-profile NAME=PATH``. One profile is used per model, whatever a
+request's format; ``/v1/models`` shows the profile and its prompt format.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class Profile:
     tokens_per_sample: float | None = None
     k_max: int | None = None
     source: str = ""
+    prompt: dict[str, Any] | None = None  # {"system", "template"} the curves were measured with
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -104,6 +111,7 @@ class Profile:
             tokens_per_sample=d.get("tokens_per_sample"),
             k_max=d.get("k_max"),
             source=str(path),
+            prompt=d.get("prompt"),
         )
 
     def bucket_for(self, p1: float) -> Bucket | None:

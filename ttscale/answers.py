@@ -3,7 +3,8 @@
 The pipeline every voting strategy uses:
 
 1. :func:`extract_answer` pulls the final answer out of a completion (last ``\\boxed{}``, then
-   the "final answer is" and ``####`` conventions). A completion without one is *answerless*:
+   the "answer is" / "Answer:" and ``####`` conventions, then what a final Python code block
+   states as literal numbers). A completion without one is *answerless*:
    it counts against the budget but does not vote.
 2. :func:`answer_key` maps an answer to a canonical vote key. Plain numbers take a fast path;
    everything else goes through math-verify (``str`` of the parsed sympy object) and falls back
@@ -19,6 +20,7 @@ only. Nothing in this module raises on malformed answers.
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 import threading
@@ -98,42 +100,203 @@ def _continues_name(text: str, pos: int) -> bool:
     return pos < len(text) and text[pos].isalpha()
 
 
-_FINAL_ANSWER_RE = re.compile(r"final answer is\s*:?", re.IGNORECASE)
 _HOPE_RE = re.compile(r"\.?\s*I hope it is correct\.?\s*$", re.IGNORECASE)
 _GSM8K_RE = re.compile(r"####\s*(-?[$0-9.,]+)")
+# "the answer is X", "final answer is: X"; "Answer: X" / "**Final Answer:** X" at the start of a line
+_ANSWER_PHRASE_RE = re.compile(
+    r"answer\s+is\b\s*:?|^[ \t]*(?:[*#_]+[ \t]*)?(?:final[ \t]+)?answer[ \t]*(?:[*_]+[ \t]*)?:(?:[ \t]*[*_]+)?",
+    re.IGNORECASE | re.MULTILINE,
+)
+# "not 5", "that ...", "to be found": prose after "the answer is", not an answer
+_NOT_AN_ANSWER_RE = re.compile(
+    r"(?:not|that|to|whether|because|if|as follows|below|above|unknown|correct|incorrect|right|wrong|valid"
+    r"|reasonable|consistent)\b|(?:a|an|the)\s+[a-z]",
+    re.IGNORECASE,
+)
+_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
+_PROSE_GOES_ON_RE = re.compile(r",\s+(?=[a-z]{2,}\b)")
+# fenced code blocks: ```lang\n ... ``` (an unclosed fence runs to the end of the text)
+_FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_CODE_LANGS = frozenset({"python", "py", "python3", "py3"})
+_OUTPUT_LANGS = frozenset({"", "output", "text", "plaintext", "console", "stdout", "txt"})
+# names whose final literal assignment states the answer (``result = 42`` as the last line)
+_ANSWER_NAMES = frozenset({"answer", "ans", "result", "final_answer", "solution"})
+_MAX_PHRASE_CHARS = 100
 
 
 def extract_answer(text: str | None) -> str | None:
     """The final answer of a completion, or ``None`` when it states none.
 
-    Order: the last ``\\boxed{}``/``\\fbox{}``; else the last "final answer is X" (Minerva
-    style, with a trailing "I hope it is correct." removed); else the last GSM8K ``#### X``.
+    Order (text inside fenced Python code blocks is code, not a statement: it is skipped by the
+    first three):
+
+    1. the last ``\\boxed{}``/``\\fbox{}``;
+    2. the last "answer is X" ("the final answer is X", Minerva style with a trailing "I hope it
+       is correct." removed) or a line "Answer: X" (also "**Final Answer:** X"): X up to the end
+       of its sentence, without ``$``/``\\(\\)``/bold/backticks; not taken when X reads as prose
+       ("not 5", "that ...", "correct", "an integer", more than three words without a digit or
+       LaTeX, over 100 characters); prose after a comma is cut ("5, but ..." gives 5);
+    3. the last GSM8K ``#### X``;
+    4. code (what a coder model often writes instead): a one-line output block (```` ```output````,
+       a bare fence, ...) after the last Python block; else, in the last Python block, a final
+       ``print(42)``, a final ``print(x)`` with ``x = 42`` the last binding of ``x`` at the top
+       level, or a final ``answer = 42`` / ``result = 42`` (also ``ans``, ``final_answer``,
+       ``solution``). Only numeric literals count: a printed expression or a computed variable
+       states no answer (running the code is not extraction).
+
     There is deliberately no "last number in the text" fallback.
     """
     if not text:
         return None
-    boxed = last_boxed(text)
+    blocks = _fenced_blocks(text) if "```" in text else []
+    prose = _mask_code(text, blocks) if blocks else text
+    boxed = last_boxed(prose)
     if boxed is not None:
         boxed = boxed.strip()
         return boxed or None
 
-    matches = list(_FINAL_ANSWER_RE.finditer(text))
-    if matches:
-        tail = text[matches[-1].end() :]
-        line = tail.strip().split("\n", 1)[0].strip()
-        line = _HOPE_RE.sub("", line).strip()
-        line = line.rstrip(".").strip()
-        if len(line) >= 2 and line.startswith("$") and line.endswith("$"):
-            line = line.strip("$").strip()
-        if line:
-            return line
+    phrase = _answer_phrase(prose)
+    if phrase is not None:
+        return phrase
 
-    hashes: list[str] = _GSM8K_RE.findall(text)
+    hashes: list[str] = _GSM8K_RE.findall(prose)
     if hashes:
         ans = hashes[-1].replace(",", "").replace("$", "").rstrip(".")
         if ans and ans != "-":
             return ans
+    return _code_answer(blocks) if blocks else None
+
+
+def _answer_phrase(text: str) -> str | None:
+    """X of the last "answer is X" / "Answer: X" in ``text`` (rules in :func:`extract_answer`)."""
+    matches = list(_ANSWER_PHRASE_RE.finditer(text))
+    if not matches:
+        return None
+    tail = text[matches[-1].end() :].strip()
+    line = tail.split("\n", 1)[0].strip()
+    line = _HOPE_RE.sub("", line).strip()
+    for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if line.startswith(a):  # math: up to its closing delimiter
+            close = line.find(b, len(a))
+            return _clean_stated(line[: close + len(b)]) if close > 0 else None
+    end = _SENTENCE_END_RE.search(line)
+    if end is not None:
+        line = line[: end.start()]
+    more = _PROSE_GOES_ON_RE.search(line)  # "5, but that is wrong"
+    if more is not None:
+        line = line[: more.start()]
+    return _clean_stated(line)
+
+
+def _clean_stated(line: str) -> str | None:
+    """A stated answer without its wrapping (``$``, ``\\(\\)``, ``\\[\\]``, bold, backticks),
+    or None when it reads as prose rather than an answer."""
+    line = line.strip().rstrip(".").strip()
+    for _ in range(3):  # nested wrappers: **$42$**
+        before = line
+        for a, b in (("**", "**"), ("`", "`"), ("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+            if len(line) >= len(a) + len(b) and line.startswith(a) and line.endswith(b):
+                line = line[len(a) : len(line) - len(b)].strip()
+        line = line.rstrip(".").strip()
+        if line == before:
+            break
+    if not line or line.startswith("`") or len(line) > _MAX_PHRASE_CHARS or _NOT_AN_ANSWER_RE.match(line):
+        return None
+    if not any(ch.isdigit() or ch in "\\^_{}=+-*/()[]" for ch in line) and len(line.split()) > 3:
+        return None
+    return line
+
+
+def _fenced_blocks(text: str) -> list[tuple[str, bool, int, int, str]]:
+    """(language, closed, start, end, content) of each fenced code block, in order (the last
+    one is unclosed when a completion was cut off inside it)."""
+    return [
+        (m.group(1).lower(), m.group(0).endswith("```"), m.start(), m.end(), m.group(2))
+        for m in _FENCE_RE.finditer(text)
+    ]
+
+
+def _mask_code(text: str, blocks: list[tuple[str, bool, int, int, str]]) -> str:
+    """``text`` with every Python block blanked (same length), so its strings state nothing."""
+    out = text
+    for lang, _, start, end, _ in blocks:
+        if lang in _CODE_LANGS:
+            out = out[:start] + " " * (end - start) + out[end:]
+    return out
+
+
+def _code_answer(blocks: list[tuple[str, bool, int, int, str]]) -> str | None:
+    """The answer a coder model's code blocks state (rules in :func:`extract_answer`)."""
+    last_py = max((i for i, b in enumerate(blocks) if b[0] in _CODE_LANGS), default=None)
+    if last_py is None:
+        return None
+    after = blocks[last_py + 1 :]
+    if after:  # an output block after the code: what the model says it printed
+        lang, closed, _, _, content = after[-1]
+        lines = [x for x in content.strip().split("\n") if x.strip()]
+        if closed and lang in _OUTPUT_LANGS and len(lines) == 1:
+            label = _LABEL_RE.match(lines[0])  # "Result: 42"
+            value = label.group(1) if label else lines[0]
+            return None if _CODE_LIKE_RE.search(value) else _clean_stated(value)
+        return None
+    _, closed, _, _, code = blocks[last_py]
+    return _literal_result(code) if closed else None  # a block cut off is no statement
+
+
+def _literal_result(code: str) -> str | None:
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return None
+    if not tree.body:
+        return None
+    literal: dict[str, str | None] = {}  # name -> its literal value, None once bound otherwise
+    for stmt in tree.body[:-1]:
+        _bind(stmt, literal, code)
+    last = tree.body[-1]
+    if isinstance(last, ast.Expr) and isinstance(last.value, ast.Call):
+        call = last.value
+        if isinstance(call.func, ast.Name) and call.func.id == "print" and len(call.args) == 1 and not call.keywords:
+            arg = call.args[0]
+            if isinstance(arg, ast.Name):
+                return literal.get(arg.id)
+            return _numeric_literal(arg, code)
+        return None
+    target = last.targets[0] if isinstance(last, ast.Assign) and len(last.targets) == 1 else None
+    if isinstance(last, ast.Assign) and isinstance(target, ast.Name) and target.id.lower() in _ANSWER_NAMES:
+        return _numeric_literal(last.value, code)
     return None
+
+
+def _bind(stmt: ast.stmt, literal: dict[str, str | None], code: str) -> None:
+    """Record the names ``stmt`` binds: a literal for ``x = 42`` at the top level, else None."""
+    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+        literal[stmt.targets[0].id] = _numeric_literal(stmt.value, code)
+        return
+    for node in ast.walk(stmt):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            literal[node.id] = None
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            literal[node.name] = None
+
+
+def _numeric_literal(node: ast.expr, code: str) -> str | None:
+    """The source of an int/float literal (``-`` allowed), else None."""
+    inner = node.operand if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)) else node
+    if not isinstance(inner, ast.Constant) or isinstance(inner.value, bool):
+        return None
+    if isinstance(inner.value, (int, float)):
+        src = ast.get_source_segment(code, node)
+        return src.replace("_", "") if src else str(inner.value)
+    if isinstance(inner.value, str) and inner is node:  # print("42")
+        value = inner.value.strip()
+        return value if _NUMBER_TEXT_RE.fullmatch(value) else None
+    return None
+
+
+_NUMBER_TEXT_RE = re.compile(r"-?\d+(?:\.\d+)?")
+_LABEL_RE = re.compile(r"[A-Za-z][A-Za-z ]*:\s*(.+)")
+_CODE_LIKE_RE = re.compile(r"[A-Za-z_]\w*\s*\(|=|\bimport\b")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ class FitResult:
         n_points: number of points the fit used.
         fittable: False when the data cannot support the model; ``reason`` says why.
         extra: further JSON-compatible details (fit method, fit space, comparison values).
+        ci: 95 % intervals of parameters by name, where the fit computes them.
+        issues: why the fit (its asymptote) is not trustworthy; empty when no reason was found.
     """
 
     name: str
@@ -79,6 +81,13 @@ class FitResult:
     fittable: bool = True
     reason: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    issues: tuple[str, ...] = ()
+
+    @property
+    def trusted(self) -> bool:
+        """Fittable, with no reason found to distrust it."""
+        return self.fittable and not self.issues
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
@@ -112,6 +121,8 @@ class FitResult:
             "fittable": bool(self.fittable),
             "reason": self.reason,
             "extra": {k: _nan_to_none(v) for k, v in self.extra.items()},
+            "ci": {k: [_nan_to_none(float(a)), _nan_to_none(float(b))] for k, (a, b) in self.ci.items()},
+            "issues": list(self.issues),
         }
 
     @classmethod
@@ -127,6 +138,8 @@ class FitResult:
             fittable=bool(d.get("fittable", True)),
             reason=str(d.get("reason", "")),
             extra={k: _none_to_nan(v) for k, v in dict(d.get("extra", {})).items()},
+            ci={k: (float(_none_to_nan(a)), float(_none_to_nan(b))) for k, (a, b) in dict(d.get("ci", {})).items()},
+            issues=tuple(str(x) for x in d.get("issues", ())),
         )
 
 
