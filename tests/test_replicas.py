@@ -129,7 +129,7 @@ def _replica_state(front) -> dict:
 def fleet(server, tmp_path_factory):
     """(front, [replica servers]): the session server and two policy-only servers."""
     d = tmp_path_factory.mktemp("fleet")
-    extra = [start_server([POLICY], d / f"replica{i}.log", "--kv-cache-gib", "0.5") for i in (1, 2)]
+    extra = [start_server([POLICY], d / f"replica{i}.log", "--kv-cache-gib", "1") for i in (1, 2)]
     reps = [server, *extra]
     urls = ",".join(r.url for r in reps)
     front = start_server([f"pol={urls}@{POLICY_NAME}"], d / "front.log", "--placement", "affinity")
@@ -253,3 +253,20 @@ def test_a_disconnect_aborts_on_every_replica(fleet):
         s.health() for s in reps
     ]
     assert wait_until(lambda: front.health()["engine_requests_running"] == 0, 15)
+
+
+def test_the_compose_example_fronts_the_same_replicas_from_every_instance():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    doc = yaml.safe_load((root / "deploy" / "compose.yaml").read_text())
+    svc = doc["services"]
+    fronts = [s for n, s in svc.items() if n.startswith("ttscale")]
+    assert len(fronts) == 2 and fronts[0]["command"] == fronts[1]["command"]
+    cmd = fronts[0]["command"]
+    spec = parse_model_arg(cmd[cmd.index("--model") + 1])
+    hosts = {u.split("//")[1].split(":")[0] for u in spec.urls}
+    assert hosts == {n for n in svc if n.startswith("vllm")} and len(spec.urls) == 2
+    assert (root / "deploy" / "nginx.conf").is_file()
