@@ -23,6 +23,7 @@ from ttscale.engine.base import (
     Engine,
     Fanout,
     PromptInput,
+    ReadResult,
     SamplingSettings,
     is_token_ids,
     new_request_id,
@@ -176,7 +177,17 @@ class OpenAIEngine(Engine):
             entry = plp[pos] if pos < len(plp) else None
             key = str(ids[pos])
             res.append(float(entry[key]["logprob"]) if entry and key in entry else float("-inf"))
-        return res
+        u = data.get("usage") or {}
+        decoded = int(u.get("completion_tokens") or 0)
+        return ReadResult(res, prefill_tokens=len(ids), cached_tokens=cached_tokens(u), decode_tokens=decoded)
+
+
+def cached_tokens(usage: dict[str, Any]) -> int | None:
+    """``prompt_tokens_details.cached_tokens`` of an upstream's usage, where it reports it (vLLM
+    does with ``--enable-prompt-tokens-details``, and only where it is not 0)."""
+    details = usage.get("prompt_tokens_details") or {}
+    n = details.get("cached_tokens") if isinstance(details, dict) else None
+    return int(n) if isinstance(n, int | float) else None
 
 
 def _upstream_error(status: int, text: str) -> Exception:
@@ -256,6 +267,7 @@ class _HTTPFanout(Fanout):
                         u = chunk["usage"]
                         self.prompt_tokens = int(u.get("prompt_tokens") or 0)
                         c.token_count = int(u.get("completion_tokens") or c.token_count)
+                        c.cached_tokens = cached_tokens(u)
                     for ch in chunk.get("choices") or []:
                         delta = (ch.get("delta") or {}).get("content") if self._chat else ch.get("text")
                         delta = delta or ""
