@@ -259,7 +259,7 @@ class Ledger:
         requests read) to ``prompt``, ``decode`` to ``completion``; ``cached``: of ``prefill``, what
         the engine reported served from its prefix cache (None: not reported). Of the billed
         ``prompt``, the cached part is what the cache served beyond the ``prefill - prompt``
-        leading tokens the bill leaves out (a draft's prefix, re-read to score its new chunk)."""
+        leading tokens the bill leaves out (the prompt and chain a target re-reads to score a chunk)."""
         prefill = prompt if prefill is None else prefill
         cached_prompt = None if cached is None else min(prompt, max(0, cached - (prefill - prompt)))
         self._book(
