@@ -130,7 +130,8 @@ async def main(a: argparse.Namespace) -> None:
     client = openai.AsyncOpenAI(base_url=srv.v1, api_key="x", max_retries=0, timeout=900)
     sem = asyncio.Semaphore(a.concurrency)
     res: dict[str, dict[str, list]] = {
-        m: {"correct": [], "tokens": [], "seconds": [], "samples": []} for m, _ in methods
+        m: {"correct": [], "tokens": [], "decode": [], "prefill": [], "cached": [], "seconds": [], "samples": []}
+        for m, _ in methods
     }
     pass1: list[float] = []
     extra: dict[str, list] = {m: [] for m, _ in methods}
@@ -155,6 +156,10 @@ async def main(a: argparse.Namespace) -> None:
             info = r.model_extra["ttscale"]
             res[name]["correct"].append(float(grade(info.get("answer"), p["answer"])))
             res[name]["tokens"].append(tokens_of(info))
+            usage = info["usage"]  # the engine's work, every model
+            res[name]["decode"].append(usage["decode_tokens"])
+            res[name]["prefill"].append(usage["prefill_tokens"])
+            res[name]["cached"].append(usage["cached_prefill_tokens"] or 0)
             res[name]["seconds"].append(dt)
             res[name]["samples"].append(info["samples_used"])
             keep = {k: info.get(k) for k in ("rejection_rate", "rejected", "accepted", "takeovers", "stop_reason")}
@@ -187,6 +192,9 @@ async def main(a: argparse.Namespace) -> None:
             "lo": lo,
             "hi": hi,
             "tokens_per_problem": sum(r["tokens"]) / len(r["tokens"]),
+            "decode_tokens_per_problem": sum(r["decode"]) / len(r["decode"]),
+            "prefill_tokens_per_problem": sum(r["prefill"]) / len(r["prefill"]),
+            "cached_prefill_tokens_per_problem": sum(r["cached"]) / len(r["cached"]),
             "seconds_per_problem": sum(r["seconds"]) / len(r["seconds"]),
             "samples_per_problem": sum(r["samples"]) / len(r["samples"]),
         }
@@ -220,8 +228,11 @@ async def main(a: argparse.Namespace) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{a.suite}.json").write_text(json.dumps(out, indent=1))
     print(f"\n{a.suite}: {len(probs)} problems (levels {a.levels}), T={a.temperature}\n")
-    print("| method | accuracy [95% CI] | vs baseline [CI] | vs pass@1 [CI] | tokens/problem | s/problem | samples |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| method | accuracy [95% CI] | vs baseline [CI] | vs pass@1 [CI] | tokens/problem "
+        "| decode / prefill (cached) per problem | s/problem | samples |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         vp = (
             f"{r['diff_vs_pass1']:+.3f} [{r['diff_vs_pass1_lo']:+.3f}, {r['diff_vs_pass1_hi']:+.3f}]"
@@ -231,7 +242,10 @@ async def main(a: argparse.Namespace) -> None:
         vb = f"{r['diff_vs_base']:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]" if "diff_vs_base" in r else ""
         print(
             f"| {r['method']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | {vb} | {vp} | "
-            f"{r.get('tokens_per_problem', float('nan')):.0f} | {r.get('seconds_per_problem', float('nan')):.2f} | "
+            f"{r.get('tokens_per_problem', float('nan')):.0f} | {r.get('decode_tokens_per_problem', float('nan')):.0f}"
+            f" / {r.get('prefill_tokens_per_problem', float('nan')):.0f}"
+            f" ({r.get('cached_prefill_tokens_per_problem', float('nan')):.0f}) | "
+            f"{r.get('seconds_per_problem', float('nan')):.2f} | "
             f"{r.get('samples_per_problem', float('nan')):.1f} |"
         )
 

@@ -12,7 +12,8 @@ Pairs (each server-side phase against its own raw baseline, same prompts, seeds,
   ``n=K`` with the sampled tokens' log-probs (the vote's tie-break reads them);
 - ``majority_es``: majority@K with its default early stop (fewer tokens: compared by wall time);
 - ``eval``: ``ttscale eval run``'s sampler (grading, records fsync'ed) ÷ raw with log-probs.
-The ratio is tokens/s over tokens/s. On a GPU the server and the raw engine share the device:
+The ratio is tokens/s over tokens/s (decode tokens; each round also records the server side's
+prefill tokens and the prefix-cache hits among them). On a GPU the server and the raw engine share the device:
 ``--gpu-share`` is each one's part of its memory. ``--profile DIR`` runs the server under cProfile
 and writes its stats there (``python -m pstats``). Prompts ask for a ``\\boxed{}`` answer, so
 real models give real answers to extract and cluster.
@@ -82,11 +83,11 @@ async def server_phase(base_url, model, problems, a, strategy) -> dict:
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=1800)
     sem = asyncio.Semaphore(a.concurrency)
-    tokens = 0
+    tokens = prefill = cached = 0
     lag: list[float] = []
 
     async def one(i: int, p: dict) -> None:
-        nonlocal tokens
+        nonlocal tokens, prefill, cached
         async with sem:
             if strategy == "none":
                 kw = {"n": a.k}
@@ -103,7 +104,10 @@ async def server_phase(base_url, model, problems, a, strategy) -> dict:
                 max_tokens=a.max_tokens,
                 **kw,
             )
-        tokens += r.usage.completion_tokens
+        tokens += r.usage.completion_tokens  # decode
+        usage = r.model_extra["ttscale"]["usage"]
+        prefill += usage["prefill_tokens"]
+        cached += usage["cached_prefill_tokens"] or 0
 
     async def probe() -> None:  # event-loop lag of the server: /health round trips under load
         import httpx
@@ -123,6 +127,8 @@ async def server_phase(base_url, model, problems, a, strategy) -> dict:
     await client.close()
     return {
         "tokens": tokens,
+        "prefill_tokens": prefill,
+        "cached_prefill_tokens": cached,
         "seconds": seconds,
         "health_ms_p50": round(1000 * statistics.median(lag), 1) if lag else None,
         "health_ms_max": round(1000 * max(lag), 1) if lag else None,
@@ -150,7 +156,12 @@ async def eval_phase(engine, problems, a) -> dict:
         runner = EvalRunner(cfg, Path(d) / "run", policy=engine, dataset=ds, progress=False)
         t0 = time.perf_counter()
         await runner.run()
-        return {"tokens": runner.tokens, "seconds": time.perf_counter() - t0}
+        return {
+            "tokens": runner.tokens,
+            "prefill_tokens": runner.prefill_tokens,
+            "cached_prefill_tokens": runner.cached_prefill_tokens,
+            "seconds": time.perf_counter() - t0,
+        }
 
 
 def versions() -> dict:
@@ -254,6 +265,8 @@ async def main(a: argparse.Namespace) -> None:
                     "raw_tokens": raw["tokens"],
                     "raw_s": round(raw["seconds"], 3),
                     "tokens": tts["tokens"],
+                    "prefill_tokens": tts["prefill_tokens"],
+                    "cached_prefill_tokens": tts["cached_prefill_tokens"],
                     "s": round(tts["seconds"], 3),
                     "ratio": (tts["tokens"] / tts["seconds"]) / (raw["tokens"] / raw["seconds"]),
                     "time_ratio": tts["seconds"] / raw["seconds"],

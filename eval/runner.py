@@ -140,7 +140,9 @@ class EvalRunner:
         self.verifier = verifier
         self.force = force
         self.progress = sys.stderr.isatty() if progress is None else progress
-        self.tokens = 0
+        self.tokens = 0  # decode: the samples' tokens
+        self.prefill_tokens = 0
+        self.cached_prefill_tokens = 0
         self.samples = 0
         self.recorded = 0
 
@@ -189,12 +191,17 @@ class EvalRunner:
         step = cfg.batch or cfg.k
         t0 = time.perf_counter()
         cands: list[Candidate] = []
-        prompt_tokens = 0
+        prompt_tokens = prefill = 0
+        cached: int | None = None  # None: the engine reported no prefix-cache hits
         for lo in range(0, cfg.k, step):
             async with policy.fanout(prompt, settings[lo : lo + step], stream=False) as fo:
                 await fo.wait()
             cands.extend(fo.candidates)
             prompt_tokens = fo.prompt_tokens
+            pre = fo.prefill
+            prefill += pre.tokens
+            if pre.cached is not None:
+                cached = (cached or 0) + pre.cached
         scores: Sequence[float | None] = [None] * len(cands)
         if self.verifier is not None:
             scores = await self.verifier.score([with_answer(prompt, policy, c.text) for c in cands])
@@ -208,6 +215,8 @@ class EvalRunner:
             {
                 "gold": p["answer"],
                 "prompt_tokens": prompt_tokens,
+                "prefill_tokens": prefill,
+                "cached_prefill_tokens": cached,
                 "wall_s": round(time.perf_counter() - t0, 4),
                 "samples": samples,
             }
@@ -240,6 +249,8 @@ class EvalRunner:
                         store.append(rec)
                         toks = sum(s["tokens"] for s in rec["samples"])
                         self.tokens += toks
+                        self.prefill_tokens += rec["prefill_tokens"]
+                        self.cached_prefill_tokens += rec["cached_prefill_tokens"] or 0
                         self.samples += len(rec["samples"])
                         self.recorded += 1
                         bar.advance(len(rec["samples"]), toks)
@@ -260,6 +271,8 @@ class EvalRunner:
             "recorded": self.recorded,
             "samples": self.samples,
             "tokens": self.tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "cached_prefill_tokens": self.cached_prefill_tokens,
             "wall_s": round(wall, 2),
             "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else 0.0,
         }

@@ -13,9 +13,15 @@ A run directory holds:
 
 Problem record::
 
-    {"id", "level"?, "subject"?, "gold", "prompt_tokens", "wall_s",
+    {"id", "level"?, "subject"?, "gold", "prompt_tokens", "prefill_tokens", "cached_prefill_tokens",
+     "wall_s",
      "samples": [{"i", "seed", "text"?, "answer", "correct", "tokens", "finish",
                   "mean_logprob", "sum_logprob", "score"?, "latency_s"}, ...]}
+
+``prompt_tokens``: the prompt once; ``prefill_tokens``: every sample's engine request read it (K ×);
+``cached_prefill_tokens``: of those, the prefix-cache hits the engine reported (null: none
+reported); the samples' ``tokens`` are the decode tokens. Records written before these two keys
+existed lack them.
 """
 
 from __future__ import annotations

@@ -60,6 +60,9 @@ class Metrics:
             self.tokens.labels(name, "prompt").inc(m.prompt_tokens)
             self.tokens.labels(name, "completion").inc(m.completion_tokens)
             self.tokens.labels(name, "aborted").inc(m.aborted_tokens)
+            self.tokens.labels(name, "prefill").inc(m.prefill_tokens)
+            self.tokens.labels(name, "cached_prefill").inc(m.cached_prefill_tokens or 0)
+            self.tokens.labels(name, "decode").inc(m.decode_tokens)
 
     def render(self) -> bytes:
         for eng in self._pool:

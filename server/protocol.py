@@ -180,10 +180,45 @@ class CompletionRequest(_Common):
 # -- responses (published in /openapi.json; the bodies are built by ttscale.server.render) -------
 
 
+class PromptTokensDetailsOut(BaseModel):
+    cached_tokens: int = Field(description="of prompt_tokens, those served from an engine's prefix cache")
+
+
 class UsageOut(BaseModel):
+    """OpenAI's usage: each fan-out's prompt counted once, however many candidates share it."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetailsOut | None = Field(
+        default=None, description="where the engines reported their prefix-cache hits"
+    )
+
+
+class ModelUsageOut(BaseModel):
+    """One model's tokens: billed (as OpenAI's usage) and the engine's work."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    aborted_tokens: int = Field(description="of completion_tokens, those of aborted candidates")
+    requests: int = Field(description="engine requests: one per candidate, per verifier or target read")
+    redrawn: int = Field(default=0, description="candidates redrawn on another replica after theirs was lost")
+    prefill_tokens: int = Field(description="the prompt tokens of every engine request (K per fan-out of K)")
+    cached_prefill_tokens: int | None = Field(
+        description="of prefill_tokens, those the prefix cache served (null: the engine did not say)"
+    )
+    decode_tokens: int = Field(description="tokens generated, aborted candidates' included")
+    cached_prompt_tokens: int | None = Field(description="of prompt_tokens, those the prefix cache served")
+
+
+class UsageDetailOut(BaseModel):
+    """The ``ttscale.usage`` object: totals of the engine's work and every model's usage."""
+
+    aborted_tokens: int
+    prefill_tokens: int
+    cached_prefill_tokens: int | None
+    decode_tokens: int
+    models: dict[str, ModelUsageOut]
 
 
 class SampleOut(BaseModel):
@@ -211,7 +246,7 @@ class TTScaleOut(BaseModel):
     budget_in_effect: dict[str, Any] | None = Field(
         default=None, description="the budget the strategy ran under, where it differs (auto)"
     )
-    usage: dict[str, Any] = Field(description="aborted tokens and per-model usage")
+    usage: UsageDetailOut = Field(description="prefill, cached and decode tokens; per-model usage")
     elapsed_ms: float
     samples: list[SampleOut] | None = None
 

@@ -84,6 +84,20 @@ def _chargeable(tts: dict, options: dict) -> int:
     return total
 
 
+def check_usage_split(usage, tts: dict) -> None:
+    """The engine's work adds up for any strategy: totals are the models' sums, a model's engine
+    requests read at least what it was billed for and generated at least its completion tokens,
+    cache hits are a part of what was read, the bill's cached share a part of its prompt tokens."""
+    u, models = tts["usage"], tts["usage"]["models"]
+    for key in ("prefill_tokens", "cached_prefill_tokens", "decode_tokens"):
+        assert u[key] == sum(m[key] for m in models.values()), key
+    for name, m in models.items():
+        assert m["prefill_tokens"] >= m["prompt_tokens"] and m["decode_tokens"] >= m["completion_tokens"], name
+        assert 0 <= m["cached_prefill_tokens"] <= m["prefill_tokens"] - m["requests"], name  # vLLM: last token
+        assert 0 <= m["cached_prompt_tokens"] <= m["prompt_tokens"], name
+    assert usage.prompt_tokens_details.cached_tokens == sum(m["cached_prompt_tokens"] for m in models.values())
+
+
 def _aborted(tts: dict) -> bool:
     return any(s["finish_reason"] == "abort" for s in tts["samples"])
 
@@ -130,6 +144,7 @@ def test_strategy_conformance(client, strategy, options):
     assert a.usage.prompt_tokens == sum(m["prompt_tokens"] for m in models.values())
     assert a.usage.completion_tokens == sum(m["completion_tokens"] for m in models.values())
     assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens
+    check_usage_split(a.usage, ta)
     generated = sum(m["completion_tokens"] for n, m in models.items() if n != options.get("judge_model"))
     assert sum(s["tokens"] for s in ta["samples"]) == generated
     if options.get("scorer", "verifier") == "verifier" and strategy in ("best_of_n", "weighted_majority"):

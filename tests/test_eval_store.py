@@ -87,11 +87,19 @@ def test_runner_records_everything_and_resumes_after_cancel(tmp_path):
 
     # Uninterrupted reference run.
     ref = _runner(tmp_path / "ref", data)
-    asyncio.run(ref.run())
+    ref_summary = asyncio.run(ref.run())
     _, ref_recs = load_run(tmp_path / "ref" / "run")
     assert sorted(r["id"] for r in ref_recs) == sorted(f"q{i}" for i in range(20))
     r0 = ref_recs[0]
     assert len(r0["samples"]) == 6
+    # K=6 in fan-outs of 4 and 2: six engine requests read the prompt ("user: What is i?\n", a
+    # token a character); all but the first found its one full 16-token block in the prefix cache
+    for r in ref_recs:
+        assert 16 < r["prompt_tokens"] == len(f"user: What is {r['id'][1:]}?\n") < 32
+        assert (r["prefill_tokens"], r["cached_prefill_tokens"]) == (6 * r["prompt_tokens"], 5 * 16)
+    assert ref_summary["prefill_tokens"] == sum(r["prefill_tokens"] for r in ref_recs)
+    assert ref_summary["cached_prefill_tokens"] == 20 * 5 * 16
+    assert ref_summary["tokens"] == sum(s["tokens"] for r in ref_recs for s in r["samples"])
     assert {
         "answer",
         "correct",

@@ -650,12 +650,21 @@ async def test_a_huge_token_id_is_a_400():
 
 
 def check_usage(resp: dict) -> None:
-    """usage adds up, and equals the per-model detail of ttscale.usage."""
-    u, models = resp["usage"], resp["ttscale"]["usage"]["models"]
-    assert set(u) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    """usage adds up, and equals the per-model detail of ttscale.usage (the fake engine reports
+    its prefix-cache hits: the standard prompt_tokens_details is there)."""
+    u, detail = resp["usage"], resp["ttscale"]["usage"]
+    models = detail["models"]
+    assert set(u) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
     assert u["prompt_tokens"] == sum(m["prompt_tokens"] for m in models.values())
     assert u["completion_tokens"] == sum(m["completion_tokens"] for m in models.values())
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert u["prompt_tokens_details"] == {"cached_tokens": sum(m["cached_prompt_tokens"] for m in models.values())}
+    assert 0 <= u["prompt_tokens_details"]["cached_tokens"] <= u["prompt_tokens"]
+    for key in ("prefill_tokens", "cached_prefill_tokens", "decode_tokens"):
+        assert detail[key] == sum(m[key] for m in models.values()), key
+    for m in models.values():
+        assert 0 <= m["cached_prefill_tokens"] <= m["prefill_tokens"]
+        assert m["decode_tokens"] >= m["completion_tokens"]
 
 
 async def test_chat_none_n2_shape():
@@ -679,6 +688,7 @@ async def test_chat_none_n2_shape():
         "prompt_tokens": CHAT_PROMPT_TOKENS,
         "completion_tokens": sum(map(len, texts)),
         "total_tokens": CHAT_PROMPT_TOKENS + sum(map(len, texts)),
+        "prompt_tokens_details": {"cached_tokens": 0},  # a prompt shorter than a cache block
     }
     check_usage(d)
     tts = d["ttscale"]
@@ -692,6 +702,10 @@ async def test_chat_none_n2_shape():
         "aborted_tokens": 0,
         "requests": 2,
         "redrawn": 0,
+        "prefill_tokens": 2 * CHAT_PROMPT_TOKENS,  # n=2: two engine requests read the prompt
+        "cached_prefill_tokens": 0,
+        "decode_tokens": sum(map(len, texts)),
+        "cached_prompt_tokens": 0,
     }
     assert isinstance(tts["elapsed_ms"], int | float) and tts["elapsed_ms"] >= 0
     assert [(s["index"], s["text"], s["finish_reason"], s["tokens"]) for s in tts["samples"]] == [
@@ -813,6 +827,62 @@ async def test_best_of_n_with_a_verifier_picks_its_favourite():
     assert len(eng.candidates) == 5
 
 
+LONG_Q = "Sara has 78 books. Sara sells 27."  # rendered "user: …\n": 40 tokens, two full cache blocks of 16
+LONG_PROMPT_TOKENS = len(f"user: {LONG_Q}\n")
+
+
+async def test_usage_splits_prefill_cached_and_decode_tokens():
+    assert LONG_PROMPT_TOKENS == 40
+    app, eng = make_app()
+    body = chat_body(
+        seed=100,
+        ttscale={"strategy": "majority", "budget": {"samples": 4}, "stop_when_decided": False, "return_samples": True},
+    )
+    body["messages"] = [{"role": "user", "content": LONG_Q}]
+    async with client(app) as h:
+        first = (await post(h, CHAT, body)).json()
+        again = (await post(h, CHAT, body)).json()
+    for d in (first, again):
+        check_usage(d)
+        decoded = sum(s["tokens"] for s in d["ttscale"]["samples"])
+        assert d["usage"]["prompt_tokens"] == LONG_PROMPT_TOKENS  # one fan-out: the prompt billed once
+        assert d["usage"]["completion_tokens"] == decoded
+        u = d["ttscale"]["usage"]
+        assert u["prefill_tokens"] == 4 * LONG_PROMPT_TOKENS  # each of the 4 engine requests reads it
+        assert u["decode_tokens"] == decoded
+    # the first time the first request computes the prompt and its 3 siblings find 2 blocks cached;
+    # no prompt token was served from the cache to every request
+    assert first["ttscale"]["usage"]["cached_prefill_tokens"] == 3 * 32
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    # the same prompt again: every request finds them
+    assert again["ttscale"]["usage"]["cached_prefill_tokens"] == 4 * 32
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    assert again["ttscale"]["usage"]["models"]["p"] == {
+        "prompt_tokens": LONG_PROMPT_TOKENS,
+        "completion_tokens": again["usage"]["completion_tokens"],
+        "aborted_tokens": 0,
+        "requests": 4,
+        "prefill_tokens": 4 * LONG_PROMPT_TOKENS,
+        "cached_prefill_tokens": 4 * 32,
+        "decode_tokens": again["usage"]["completion_tokens"],
+        "cached_prompt_tokens": 32,
+    }
+    assert [c.cached_tokens for c in eng.candidates] == [0, 32, 32, 32, 32, 32, 32, 32]
+
+
+async def test_verifier_reads_are_prefill_without_decode():
+    app, _ = make_app(verifier=True)
+    body = chat_body(seed=100, ttscale={"strategy": "best_of_n", "budget": {"samples": 3}})
+    async with client(app) as h:
+        d = (await post(h, CHAT, body)).json()
+    check_usage(d)
+    v = d["ttscale"]["usage"]["models"]["v"]
+    # each candidate read once, as billed; the scoring engine has no prefix cache, generates nothing
+    assert v["requests"] == 3 and v["prefill_tokens"] == v["prompt_tokens"] > 0
+    assert (v["cached_prefill_tokens"], v["cached_prompt_tokens"], v["decode_tokens"]) == (0, 0, 0)
+    assert v["completion_tokens"] == 0
+
+
 async def test_best_of_n_with_the_logprob_scorer_needs_no_scoring_model():
     app, eng = make_app()
     body = chat_body(seed=100, ttscale={"strategy": "best_of_n", "scorer": "logprob", "budget": {"samples": 3}})
@@ -841,7 +911,12 @@ async def test_completion_shape_with_echo():
     assert d["choices"] == [{"index": 0, "text": "2+2=" + text_of(5), "logprobs": None, "finish_reason": "stop"}]
     assert plain["choices"][0]["text"] == text_of(5)
     # the echoed prompt is no completion token
-    assert d["usage"] == {"prompt_tokens": 4, "completion_tokens": len(text_of(5)), "total_tokens": 4 + len(text_of(5))}
+    assert d["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": len(text_of(5)),
+        "total_tokens": 4 + len(text_of(5)),
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     check_usage(d)
     assert d["ttscale"]["strategy"] == "none"
 
@@ -947,6 +1022,7 @@ async def test_chat_stream_none_n2():
             "prompt_tokens": CHAT_PROMPT_TOKENS,
             "completion_tokens": len(texts[0]) + len(texts[1]),
             "total_tokens": CHAT_PROMPT_TOKENS + len(texts[0]) + len(texts[1]),
+            "prompt_tokens_details": {"cached_tokens": 0},
         }
     )
     assert app.state.in_flight == 0 and eng.num_running == 0
@@ -1570,6 +1646,12 @@ async def test_metrics_count_requests_tokens_and_samples():
     prompt = sum(x["usage"]["prompt_tokens"] for x in (a, b, c)) + CHAT_PROMPT_TOKENS
     assert metric(v, "ttscale_tokens_total", model="p", kind="completion") == completion
     assert metric(v, "ttscale_tokens_total", model="p", kind="prompt") == prompt
+    # the engine's work: n=2 read the prompt twice; everything generated was decoded
+    prefill = sum(x["ttscale"]["usage"]["prefill_tokens"] for x in (a, b, c)) + CHAT_PROMPT_TOKENS
+    assert prefill == prompt + CHAT_PROMPT_TOKENS + 4 * CHAT_PROMPT_TOKENS  # a: 2 requests; c: 5
+    assert metric(v, "ttscale_tokens_total", model="p", kind="prefill") == prefill
+    assert metric(v, "ttscale_tokens_total", model="p", kind="decode") == completion
+    assert metric(v, "ttscale_tokens_total", model="p", kind="cached_prefill") == 0  # prompts under a block
     assert metric(v, "ttscale_tokens_total", model="p", kind="aborted") == 0
     assert metric(v, "ttscale_samples_per_request_count", strategy="majority") == 1
     assert metric(v, "ttscale_samples_per_request_sum", strategy="majority") == 5

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from ttscale.budget import Budget
-from ttscale.engine import ModelPool, SamplingSettings
+from ttscale.engine import Candidate, ModelPool, Prefill, ReadResult, SamplingSettings
 from ttscale.engine.fake import FakeEngine
 from ttscale.errors import InvalidRequestError
 from ttscale.run import Ledger, StopReason, StrategyResult
@@ -43,6 +43,88 @@ def test_ledger_reserve_settle_hold_release():
     led.charge("p", prompt=7, completion=5, requests=1, budget_prompt=False)
     assert led.tokens_spent == 50 and led.usage.of("p").prompt_tokens == 7
     assert led.usage.of("v").prompt_tokens == 20 and led.usage.total_tokens == 32
+
+
+def _cand(tokens: int, cached: int | None, finish: str = "stop") -> Candidate:
+    c = Candidate(0, SamplingSettings(), token_count=tokens, cached_tokens=cached)
+    c.finish_reason = finish  # type: ignore[assignment]
+    return c
+
+
+def test_ledger_books_a_fan_out_as_billed_and_as_the_engines_work():
+    led = Ledger(Budget(tokens=1000))
+    # K=3 of a 40-token prompt: the first request computed it all, its siblings found 32 cached
+    cands = [_cand(10, 0), _cand(12, 32), _cand(5, 32, "abort")]
+    led.book_candidates("p", 40, cands)
+    m = led.usage.of("p")
+    assert (m.prompt_tokens, m.cached_prompt_tokens, m.completion_tokens, m.aborted_tokens, m.requests) == (
+        40,
+        0,  # the prompt counted once: no token of it came from the cache for every request
+        27,
+        5,
+        3,
+    )
+    assert (m.prefill_tokens, m.cached_prefill_tokens, m.decode_tokens) == (120, 64, 27)
+    assert led.tokens_spent == 0  # a sampler charges its candidates as they settle; the prompt never
+    # the same prompt again, every request served 32 from the cache
+    led.book_candidates("p", 40, [_cand(3, 32), _cand(4, 32)], budget=True)
+    assert (m.prompt_tokens, m.cached_prompt_tokens, m.prefill_tokens, m.cached_prefill_tokens) == (80, 32, 200, 128)
+    assert (m.completion_tokens, m.decode_tokens, led.tokens_spent) == (34, 34, 7)
+    assert led.usage.openai() == {
+        "prompt_tokens": 80,
+        "completion_tokens": 34,
+        "total_tokens": 114,
+        "prompt_tokens_details": {"cached_tokens": 32},
+    }
+    assert Prefill.of(40, cands) == Prefill(120, 64, 0)
+
+
+def test_cached_tokens_are_unknown_until_an_engine_reports_them():
+    led = Ledger(Budget())
+    led.book_candidates("up", 9, [_cand(4, None), _cand(6, None)])  # an upstream that does not say
+    led.charge_scoring("v", 30)  # a read booked as billed: 30 read, nothing known cached
+    u = led.usage
+    assert (u.prefill_tokens, u.cached_prefill_tokens, u.cached_prompt_tokens, u.decode_tokens) == (48, None, None, 10)
+    assert "prompt_tokens_details" not in u.openai()  # unknown is not 0
+    detail = u.detail()
+    assert (detail["prefill_tokens"], detail["cached_prefill_tokens"], detail["decode_tokens"]) == (48, None, 10)
+    assert detail["models"]["up"]["cached_prefill_tokens"] is None
+    # one candidate that reports makes the model's numbers known (a lower bound where others did not)
+    led.book_candidates("up", 9, [_cand(1, 0), _cand(1, None)])
+    assert (u.of("up").cached_prefill_tokens, u.of("up").cached_prompt_tokens) == (0, 0)
+    assert u.openai()["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+async def test_ledger_books_a_reads_engine_work_from_the_engine():
+    target = FakeEngine("t")
+    seq = list(range(65, 65 + 50))  # a 40-token prompt and draft, then a 10-token chunk to score
+    led = Ledger(Budget(tokens=100))
+    got = await target.prompt_logprobs(seq, start=40)
+    assert isinstance(got, ReadResult) and len(got) == 10
+    led.charge_read("t", 10, got, sent=len(seq), budget=False)  # billed: the chunk; read: all of it
+    m = led.usage.of("t")
+    assert (m.prompt_tokens, m.prefill_tokens, m.cached_prefill_tokens, m.cached_prompt_tokens) == (10, 50, 0, 0)
+    assert (m.completion_tokens, m.decode_tokens, m.requests, led.tokens_spent) == (0, 0, 1, 0)
+    # an engine that served the sequence's prefix from its cache: the bill's share is what lies past it
+    led.charge_read("t", 10, ReadResult([0.0] * 10, prefill_tokens=50, cached_tokens=45, decode_tokens=1))
+    assert (m.prompt_tokens, m.prefill_tokens, m.cached_prefill_tokens, m.cached_prompt_tokens) == (20, 100, 45, 5)
+    assert (m.decode_tokens, led.tokens_spent) == (1, 10)
+    # a read the deadline cut: what was sent counts, nothing cached is known; a plain list: as billed
+    led.charge_read("t", 10, None, sent=50)
+    led.charge_read("v", 7, [0.5])
+    assert (m.prefill_tokens, m.cached_prefill_tokens, m.requests) == (150, 45, 3)
+    v = led.usage.of("v")
+    assert (v.prompt_tokens, v.prefill_tokens, v.cached_prefill_tokens, led.tokens_spent) == (7, 7, None, 27)
+
+
+def test_the_fake_engine_caches_full_blocks_of_prompts_it_read():
+    eng = FakeEngine("p", block_size=16)
+    assert eng.read_prompt("a" * 40) == 0  # first read: nothing cached
+    assert eng.read_prompt("a" * 40) == 32  # two full blocks; the third is not full
+    assert eng.read_prompt("a" * 32) == 16  # never the prompt's last token: the second block is recomputed
+    assert eng.read_prompt("a" * 16 + "b" * 24) == 16  # a shared first block only
+    assert eng.read_prompt("b" * 40) == 0
+    assert FakeEngine("q", prefix_cache=False).read_prompt("a" * 40) == 0
 
 
 def test_run_context_has_no_writable_budget_numbers():

@@ -50,6 +50,54 @@ def test_chat_sync_n_seed_usage(client):
     assert all(c.finish_reason in ("stop", "length") for c in a.choices)
 
 
+def test_usage_splits_prefill_cached_and_decode(client):
+    """The engine's work adds up on vLLM: each of K engine requests reads the prompt, decode is
+    every sample's tokens, and the same request again finds the prompt in the prefix cache."""
+    msgs = [{"role": "user", "content": " ".join([PROBLEM] * 3)}]  # more than one cache block (CPU: 128)
+    tts = {"strategy": "majority", "budget": {"samples": 4}, "stop_when_decided": False, "return_samples": True}
+    kw = dict(model=POLICY_NAME, messages=msgs, temperature=0.8, seed=5, max_tokens=24, extra_body={"ttscale": tts})
+    first = client.chat.completions.create(**kw)
+    again = client.chat.completions.create(**kw)
+    for r in (first, again):
+        info = r.model_extra["ttscale"]
+        u, m = info["usage"], info["usage"]["models"][POLICY_NAME]
+        assert m["requests"] == 4 and r.usage.prompt_tokens > 128
+        assert m["decode_tokens"] == u["decode_tokens"] == r.usage.completion_tokens
+        assert r.usage.completion_tokens == sum(s["tokens"] for s in info["samples"]) > 0
+        assert m["prefill_tokens"] == u["prefill_tokens"] == 4 * r.usage.prompt_tokens
+        # vLLM computes at least each request's last prompt token; the bill's cached share is
+        # what no request computed
+        assert 0 <= m["cached_prefill_tokens"] == u["cached_prefill_tokens"] <= m["prefill_tokens"] - 4
+        assert r.usage.prompt_tokens_details.cached_tokens == m["cached_prompt_tokens"] < r.usage.prompt_tokens
+    hit = again.usage.prompt_tokens_details.cached_tokens
+    assert hit > 0  # vLLM's prefix caching is on: every request of the repeat found the prompt's blocks
+    assert again.model_extra["ttscale"]["usage"]["cached_prefill_tokens"] >= 4 * hit
+
+
+def test_usage_of_reads_verifier_and_target(client):
+    """A verifier's reads are prefill only (its pooling engine keeps no prefix cache); a target's
+    perplexity reads re-read the whole sequence uncached (vLLM skips the cache for prompt
+    log-probs) and sample one token each, while only the scored chunks are billed."""
+    kw = dict(model=POLICY_NAME, messages=MSGS, temperature=0.8, seed=3, max_tokens=48)
+    r = client.chat.completions.create(
+        **kw, extra_body={"ttscale": {"strategy": "best_of_n", "budget": {"samples": 3}, "verifier": VERIFIER_NAME}}
+    )
+    models = r.model_extra["ttscale"]["usage"]["models"]
+    prompt = models[POLICY_NAME]["prompt_tokens"]  # one fan-out: the policy's prompt once
+    v = models[VERIFIER_NAME]
+    assert v["requests"] == 3 and v["prefill_tokens"] == v["prompt_tokens"] > 0
+    assert (v["cached_prefill_tokens"], v["decode_tokens"], v["completion_tokens"]) == (0, 0, 0)
+    opts = {"strategy": "draft_target", "draft": DRAFT_NAME, "chunk_tokens": 16, "alpha": 0.0, "select": "vote"}
+    r = client.chat.completions.create(**kw, extra_body={"ttscale": {**opts, "budget": {"samples": 2}}})
+    info = r.model_extra["ttscale"]
+    t = info["usage"]["models"][POLICY_NAME]
+    assert info["takeovers"] == 0, info  # alpha 0 rejects no chunk: the target only reads
+    assert t["requests"] > 0 and t["decode_tokens"] == t["requests"] and t["completion_tokens"] == 0
+    assert t["cached_prefill_tokens"] == 0
+    assert t["prefill_tokens"] >= t["prompt_tokens"] + t["requests"] * prompt  # each read: prompt, chain, chunk
+    assert t["prompt_tokens"] == info["tokens_by_model"][f"{POLICY_NAME}:scored"]
+
+
 def test_chat_solves_level1(client):
     r = client.chat.completions.create(model=POLICY_NAME, messages=MSGS, temperature=0.0, max_tokens=128)
     assert re.search(r"\\boxed\{\s*51\s*\}", r.choices[0].message.content), r.choices[0].message.content

@@ -34,6 +34,11 @@ def test_front_matches_direct(server, front):
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
     assert b.usage.completion_tokens == a.usage.completion_tokens
     assert b.usage.prompt_tokens == a.usage.prompt_tokens
+    # the upstream reports its prefix-cache hits (prompt_tokens_details): the front books them
+    up = b.model_extra["ttscale"]["usage"]["models"]["up"]
+    assert up["prefill_tokens"] == 2 * b.usage.prompt_tokens  # n=2: two upstream requests
+    assert up["cached_prefill_tokens"] is not None and b.usage.prompt_tokens_details is not None
+    assert b.usage.prompt_tokens_details.cached_tokens == up["cached_prompt_tokens"] < b.usage.prompt_tokens
     s = via.chat.completions.create(model="up", stream=True, **{**kw, "n": 1})
     assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == a.choices[0].message.content
     c = via.completions.create(model="up", prompt="<s>Q: 2 + 2?\nA: ", max_tokens=8, temperature=0)

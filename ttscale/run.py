@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 from pydantic import BaseModel, ConfigDict
 
 from ttscale.budget import Budget
-from ttscale.engine import Candidate, Engine, ModelPool, PromptInput, SamplingSettings
+from ttscale.engine import Candidate, Engine, ModelPool, Prefill, PromptInput, ReadResult, SamplingSettings
 from ttscale.engine.base import Routing
 
 if TYPE_CHECKING:
@@ -63,13 +63,33 @@ class StopReason(enum.StrEnum):
     STABLE_ANSWER = "stable_answer"
 
 
+def _add(a: int | None, b: int | None) -> int | None:
+    """Sum of counts that may be unknown (None): unknown only while no part is known."""
+    return a if b is None else (b if a is None else a + b)
+
+
 @dataclass
 class ModelUsage:
+    """One model's tokens (README, "Usage").
+
+    The billing view, as OpenAI's ``usage``: ``prompt_tokens`` (a fan-out's prompt once, however
+    many candidates share it, plus what scorers read), of them ``cached_prompt_tokens`` served
+    from the prefix cache, and ``completion_tokens`` (every candidate's, aborted ones included).
+    The engine's work: ``prefill_tokens`` (the prompt of every engine request: K per fan-out of K),
+    of them ``cached_prefill_tokens`` served from the prefix cache instead of computed, and
+    ``decode_tokens`` (every token generated, a prompt-log-prob read's one sampled token too).
+    A cached count is None while the model's engine has not reported one.
+    """
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     aborted_tokens: int = 0
     requests: int = 0
     redrawn: int = 0  # candidates redrawn on another replica after theirs was lost
+    prefill_tokens: int = 0
+    cached_prefill_tokens: int | None = None
+    decode_tokens: int = 0
+    cached_prompt_tokens: int | None = None
 
 
 @dataclass
@@ -97,15 +117,48 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def openai(self) -> dict[str, int]:
-        return {
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(m.prefill_tokens for m in self.models.values())
+
+    @property
+    def cached_prefill_tokens(self) -> int | None:
+        out: int | None = None
+        for m in self.models.values():
+            out = _add(out, m.cached_prefill_tokens)
+        return out
+
+    @property
+    def decode_tokens(self) -> int:
+        return sum(m.decode_tokens for m in self.models.values())
+
+    @property
+    def cached_prompt_tokens(self) -> int | None:
+        out: int | None = None
+        for m in self.models.values():
+            out = _add(out, m.cached_prompt_tokens)
+        return out
+
+    def openai(self) -> dict[str, Any]:
+        """OpenAI's ``usage``; ``prompt_tokens_details.cached_tokens`` where an engine reported it."""
+        out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+        cached = self.cached_prompt_tokens
+        if cached is not None:
+            out["prompt_tokens_details"] = {"cached_tokens": cached}
+        return out
 
     def detail(self) -> dict[str, Any]:
-        return {"aborted_tokens": self.aborted_tokens, "models": {k: vars(v) for k, v in self.models.items()}}
+        return {
+            "aborted_tokens": self.aborted_tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "cached_prefill_tokens": self.cached_prefill_tokens,
+            "decode_tokens": self.decode_tokens,
+            "models": {k: vars(v) for k, v in self.models.items()},
+        }
 
 
 class Ledger:
@@ -113,7 +166,8 @@ class Ledger:
 
     Tokens against ``budget.tokens``: ``spent`` (charged for good) and ``held`` (set aside for
     work still to come, e.g. scoring candidates that are still being sampled). Usage books
-    every token per model, whether or not the budget counts it (a policy's prompt does not).
+    every token per model, whether or not the budget counts it (a policy's prompt does not),
+    both as billed and as the engine's work (prefill, cached, decode: :class:`ModelUsage`).
     """
 
     def __init__(self, budget: Budget, usage: Usage | None = None):
@@ -197,14 +251,54 @@ class Ledger:
         requests: int = 0,
         budget_prompt: bool = True,
         budget_completion: bool = True,
+        prefill: int | None = None,
+        cached: int | None = None,
+        decode: int | None = None,
     ) -> None:
-        """Book tokens of ``model`` in usage and (unless told not to) against the budget."""
+        """Book tokens of ``model`` in usage and (unless told not to) against the budget.
+
+        The engine's work defaults to the billed numbers: ``prefill`` (prompt tokens the engine
+        requests read) to ``prompt``, ``decode`` to ``completion``; ``cached``: of ``prefill``, what
+        the engine reported served from its prefix cache (None: not reported). Of the billed
+        ``prompt``, the cached part is what the cache served beyond the ``prefill - prompt``
+        leading tokens the bill leaves out (the prompt and chain a target re-reads to score a chunk)."""
+        prefill = prompt if prefill is None else prefill
+        cached_prompt = None if cached is None else min(prompt, max(0, cached - (prefill - prompt)))
+        self._book(
+            model,
+            prompt=prompt,
+            cached_prompt=cached_prompt,
+            completion=completion,
+            aborted=aborted,
+            requests=requests,
+            prefill=prefill,
+            cached=cached,
+            decode=completion if decode is None else decode,
+        )
+        self._spent += (prompt if budget_prompt else 0) + (completion if budget_completion else 0)
+
+    def _book(
+        self,
+        model: str,
+        *,
+        prompt: int,
+        cached_prompt: int | None,
+        completion: int,
+        aborted: int,
+        requests: int,
+        prefill: int,
+        cached: int | None,
+        decode: int,
+    ) -> None:
         m = self.usage.of(model)
         m.prompt_tokens += prompt
+        m.cached_prompt_tokens = _add(m.cached_prompt_tokens, cached_prompt)
         m.completion_tokens += completion
         m.aborted_tokens += aborted
         m.requests += requests
-        self._spent += (prompt if budget_prompt else 0) + (completion if budget_completion else 0)
+        m.prefill_tokens += prefill
+        m.cached_prefill_tokens = _add(m.cached_prefill_tokens, cached)
+        m.decode_tokens += decode
 
     def book_candidates(
         self,
@@ -215,27 +309,55 @@ class Ledger:
         budget: bool = False,
         budget_prompt: bool = False,
     ) -> None:
-        """Usage of one fan-out: its prompt once, every candidate's tokens. ``budget``: charge the
-        candidates' tokens too (a sampler charges its own as each candidate settles)."""
-        lost = sum(c.lost_tokens for c in cands)  # generated on a replica that was lost, redrawn since
-        self.charge(
+        """Usage of one fan-out: its prompt once (billed), every candidate's request reading it
+        (prefill: :class:`~ttscale.engine.Prefill`), every candidate's tokens. ``budget``: charge
+        the candidates' tokens too (a sampler charges its own as each candidate settles)."""
+        pre = Prefill.of(prompt_tokens, cands)
+        # tokens generated on a replica that was lost (the candidate was redrawn on another): spent,
+        # thrown away, always charged (a sampler charges only each candidate's own tokens)
+        lost = sum(c.lost_tokens for c in cands)
+        redraws = sum(c.redraws for c in cands)
+        completion = sum(c.num_tokens for c in cands)
+        self._book(
             model,
             prompt=prompt_tokens,
-            completion=sum(c.num_tokens for c in cands) + lost,
+            cached_prompt=pre.cached_once,
+            completion=completion + lost,
             aborted=sum(c.num_tokens for c in cands if c.aborted) + lost,
-            requests=len(cands) + sum(c.redraws for c in cands),
-            budget_prompt=budget_prompt,
-            budget_completion=budget,
+            requests=len(cands) + redraws,
+            prefill=pre.tokens + prompt_tokens * redraws,
+            cached=pre.cached,
+            decode=completion + lost,
         )
-        if lost and not budget:  # the sampler charged each candidate's own tokens, not the lost ones
-            self.spend(lost)
-        redrawn = sum(c.redraws for c in cands)
-        if redrawn:
-            self.usage.of(model).redrawn += redrawn
+        if redraws:
+            self.usage.of(model).redrawn += redraws
+        self._spent += (prompt_tokens if budget_prompt else 0) + (completion if budget else 0) + lost
+
+    def charge_read(
+        self, model: str, tokens: int, result: Sequence[float] | None, *, sent: int | None = None, budget: bool = True
+    ) -> None:
+        """One engine read (a verifier's score, a target's prompt log-probs): ``tokens`` billed
+        (and, with ``budget``, charged); the engine's work from ``result``, the adapter's
+        :class:`~ttscale.engine.ReadResult`, where it reported it, else ``sent`` (the prompt tokens
+        sent; default ``tokens``) read, nothing cached known. ``result`` None: the deadline cut the
+        read after it was sent (its prompt may have been prefilled: it counts)."""
+        read = result if isinstance(result, ReadResult) else None
+        prefill = sent if sent is not None else tokens
+        if read is not None and read.prefill_tokens is not None:
+            prefill = read.prefill_tokens
+        self.charge(
+            model,
+            prompt=tokens,
+            requests=1,
+            budget_prompt=budget,
+            prefill=prefill,
+            cached=None if read is None else read.cached_tokens,
+            decode=0 if read is None else read.decode_tokens,
+        )
 
     def charge_scoring(self, model: str, tokens: int, requests: int = 1, *, released: int = 0) -> None:
         """Tokens a scorer read (they count against the budget), releasing the ``released``
-        tokens held back for this scoring."""
+        tokens held back for this scoring (the engine's work as billed: see ``charge_read``)."""
         self.charge(model, prompt=tokens, requests=requests)
         self.release(released)
 

@@ -193,8 +193,9 @@ class VerifierScorer(Scorer):
         for i, v in zip(keep, got):
             if v is not None:
                 scores[i] = v[0]
-        # a read the deadline cut may have been prefilled: its prompt is counted as spent
-        ctx.ledger.charge_scoring(self.engine.name, sum(costs[i] for i in keep), len(keep), released=released)
+            # a read the deadline cut may have been prefilled: its prompt is counted as spent
+            ctx.ledger.charge_read(self.engine.name, costs[i], v)
+        ctx.ledger.release(released)
         return scores
 
 

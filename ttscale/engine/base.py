@@ -3,7 +3,9 @@
 One call, :meth:`Engine.fanout`, starts K candidates of one prompt together (prefix shared
 in the engine) and returns a :class:`Fanout`: an async stream of per-candidate events with
 per-candidate abort. Scoring models answer :meth:`Engine.score`; a target model scores a
-span of a prompt with :meth:`Engine.prompt_logprobs`. Each adapter counts tokens exactly.
+span of a prompt with :meth:`Engine.prompt_logprobs`. Each adapter counts tokens exactly, and
+reports how many prompt tokens its engine served from the prefix cache where the engine says
+(``Candidate.cached_tokens``; a :class:`ReadResult` from ``score`` / ``prompt_logprobs``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class Candidate:
     # was then redrawn on another (``redraws`` times). They cost compute: usage counts them.
     lost_tokens: int = 0
     redraws: int = 0
+    # of the prompt tokens of this candidate's engine request, those the engine served from its
+    # prefix cache instead of computing them (None: the engine did not say)
+    cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -133,6 +138,50 @@ DEFAULT_ROUTING = Routing()
 ROUTING: contextvars.ContextVar[Routing] = contextvars.ContextVar("ttscale_routing", default=DEFAULT_ROUTING)
 
 
+class ReadResult(list[float]):
+    """What ``score`` and ``prompt_logprobs`` return where the adapter knows what its engine read:
+    the values, plus the prompt tokens its engine requests read (``prefill_tokens``), how many of
+    them the engine's prefix cache served (``cached_tokens``; None: not reported) and the tokens
+    it generated on the way (``decode_tokens``: a prompt-log-prob read samples one). An adapter
+    that knows none of it returns a plain list."""
+
+    def __init__(
+        self,
+        values: Sequence[float] = (),
+        *,
+        prefill_tokens: int | None = None,
+        cached_tokens: int | None = None,
+        decode_tokens: int = 0,
+    ):
+        super().__init__(values)
+        self.prefill_tokens = prefill_tokens
+        self.cached_tokens = cached_tokens
+        self.decode_tokens = decode_tokens
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """The prompt tokens one fan-out made its engine read (README, "Usage").
+
+    ``tokens``: every engine request's prompt: K candidates of one prompt are K requests, K times
+    its length. ``cached``: of those, the tokens the engine's prefix cache served instead of
+    computing them. ``cached_once``: of the prompt counted once (the fan-out's ``prompt_tokens``),
+    the leading tokens that no request of the fan-out computed: the least any candidate had
+    served from the cache (a cache hit is always a prefix). None: no candidate's engine said.
+    """
+
+    tokens: int
+    cached: int | None = None
+    cached_once: int | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, cands: Sequence[Candidate]) -> Prefill:
+        hits = [c.cached_tokens for c in cands if c.cached_tokens is not None]
+        if not hits:
+            return cls(prompt_tokens * len(cands))
+        return cls(prompt_tokens * len(cands), sum(hits), min(hits))
+
+
 @dataclass(frozen=True)
 class CandidateEvent:
     """A candidate produced tokens (``delta_tokens`` of them) or finished."""
@@ -173,6 +222,10 @@ class Fanout(abc.ABC):
     @property
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.candidates)
+
+    @property
+    def prefill(self) -> Prefill:
+        return Prefill.of(self.prompt_tokens, self.candidates)
 
     def __aiter__(self) -> AsyncIterator[CandidateEvent]:
         return self._iterate()
@@ -253,7 +306,8 @@ class Engine(abc.ABC):
         return fo.candidates, fo.prompt_tokens
 
     async def score(self, prompts: Sequence[PromptInput], *, request_id: str | None = None) -> list[float]:
-        """Scores from a classification / reward model (one float per prompt)."""
+        """Scores from a classification / reward model (one float per prompt); a
+        :class:`ReadResult` where the adapter knows what its engine read."""
         from ttscale.errors import ModelRoleError
 
         raise ModelRoleError(f"model {self.name!r} cannot score", param="model")
@@ -261,7 +315,8 @@ class Engine(abc.ABC):
     async def prompt_logprobs(
         self, prompt: PromptInput, *, start: int = 0, request_id: str | None = None
     ) -> list[float]:
-        """Log-probability of each prompt token from position ``start`` on (prefill only)."""
+        """Log-probability of each prompt token from position ``start`` on (prefill only); a
+        :class:`ReadResult` where the adapter knows what its engine read."""
         from ttscale.errors import ModelRoleError
 
         raise ModelRoleError(f"model {self.name!r} cannot score prompt log-probabilities", param="model")

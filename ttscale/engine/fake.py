@@ -3,6 +3,12 @@
 Characters are tokens. ``respond(prompt_text, settings)`` decides each candidate's text;
 log-probs come from ``logprob(prompt_text, text, position)``. Candidates advance one token
 per tick, so aborts, deadlines and token budgets behave as with a real engine.
+
+Prefix caching is simulated as vLLM's works: a generation request's prompt is read in blocks
+of ``block_size`` tokens; a full block whose whole prefix an earlier request (a sibling of the
+same fan-out included) read is served from the cache, never the prompt's last token. Scoring
+reads and prompt-log-prob reads use no cache (vLLM's pooling engines run without one here, and
+prompt log-probs skip it). Every read reports its numbers (``cached_tokens``, ``ReadResult``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from ttscale.engine.base import (
     Fanout,
     FinishReason,
     PromptInput,
+    ReadResult,
     SamplingSettings,
     is_token_ids,
     new_request_id,
@@ -57,6 +64,8 @@ class FakeEngine(Engine):
         scorer: Callable[[str], float] | None = None,
         tick_s: float = 0.0,
         max_model_len: int = 4096,
+        prefix_cache: bool = True,
+        block_size: int = 16,
     ):
         self.name = name
         self.role = role
@@ -68,6 +77,23 @@ class FakeEngine(Engine):
         self.max_token_chars = 1  # characters are tokens
         self.requests_started = 0
         self._live: set[str] = set()
+        self.prefix_cache = prefix_cache
+        self.block_size = block_size
+        self._blocks: set[bytes] = set()  # the cached blocks, each by the hash of its whole prefix
+
+    def read_prompt(self, prompt: str) -> int:
+        """Read ``prompt`` as a generation request's prefill: the tokens served from the cache."""
+        if not self.prefix_cache:
+            return 0
+        b, h, hit, missed = self.block_size, b"", 0, False
+        for end in range(b, len(prompt) + 1, b):
+            h = hashlib.sha256(h + prompt[end - b : end].encode("utf-8", "surrogatepass")).digest()
+            if not missed and end < len(prompt) and h in self._blocks:
+                hit = end
+            else:
+                missed = True
+            self._blocks.add(h)
+        return hit
 
     def render(
         self, prompt: PromptInput, *, add_generation_prompt: bool = True, continue_final_message: bool = False
@@ -94,13 +120,15 @@ class FakeEngine(Engine):
     async def score(self, prompts: Sequence[PromptInput], *, request_id: str | None = None) -> list[float]:
         if self.role != "score":
             raise ModelRoleError(f"model {self.name!r} is not a scoring model", param="model")
-        return [float(self.scorer(_text_of(p))) for p in prompts]
+        texts = [_text_of(p) for p in prompts]
+        return ReadResult([float(self.scorer(t)) for t in texts], prefill_tokens=sum(map(len, texts)), cached_tokens=0)
 
     async def prompt_logprobs(
         self, prompt: PromptInput, *, start: int = 0, request_id: str | None = None
     ) -> list[float]:
         text = _text_of(prompt)
-        return [self.logprob("", text, i) for i in range(max(start, 1), len(text))]
+        values = [self.logprob("", text, i) for i in range(max(start, 1), len(text))]
+        return ReadResult(values, prefill_tokens=len(text), cached_tokens=0)
 
 
 class _FakeFanout(Fanout):
@@ -114,6 +142,8 @@ class _FakeFanout(Fanout):
         self._aborted: set[int] = set()
         self._rids = [f"{request_id}-{i}" for i in range(len(settings))]
         engine._live.update(self._rids)
+        for c in self.candidates:  # one engine request each, in order: siblings find the blocks cached
+            c.cached_tokens = engine.read_prompt(prompt)
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:

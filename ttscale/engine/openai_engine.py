@@ -23,6 +23,7 @@ from ttscale.engine.base import (
     Engine,
     Fanout,
     PromptInput,
+    ReadResult,
     SamplingSettings,
     is_token_ids,
     new_request_id,
@@ -176,7 +177,17 @@ class OpenAIEngine(Engine):
             entry = plp[pos] if pos < len(plp) else None
             key = str(ids[pos])
             res.append(float(entry[key]["logprob"]) if entry and key in entry else float("-inf"))
-        return res
+        u = data.get("usage") or {}
+        decoded = int(u.get("completion_tokens") or 0)
+        return ReadResult(res, prefill_tokens=len(ids), cached_tokens=cached_tokens(u), decode_tokens=decoded)
+
+
+def cached_tokens(usage: dict[str, Any]) -> int | None:
+    """``prompt_tokens_details.cached_tokens`` of an upstream's usage, where it reports it (vLLM
+    does with ``--enable-prompt-tokens-details``, and only where it is not 0)."""
+    details = usage.get("prompt_tokens_details") or {}
+    n = details.get("cached_tokens") if isinstance(details, dict) else None
+    return int(n) if isinstance(n, int | float) else None
 
 
 def _upstream_error(status: int, text: str) -> Exception:
@@ -233,7 +244,7 @@ def request_body(upstream_model: str, prompt: PromptInput, s: SamplingSettings) 
 def reset_candidate(c: Candidate) -> None:
     """Empty ``c`` for a fresh draw (its settings and index stay)."""
     c.text, c.token_ids, c.token_count = "", [], 0
-    c.finish_reason = c.stop_reason = None
+    c.finish_reason = c.stop_reason = c.cached_tokens = None
     c.logprobs = [] if c.settings.logprobs is not None else None
     c.top_logprobs = [] if c.settings.logprobs else None
 
@@ -275,6 +286,7 @@ async def stream_candidate(
                     u = chunk["usage"]
                     prompt_tokens = int(u.get("prompt_tokens") or 0)
                     c.token_count = int(u.get("completion_tokens") or c.token_count)
+                    c.cached_tokens = cached_tokens(u)
                 for ch in chunk.get("choices") or []:
                     delta = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
                     delta = delta or ""

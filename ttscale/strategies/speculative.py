@@ -69,9 +69,9 @@ async def score_partial(ctx: RunContext, verifier: VerifierScorer, text: str) ->
     cost = len(p) if eng.can_render else 0
     if not fit_budget(ctx, [cost], 0):
         return None
-    s = (await eng.score([p], request_id=f"{ctx.request_id}-partial"))[0]
-    ctx.ledger.charge_scoring(eng.name, cost, 1)
-    return float(s)
+    got = await eng.score([p], request_id=f"{ctx.request_id}-partial")
+    ctx.ledger.charge_read(eng.name, cost, got)
+    return float(got[0])
 
 
 VERIFIER_CHECKPOINTS = (24, 48, 96)  # tokens
@@ -377,18 +377,18 @@ class DraftTarget(ParallelStrategy[DraftTargetOptions]):
             if not ctx.ledger.reserve(span):
                 stop["reason"] = StopReason.TOKEN_BUDGET
                 return None
+            seq = prompt_ids + ch.ids + list(chunk.token_ids)
             async with target_sem:
                 try:
                     lps = await target.prompt_logprobs(
-                        prompt_ids + ch.ids + list(chunk.token_ids),
-                        start=len(prompt_ids) + len(ch.ids),
-                        request_id=f"{ctx.request_id}-p{ch.index}",
+                        seq, start=len(prompt_ids) + len(ch.ids), request_id=f"{ctx.request_id}-p{ch.index}"
                     )
                 except asyncio.CancelledError:  # cut by the deadline; the read may have run
-                    ctx.ledger.charge(target.name, prompt=span, requests=1, budget_prompt=False)
+                    ctx.ledger.charge_read(target.name, span, None, sent=len(seq), budget=False)
                     raise
-            # the target reads the whole sequence, but only the chunk is new (prefix cache)
-            ctx.ledger.charge(target.name, prompt=span, requests=1, budget_prompt=False)  # reserved above
+            # billed: the chunk (reserved above); the engine's work: the whole sequence, read
+            # again (vLLM reads a prompt whose log-probs are asked for without its prefix cache)
+            ctx.ledger.charge_read(target.name, span, lps, sent=len(seq), budget=False)
             scored_span_tokens += span
             finite = [x for x in lps if math.isfinite(x)]
             return math.exp(-sum(finite) / len(finite)) if finite else math.inf
