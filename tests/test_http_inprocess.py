@@ -866,6 +866,7 @@ async def test_usage_splits_prefill_cached_and_decode_tokens():
         "cached_prefill_tokens": 4 * 32,
         "decode_tokens": again["usage"]["completion_tokens"],
         "cached_prompt_tokens": 32,
+        "redrawn": 0,
     }
     assert [c.cached_tokens for c in eng.candidates] == [0, 32, 32, 32, 32, 32, 32, 32]
 

@@ -129,7 +129,7 @@ def _replica_state(front) -> dict:
 def fleet(server, tmp_path_factory):
     """(front, [replica servers]): the session server and two policy-only servers."""
     d = tmp_path_factory.mktemp("fleet")
-    extra = [start_server([POLICY], d / f"replica{i}.log", "--kv-cache-gib", "1") for i in (1, 2)]
+    extra = [start_server([POLICY], d / f"replica{i}.log", "--kv-cache-gib", "0.5") for i in (1, 2)]
     reps = [server, *extra]
     urls = ",".join(r.url for r in reps)
     front = start_server([f"pol={urls}@{POLICY_NAME}"], d / "front.log", "--placement", "affinity")

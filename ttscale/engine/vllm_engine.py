@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -276,7 +277,8 @@ class VLLMEngine(Engine):
         if not gpu:
             # The CPU build sizes its KV cache from this variable, read when the engine
             # process starts; each engine gets its own value.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.options.kv_cache_gib or 1)
+            # vLLM's CPU build takes whole GiB: a fraction rounds up
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(self.options.kv_cache_gib or 1)))
             # vLLM's CPU build pins each engine's threads to the same first cores ("auto"), so
             # a policy, its verifier and its draft would share one core while others idle.
             # Leave placement to the OS unless the user chose a binding.
