@@ -115,10 +115,12 @@ MSGS = [{"role": "user", "content": "Ada has 17 pens. She buys 25 more. How many
 LONG = {"ignore_eos": True, "max_tokens": 1200}
 
 
-def _requests(srv) -> float:
-    """Completions the server answered or started (its ttscale_requests_total, all labels)."""
+def _requests(srv, status: str | None = None) -> float:
+    """Completions the server answered or started (its ttscale_requests_total: all, or those
+    that ended with ``status``)."""
     page = httpx.get(srv.url + "/metrics", timeout=10).text
-    return sum(float(m.group(1)) for m in re.finditer(r"^ttscale_requests_total\{[^}]*\} (\S+)$", page, re.M))
+    rows = re.finditer(r"^ttscale_requests_total\{([^}]*)\} (\S+)$", page, re.M)
+    return sum(float(m.group(2)) for m in rows if status is None or f'status="{status}"' in m.group(1))
 
 
 def _replica_state(front) -> dict:
@@ -243,12 +245,16 @@ def test_a_disconnect_aborts_on_every_replica(fleet):
         "max_tokens": 1500,
         "ttscale": {"placement": "spread"},
     }
+    before = [_requests(r, status="disconnected") for r in reps]
     with httpx.Client(timeout=120) as h, h.stream("POST", front.v1 + "/chat/completions", json=body) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
-                break
-        assert wait_until(lambda: sum(s.health()["engine_requests_running"] for s in reps) > 0, 30)
+                break  # the first text: gone at once, 1,500 tokens before any candidate could end
+    # each replica saw its 2 candidates' streams end unfinished and stopped their engine requests
+    assert wait_until(
+        lambda: [_requests(s, status="disconnected") - b for s, b in zip(reps, before, strict=True)] == [2, 2, 2], 30
+    ), [_requests(s, status="disconnected") - b for s, b in zip(reps, before, strict=True)]
     assert wait_until(lambda: all(s.health()["engine_requests_running"] == 0 for s in reps), 15), [
         s.health() for s in reps
     ]
