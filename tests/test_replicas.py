@@ -7,6 +7,7 @@ policy model, each with its own vLLM engine) and kill, restart and disconnect fr
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -72,6 +73,11 @@ def test_place_auto_is_bounded_load_hashing():
     # equally full: the first in the order
     r = _replicas([9, 9])
     assert place(2, r, "auto", slack=0.0) == [r[0], r[0]]
+    # a replica whose KV cache is full has no room, whatever its request count
+    r = _replicas([0, 0])
+    r[0].kv_usage = 0.97
+    assert place(2, r, "auto", slack=0.25) == [r[1], r[1]]
+    assert place(2, r, "affinity", slack=0.25) == [r[0], r[0]]  # affinity asked for it
 
 
 def test_prompt_key_is_the_model_and_the_prompts_prefix():
@@ -276,3 +282,98 @@ def test_the_compose_example_fronts_the_same_replicas_from_every_instance():
     hosts = {u.split("//")[1].split(":")[0] for u in spec.urls}
     assert hosts == {n for n in svc if n.startswith("vllm")} and len(spec.urls) == 2
     assert (root / "deploy" / "nginx.conf").is_file()
+
+
+# -- failover on scripted replicas (httpx transports; the fleet test above does it for real) -------
+def _sse(texts: list[str], *, finish: bool, usage: int | None = None) -> list[bytes]:
+    out = [
+        ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}) + "\n\n")
+        for t in texts
+    ]
+    if finish:
+        out.append("data: " + json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}) + "\n\n")
+        if usage is not None:
+            out.append(
+                "data: "
+                + json.dumps({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": usage}})
+                + "\n\n"
+            )
+        out.append("data: [DONE]\n\n")
+    return [s.encode() for s in out]
+
+
+class _Broken(httpx.AsyncByteStream):
+    """A stream that sends some chunks, then loses its connection."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.chunks = chunks
+
+    async def __aiter__(self):
+        for c in self.chunks:
+            yield c
+        raise httpx.ReadError("connection reset by peer")
+
+
+def _pool(scripts: dict[str, httpx.AsyncByteStream | list[bytes]]):
+    from ttscale.engine.replicas import ReplicaPool
+
+    pool = ReplicaPool("m", list(scripts), options=ReplicaOptions(placement="affinity"))
+    for rep in pool.replicas:
+        script = scripts[rep.url]
+
+        def handler(request: httpx.Request, script=script) -> httpx.Response:
+            assert request.headers["X-Session-ID"]  # the placement key goes along
+            stream = script if isinstance(script, httpx.AsyncByteStream) else httpx.ByteStream(b"".join(script))
+            return httpx.Response(200, stream=stream, headers={"content-type": "text/event-stream"})
+
+        rep.engine._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        rep.up = True
+    pool._started = True
+    return pool
+
+
+async def test_a_streamed_candidate_redrawn_elsewhere_continues_where_the_client_is():
+    from ttscale.engine import SamplingSettings
+
+    prompt = [{"role": "user", "content": "q"}]
+    urls = ["http://r1:1", "http://r2:1"]
+    order = [urls[i] for i in rendezvous(prompt_key("m", prompt, None), urls)]
+    full = ["The ", "answer ", "is ", "42."]
+    pool = _pool({order[0]: _Broken(_sse(full[:2], finish=False)), order[1]: _sse(full, finish=True, usage=4)})
+    deltas = []
+    async with pool.fanout(prompt, [SamplingSettings(seed=1, max_tokens=4)]) as fo:
+        async for ev in fo:
+            deltas.append(ev.delta_text)
+    c = fo.candidates[0]
+    assert "".join(deltas) == c.text == "The answer is 42."  # nothing sent twice
+    assert (c.redraws, c.lost_tokens, c.token_count, c.finish_reason) == (1, 2, 4, "length")
+    first = next(r for r in pool.replicas if r.url == order[0])
+    assert not first.up and first.failures == 1 and first.redrawn == 1
+    assert fo.placement == [order[1]]
+
+
+async def test_a_redraw_that_differs_from_what_was_streamed_fails_the_candidate():
+    from ttscale.engine import SamplingSettings
+    from ttscale.errors import UpstreamError
+
+    prompt = [{"role": "user", "content": "p"}]
+    urls = ["http://r1:1", "http://r2:1"]
+    order = [urls[i] for i in rendezvous(prompt_key("m", prompt, None), urls)]
+    pool = _pool({order[0]: _Broken(_sse(["The ", "answer "], finish=False)), order[1]: _sse(["A ", "b"], finish=True)})
+    with pytest.raises(UpstreamError, match="differs"):
+        async with pool.fanout(prompt, [SamplingSettings(seed=1)]) as fo:
+            async for _ in fo:
+                pass
+
+
+async def test_no_replica_left_is_a_clear_engine_error():
+    from ttscale.engine import SamplingSettings
+    from ttscale.errors import EngineUnavailableError
+
+    pool = _pool({"http://r1:1": _Broken([]), "http://r2:1": _Broken([])})
+    with pytest.raises(EngineUnavailableError, match="could run the request"):
+        async with pool.fanout("p", [SamplingSettings()]) as fo:
+            await fo.wait()
+    assert not any(r.up for r in pool.replicas)
+    with pytest.raises(EngineUnavailableError, match="no replica"):
+        pool.fanout("p", [SamplingSettings()])

@@ -13,7 +13,8 @@ plus, from the replica's ``/metrics``, the requests other clients keep there (vL
 ``vllm:num_requests_running`` + ``vllm:num_requests_waiting``, or ttscale's own gauges). The key
 goes to the replica as ``X-Session-ID``, so a router in front of it can agree.
 
-Failures: a replica whose connection fails, or which answers 5xx/429, is ejected; its
+Failures: a replica whose connection fails, or which answers 5xx, 429 or 404 (it does not serve
+the model), is ejected; its
 candidates in flight are redrawn on the next replica in their order (same seed; the tokens lost
 with it stay counted as ``lost_tokens``) up to ``retries`` times. Ejected replicas are probed
 (``/health``) and re-admitted after ``readmit_after`` good probes in a row.
@@ -62,6 +63,7 @@ _LOAD_METRICS = {
     "ttscale_engine_requests_running": "running",
     "ttscale_requests_queued": "waiting",
 }
+KV_FULL = 0.95  # vllm:kv_cache_usage_perc at which a replica takes no more requests under auto
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
@@ -149,7 +151,8 @@ def place(k: int, order: Sequence[Replica], placement: Placement, *, slack: floa
     out from position ``start``. ``auto``: all on the first replica in the order whose load,
     with them, stays within ``ceil((1 + slack) × (total load + k) / replicas)`` (consistent
     hashing with bounded loads, Mirrokni et al. 2018, the request as one ball of weight k);
-    on the least loaded one when none does (a large request on an idle pool: the first)."""
+    on the least loaded one when none does (a large request on an idle pool: the first). A
+    replica whose KV cache is ``KV_FULL`` used has no room."""
     if not order:
         return []
     n = len(order)
@@ -160,7 +163,8 @@ def place(k: int, order: Sequence[Replica], placement: Placement, *, slack: floa
     if placement == "round_robin":
         return [order[(start + i) % n] for i in range(k)]
     cap = math.ceil((1 + slack) * (sum(r.load for r in order) + k) / n)
-    fits = [r for r in order if r.load + k <= cap]
+    # a replica whose KV cache is (nearly) full would queue them: it has no room either
+    fits = [r for r in order if r.load + k <= cap and (r.kv_usage is None or r.kv_usage < KV_FULL)]
     return [fits[0] if fits else min(order, key=lambda r: r.load)] * k
 
 
@@ -395,7 +399,8 @@ def _replica_fault(e: Exception) -> bool:
     if isinstance(e, EngineUnavailableError):
         return True
     status = getattr(e, "upstream_status", None)
-    return isinstance(e, UpstreamError) and (status is None or status >= 500 or status == 429)
+    # 404: the replica does not serve the model (anymore); 429: it is full; 5xx: it failed
+    return isinstance(e, UpstreamError) and (status is None or status >= 500 or status in (404, 429))
 
 
 @dataclass(eq=False)
