@@ -6,7 +6,7 @@ format in ``render``, the error mapping in ``errors``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -26,7 +26,7 @@ def create_app(
     *,
     max_concurrent_requests: int = 256,
     manage_pool: bool = True,
-    profiles: dict[str, str] | None = None,
+    profiles: Mapping[str, str | Sequence[str]] | None = None,
     api_keys: Sequence[str] = (),
     public_metrics: bool = False,
     public_docs: bool = False,
@@ -38,22 +38,25 @@ def create_app(
 ) -> FastAPI:
     """The app serving ``pool``. With ``manage_pool`` the app starts and closes the models.
 
-    ``profiles`` maps model names to budget-profile files (adaptive budgets); a generating
-    model without one uses the profile shipped for it, if any. With ``api_keys`` every route
+    ``profiles`` maps model names to budget-profile files (adaptive budgets), one or several (a
+    request gets the one fitted on its prompt format, ``select_profile``); a generating model
+    without one uses the profile shipped for it, if any. With ``api_keys`` every route
     but ``/health`` (and ``/metrics``, the docs, when public) needs one of them; ``cors_origins``
     are the browser origins allowed to call the API. Beyond ``max_concurrent_requests``, up to
     ``max_queued_requests`` wait for a slot (``queue_timeout_s`` each) before 429s.
     ``on_engine_death(names)`` is called once when an engine stops (the command line exits the
     server then, so a supervisor restarts it).
     """
-    from ttscale.adaptive import load_profile
+    from ttscale.adaptive import Profile, load_profile
 
-    loaded = {}
+    loaded: dict[str, list[Profile]] = {}
     for e in pool:
         if e.role == "generate":
-            prof = load_profile(e.name, (profiles or {}).get(e.name))
-            if prof is not None:
-                loaded[e.name] = prof
+            given = (profiles or {}).get(e.name)
+            paths: list[str | None] = [given] if isinstance(given, str) else list(given or []) or [None]
+            profs = [p for p in (load_profile(e.name, path) for path in paths) if p is not None]
+            if profs:
+                loaded[e.name] = profs
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -68,7 +68,8 @@ async def prometheus(request: Request) -> Response:
 
 
 def model_card(e: Engine, profiles: dict[str, Any]) -> dict[str, Any]:
-    prof = profiles.get(e.name)
+    profs = profiles.get(e.name) or []
+    prof = profs[0] if profs else None
     return {
         "id": e.name,
         "object": "model",
@@ -80,6 +81,8 @@ def model_card(e: Engine, profiles: dict[str, Any]) -> dict[str, Any]:
             "budget_profile": prof.source if prof is not None else None,
             # the prompt format the profile's curves were measured with (None: not recorded)
             "budget_profile_prompt": prof.prompt if prof is not None else None,
+            # every profile of the model: a request gets the one of its prompt format
+            "budget_profiles": [{"source": p.source, "prompt": p.prompt} for p in profs],
         },
     }
 

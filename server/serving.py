@@ -19,6 +19,7 @@ from starlette.datastructures import State
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from ttscale.adaptive import select_profile
 from ttscale.budget import Budget, parse_budget
 from ttscale.engine import ModelPool, PromptInput, SamplingSettings
 from ttscale.engine.base import PLACEMENTS, Placement, Routing, check_encodable, prompt_chars
@@ -229,7 +230,7 @@ async def prepare(state: State, body: Body, endpoint: Endpoint, request: Request
         n=body.n,
         budget=budget,
         request_id=rid,
-        profile=state.profiles.get(engine.name),
+        profile=select_profile(state.profiles.get(engine.name, ()), prompt),
         prompt_ids=ids,
         routing=routing,
     )

@@ -254,3 +254,24 @@ def test_profile_roundtrip(tmp_path):
     b = Bucket("x", 0.5, points={"k": [1, 4, 16], "majority": [0.2, 0.4, 0.5]})
     assert b.accuracy("majority", 2) == pytest.approx(0.3)
     assert b.accuracy("majority", 64) == pytest.approx(0.5)
+
+
+def test_profiles_match_the_prompt_format_they_were_fitted_on():
+    from ttscale.adaptive import select_profile
+
+    boxed = Profile("p", [], prompt={"system": None, "template": "Q: {problem}\nBox it."})
+    plain = Profile("p", [], prompt={"system": None, "template": "{problem}"})
+    sys_ = Profile("p", [], prompt={"system": "S", "template": "{problem}"})
+    old = Profile("p", [])  # no format recorded: fits anything, least specific
+    user = lambda t: [{"role": "user", "content": t}]  # noqa: E731
+    assert boxed.matches(user("Q: 1+1?\nBox it.")) and not boxed.matches(user("1+1?"))
+    assert not boxed.matches(user("Q: \nBox"))  # shorter than the template's fixed text
+    assert plain.matches(user("anything")) and not plain.matches([{"role": "system", "content": "S"}, *user("x")])
+    assert sys_.matches([{"role": "system", "content": "S"}, *user("x")]) and not sys_.matches(user("x"))
+    assert boxed.matches("Q: raw text\nBox it.") and plain.matches([1, 2, 3]) and not boxed.matches([1, 2, 3])
+    assert old.matches(user("x")) and old.matches([1])
+    profs = [old, plain, boxed, sys_]
+    assert select_profile(profs, user("Q: 3?\nBox it.")) is boxed  # the most specific fitting one
+    assert select_profile(profs, user("3?")) is plain
+    assert select_profile([boxed, sys_], user("3?")) is boxed  # none fits: the first
+    assert select_profile([], user("3?")) is None

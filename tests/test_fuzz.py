@@ -63,8 +63,12 @@ STRATEGY_OPTIONS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "refine": {"max_rounds": st.integers(0, 2), "stop_regex": st.sampled_from(["ok", "(?i)correct"])},
     "speculative_rejection": {
         "verifier": st.just(VERIFIER_NAME),
-        "checkpoints": st.lists(st.integers(1, 16), min_size=1, max_size=3, unique=True),
+        "checkpoints": st.one_of(
+            st.lists(st.integers(1, 16), min_size=1, max_size=3, unique=True),
+            st.lists(st.floats(0.05, 0.95), min_size=1, max_size=3, unique=True),
+        ),
         "alpha": st.floats(0.0, 0.9),
+        "scorer": st.sampled_from(["verifier", "confidence"]),
     },
     "draft_target": {"draft": st.just(DRAFT_NAME), "chunk_tokens": st.integers(4, 16), "alpha": st.floats(0.0, 0.9)},
     "auto": {"wave": st.integers(1, 4)},
@@ -85,6 +89,8 @@ def ttscale_object(draw: st.DrawFn) -> dict[str, Any]:
     budget = draw(BUDGET)
     if budget is not None:
         obj["budget"] = budget
+    if draw(st.booleans()):  # one engine per model here: placement is taken and changes nothing
+        obj["placement"] = draw(st.sampled_from(["auto", "affinity", "spread", "round_robin"]))
     opts = STRATEGY_OPTIONS[name]
     for key in draw(st.lists(st.sampled_from(sorted(opts)), max_size=len(opts), unique=True)) if opts else []:
         obj[key] = draw(opts[key])

@@ -1669,3 +1669,33 @@ def test_responses_are_strict_json_whatever_numbers_or_texts_they_carry():
     assert json.loads(sse(body)[len(b"data: ") :]) == {"a": [1.0, None, None], "b": {"c": None}, "t": "ok ✓"}
     assert json.loads(dumps({"t": "a\ud800b"})) == {"t": "a\ud800b"}  # escaped, not an encoding error
     assert dumps({"t": "ok ✓"}) == '{"t":"ok ✓"}'.encode()  # the common case: compact UTF-8
+
+
+async def test_a_request_gets_the_budget_profile_of_its_prompt_format(tmp_path):
+    boxed = {"system": None, "template": "{problem}\n\nPut the answer in \\boxed{}."}
+    sysfmt = {"system": "Be careful.", "template": "{problem}"}
+    for name, fmt in (("boxed", boxed), ("careful", sysfmt), ("plain", {"system": None, "template": "{problem}"})):
+        doc = {"version": 1, "model": "p", "prompt": fmt, "buckets": [{"name": f"{name}-bucket", "pass1": 0.5}]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    profiles = {"p": [str(tmp_path / f"{n}.json") for n in ("plain", "boxed", "careful")]}
+    app = create_app(ModelPool([FakeEngine("p")]), profiles=profiles, manage_pool=False)
+    asks = {
+        "boxed": [{"role": "user", "content": "2+2?\n\nPut the answer in \\boxed{}."}],
+        "careful": [{"role": "system", "content": "Be careful."}, {"role": "user", "content": "2+2?"}],
+        "plain": [{"role": "user", "content": "2+2?"}],  # plain fits any user message: the least specific
+        "none fits": [{"role": "system", "content": "Other."}, {"role": "user", "content": "2+2?"}],
+    }
+    got = {}
+    async with client(app) as h:
+        for what, msgs in asks.items():
+            r = await post(h, CHAT, {"model": "p", "messages": msgs, "seed": 1, "ttscale": {"strategy": "auto"}})
+            assert r.status_code == 200, r.text
+            got[what] = r.json()["ttscale"]["selection_reason"].split(":")[0]
+        cards = (await h.get("/v1/models/p")).json()["ttscale"]
+    assert got == {
+        "boxed": "profile bucket boxed-bucket",
+        "careful": "profile bucket careful-bucket",
+        "plain": "profile bucket plain-bucket",
+        "none fits": "profile bucket plain-bucket",  # none fits: the first given
+    }
+    assert [p["prompt"] for p in cards["budget_profiles"]] == [{"system": None, "template": "{problem}"}, boxed, sysfmt]

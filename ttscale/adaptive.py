@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,36 @@ class Profile:
             prompt=d.get("prompt"),
         )
 
+    def matches(self, prompt: Any) -> bool:
+        """Whether ``prompt`` (chat messages, text or token ids) is written in the format the
+        curves were measured with: the same system prompt (or none), the last user message the
+        template with some problem in place of ``{problem}``. A profile that records no format
+        fits any prompt; token ids fit only such a profile or the plain format."""
+        if not self.prompt:
+            return True
+        system = self.prompt.get("system") or None
+        template = str(self.prompt.get("template") or "{problem}")
+        if isinstance(prompt, str):
+            sys_text, user = None, prompt
+        elif isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            first = prompt[0]
+            sys_text = str(first.get("content") or "") if first.get("role") in ("system", "developer") else None
+            users = [m for m in prompt if m.get("role") == "user"]
+            user = str(users[-1].get("content") or "") if users else ""
+        else:
+            return system is None and template == "{problem}"
+        if system != (sys_text or None):
+            return False
+        pre, _, post = template.partition("{problem}")
+        return len(user) >= len(pre) + len(post) and user.startswith(pre) and user.endswith(post)
+
+    @property
+    def specificity(self) -> int:
+        """How much fixed text the format holds (the most specific match wins)."""
+        if not self.prompt:
+            return -1
+        return len(str(self.prompt.get("template") or "")) + len(str(self.prompt.get("system") or ""))
+
     def bucket_for(self, p1: float) -> Bucket | None:
         if not self.buckets:
             return None
@@ -124,6 +155,16 @@ def default_profile_path(model_name: str) -> Path | None:
     """The budget profile shipped for ``model_name`` (``ttscale/profiles``), if any."""
     p = Path(__file__).resolve().parent / "profiles" / f"{model_name}.json"
     return p if p.is_file() else None
+
+
+def select_profile(profiles: Sequence[Profile], prompt: Any) -> Profile | None:
+    """The profile of a request: among a model's profiles, the most specific one whose prompt
+    format the request is written in; the first one when none is (a single profile serves
+    every request, as before formats were recorded)."""
+    fits = [p for p in profiles if p.matches(prompt)]
+    if fits:
+        return max(fits, key=lambda p: p.specificity)  # max keeps the first of equals
+    return profiles[0] if profiles else None
 
 
 def load_profile(model_name: str, path: str | Path | None = None) -> Profile | None:

@@ -169,7 +169,8 @@ def serve(
         list[str] | None,
         typer.Option(
             help="NAME=PATH: budget profile (from `ttscale eval report`) for adaptive budgets of model NAME; "
-            "default: the profile shipped for it, if any."
+            "repeat for profiles fitted on several prompt formats (a request gets the one of its format, else "
+            "the first); default: the profile shipped for it, if any."
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
@@ -257,12 +258,12 @@ def serve(
     except ConfigError as e:
         typer.echo(f"Error: {e.message}", err=True)
         raise typer.Exit(2) from None
-    profiles = {}
+    profiles: dict[str, list[str]] = {}
     for item in budget_profile or []:
         name, sep, path = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--budget-profile")
-        profiles[name] = path
+        profiles.setdefault(name, []).append(path)
     run_server(
         pool,
         host=host,
@@ -291,7 +292,7 @@ def run_server(
     log_level: str,
     keep_alive: float,
     max_concurrent_requests: int,
-    profiles: dict[str, str],
+    profiles: dict[str, list[str]],
     max_queued_requests: int = 0,
     queue_timeout_s: float = 30.0,
     api_keys: Sequence[str] = (),
