@@ -328,24 +328,11 @@ def _absorb_logprobs(chat: bool, c: Candidate, lp: dict[str, Any] | None) -> int
     return len(vals)
 
 
-class _HTTPFanout(Fanout):
-    def __init__(self, engine: OpenAIEngine, prompt: PromptInput, settings: list[SamplingSettings], request_id: str):
-        super().__init__([Candidate(i, s) for i, s in enumerate(settings)], 0, request_id)
-        self._engine = engine
-        self._prompt = prompt
-        self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
+class StreamsFanout(Fanout):
+    """A fan-out whose candidates are one HTTP stream each, run by a task each (``_tasks``):
+    aborting a candidate closes its stream, so its upstream stops generating it."""
 
-    async def _run(self, i: int) -> None:
-        c = self.candidates[i]
-        c.started_at = time.perf_counter()
-        try:
-            self.prompt_tokens = await stream_candidate(self._engine, self._prompt, c, self._emit)
-        except (InvalidRequestError, UpstreamError, EngineUnavailableError) as e:
-            self._fail(e)
-            return
-        c.finish_reason = c.finish_reason or "stop"
-        c.finished_at = time.perf_counter()
-        self._emit(CandidateEvent(c, "", 0, True))
+    _tasks: list[asyncio.Task[None]]
 
     async def abort(self, index: int) -> None:
         t = self._tasks[index]
@@ -367,3 +354,23 @@ class _HTTPFanout(Fanout):
             if not c.finished:
                 c.finish_reason = "abort"
                 c.finished_at = time.perf_counter()
+
+
+class _HTTPFanout(StreamsFanout):
+    def __init__(self, engine: OpenAIEngine, prompt: PromptInput, settings: list[SamplingSettings], request_id: str):
+        super().__init__([Candidate(i, s) for i, s in enumerate(settings)], 0, request_id)
+        self._engine = engine
+        self._prompt = prompt
+        self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
+
+    async def _run(self, i: int) -> None:
+        c = self.candidates[i]
+        c.started_at = time.perf_counter()
+        try:
+            self.prompt_tokens = await stream_candidate(self._engine, self._prompt, c, self._emit)
+        except (InvalidRequestError, UpstreamError, EngineUnavailableError) as e:
+            self._fail(e)
+            return
+        c.finish_reason = c.finish_reason or "stop"
+        c.finished_at = time.perf_counter()
+        self._emit(CandidateEvent(c, "", 0, True))

@@ -49,7 +49,7 @@ from ttscale.engine.base import (
     is_token_ids,
     new_request_id,
 )
-from ttscale.engine.openai_engine import OpenAIEngine, is_chat, reset_candidate, stream_candidate
+from ttscale.engine.openai_engine import OpenAIEngine, StreamsFanout, is_chat, reset_candidate, stream_candidate
 from ttscale.errors import EngineUnavailableError, InvalidRequestError, ModelRoleError, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -414,7 +414,7 @@ class _Run:
     tried: list[Replica] = field(default_factory=list)
 
 
-class _PoolFanout(Fanout):
+class _PoolFanout(StreamsFanout):
     def __init__(
         self,
         pool: ReplicaPool,
@@ -492,27 +492,6 @@ class _PoolFanout(Fanout):
         delta = c.text[len(run.streamed) :]
         run.streamed = c.text
         self._emit(CandidateEvent(c, delta, ev.delta_tokens, False))
-
-    async def abort(self, index: int) -> None:
-        t = self._tasks[index]
-        c = self.candidates[index]
-        if not c.finished and not t.done():
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-            c.finish_reason = "abort"
-            c.finished_at = time.perf_counter()
-            self._emit(CandidateEvent(c, "", 0, True))
-
-    async def aclose(self) -> None:
-        for t in self._tasks:
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for c in self.candidates:
-            if not c.finished:
-                c.finish_reason = "abort"
-                c.finished_at = time.perf_counter()
 
 
 class _Diverged(Exception):
