@@ -152,6 +152,7 @@ def test_auto_budget_hard_limits(client):
     )
     tts = r.model_extra["ttscale"]
     assert tts["stop_reason"] == "deadline"
-    # it stopped early: the candidates in flight were cut before their 1500 tokens
-    assert tts["usage"]["aborted_tokens"] > 0
+    # it stopped early: every candidate in flight was cut before its 1500 tokens (on a busy host
+    # possibly before its first one), and what they wrote counts as aborted
+    assert tts["usage"]["aborted_tokens"] == r.usage.completion_tokens, (tts["usage"], r.usage)
     assert r.usage.completion_tokens < tts["samples_used"] * 1500, (r.usage, tts["samples_used"])
