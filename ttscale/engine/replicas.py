@@ -103,7 +103,6 @@ class Replica:
     failures: int = 0  # times it was ejected
     redrawn: int = 0  # candidates lost with it and redrawn elsewhere
     last_error: str | None = None
-    ejected_at: float | None = None
 
     @property
     def load(self) -> int:
@@ -215,6 +214,7 @@ class ReplicaPool(Engine):
             for u in urls
         ]
         self._rr = 0
+        self._renderer: OpenAIEngine | None = None  # a replica's local tokenizer, if any
         self._monitor: asyncio.Task[None] | None = None
         self._started = False
 
@@ -225,7 +225,6 @@ class ReplicaPool(Engine):
         for r, res in zip(self.replicas, results, strict=True):
             if isinstance(res, BaseException):
                 r.last_error = str(res)
-                r.ejected_at = time.monotonic()
                 if r.engine._client is None:  # keep a client to probe it with
                     r.engine._client = httpx.AsyncClient(
                         headers=r.engine._headers, timeout=httpx.Timeout(r.engine._timeout, connect=10.0)
@@ -279,7 +278,7 @@ class ReplicaPool(Engine):
         if not r.up:
             r.good_probes += 1
             if r.good_probes >= self.options.readmit_after:
-                r.up, r.ejected_at = True, None
+                r.up = True
                 log.warning("replica %s of %s is back", r.url, self.name)
         with contextlib.suppress(httpx.HTTPError, ValueError):
             m = await client.get(f"{root}/metrics", timeout=5.0)
@@ -294,7 +293,6 @@ class ReplicaPool(Engine):
             r.up = False
             r.failures += 1
             r.good_probes = 0
-            r.ejected_at = time.monotonic()
             log.warning("replica %s of %s ejected: %s", r.url, self.name, why)
         r.last_error = why
 
@@ -317,12 +315,12 @@ class ReplicaPool(Engine):
 
     @property
     def can_render(self) -> bool:
-        return getattr(self, "_renderer", None) is not None
+        return self._renderer is not None
 
     def render(
         self, prompt: PromptInput, *, add_generation_prompt: bool = True, continue_final_message: bool = False
     ) -> list[int]:
-        eng: OpenAIEngine | None = getattr(self, "_renderer", None)
+        eng = self._renderer
         if eng is None:
             raise ModelRoleError(f"model {self.name!r} has no local tokenizer", param="model")
         return eng.render(
@@ -398,9 +396,11 @@ def _replica_fault(e: Exception) -> bool:
     """Whether ``e`` is the replica's fault (try another) rather than the request's."""
     if isinstance(e, EngineUnavailableError):
         return True
-    status = getattr(e, "upstream_status", None)
+    if not isinstance(e, UpstreamError):
+        return False
+    status = e.upstream_status
     # 404: the replica does not serve the model (anymore); 429: it is full; 5xx: it failed
-    return isinstance(e, UpstreamError) and (status is None or status >= 500 or status in (404, 429))
+    return status is None or status >= 500 or status in (404, 429)
 
 
 @dataclass(eq=False)
@@ -410,7 +410,6 @@ class _Run:
     plan: list[Replica]
     on: Replica | None = None
     streamed: str = ""  # text already passed on in delta events (a redraw must match it)
-    emitted_tokens: int = 0
     tried: list[Replica] = field(default_factory=list)
 
 
