@@ -16,7 +16,9 @@ The ratio is tokens/s over tokens/s (decode tokens; each round also records the 
 prefill tokens and the prefix-cache hits among them). On a GPU the server and the raw engine share the device:
 ``--gpu-share`` is each one's part of its memory. ``--profile DIR`` runs the server under cProfile
 and writes its stats there (``python -m pstats``). Prompts ask for a ``\\boxed{}`` answer, so
-real models give real answers to extract and cluster.
+real models give real answers to extract and cluster. Each timed side is preceded by a few short
+requests on that side (warm-up), and the summary gives the median, the spread and the pooled
+ratio (all rounds' tokens over all rounds' seconds).
 """
 
 from __future__ import annotations
@@ -211,7 +213,16 @@ async def main(a: argparse.Namespace) -> None:
             else:
                 await server_phase(srv.v1, spec.name, warm, a, ph)
 
+        brief = argparse.Namespace(**{**vars(a), "k": 4, "max_tokens": 16})
+
         async def run(ph: str, side: str) -> dict:
+            # A few short requests on the side about to be timed: the first run after the other
+            # side's measured ~10 % slower on the GPU (rounds that alternate the order swung both
+            # ways), whichever side it was.
+            if side == "raw" or ph == "eval":
+                await raw_phase(engine, warm, brief, logprobs=None if ph == "none" else 0)
+            else:
+                await server_phase(srv.v1, spec.name, warm, brief, ph)
             if side == "raw":
                 return await raw_phase(engine, problems, a, logprobs=None if ph == "none" else 0)
             if ph == "eval":
@@ -240,8 +251,12 @@ async def main(a: argparse.Namespace) -> None:
                 if not rows:
                     continue
                 ratios = [x["ratio"] for x in rows]
+                pooled = (sum(x["tokens"] for x in rows) / sum(x["s"] for x in rows)) / (
+                    sum(x["raw_tokens"] for x in rows) / sum(x["raw_s"] for x in rows)
+                )
                 summary["phases"][ph] = {
                     "ratio_median": round(statistics.median(ratios), 3),
+                    "ratio_pooled": round(pooled, 3),  # all rounds' tokens / seconds, both sides
                     "ratio_min": round(min(ratios), 3),
                     "ratio_max": round(max(ratios), 3),
                     "ratio_geomean": round(statistics.geometric_mean(ratios), 3),

@@ -4,7 +4,7 @@
 # staged environment's /tmp/gpu/in/device-setup.sh, when present); TTSCALE_GPU_MODEL: the real model.
 # Run from the repository root on that machine, one or more sections per call:
 #   bash bench/gpu/run.sh setup tests        # ~8 min
-#   bash bench/gpu/run.sh bench              # overhead ratios, 5 rounds (~7 min)
+#   bash bench/gpu/run.sh bench              # overhead ratios, 6 rounds (~8 min)
 #   bash bench/gpu/run.sh gsm8k profile      # 150 GSM8K questions, majority@16, concurrency 32 (~5 min);
 #                                            # the server under cProfile (~3 min)
 # Sections: setup (vLLM, the model, test wheels in .whl/), tests and engine-tests (make test-gpu),
@@ -57,18 +57,19 @@ for section in "$@"; do
     engine-tests)
       step test_engine timeout 400 python3 -P -m pytest -q -m "vllm and not server and not gpu" -p no:cacheprovider ;;
     bench)
-      (cd /tmp && step bench_overhead timeout 430 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" \
-        --dataset gsm8k --prompts 48 --k 16 --max-tokens 256 --concurrency 48 --rounds 5 \
+      (cd /tmp && step bench_overhead timeout ${BENCH_TIMEOUT:-560} python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" \
+        --dataset gsm8k --prompts 32 --k 16 --max-tokens 256 --concurrency 32 --rounds ${BENCH_ROUNDS:-6} \
         --phases none,majority,eval --out "$OUTDIR/overhead-gpu.json") ;;
     gsm8k)
       (cd /tmp && step bench_gsm8k timeout 400 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" \
         --dataset gsm8k --prompts 150 --k 16 --max-tokens 1024 --concurrency 32 --rounds 2 --phases majority \
         --out "$OUTDIR/gsm8k-gpu.json") ;;
-    replicas)  # two vLLM servers on the GPU, 0.3 of it each, behind one ttscale: placement
-      (cd /tmp && step bench_replicas timeout ${REPLICAS_TIMEOUT:-420} python3 "$REPO/bench/replicas.py" \
+    replicas)  # two vLLM servers on the GPU, 0.3 of it each, behind one ttscale: placement; each
+               # request with 40 worked examples of its own (~6k prompt tokens), at two arrival rates
+      (cd /tmp && step bench_replicas timeout ${REPLICAS_TIMEOUT:-450} python3 "$REPO/bench/replicas.py" \
         --model "qwen=$MODEL" --replicas 2 --replica-share 0.3 --dataset gsm8k --k 16 --max-tokens 256 \
-        --shots ${REPLICAS_SHOTS:-8} --rate ${REPLICAS_RATE:-12} --requests 64 --rounds ${REPLICAS_ROUNDS:-2} \
-        --out "$OUTDIR/replicas-gpu.json") ;;
+        --shots ${REPLICAS_SHOTS:-40} --max-model-len 12288 --rate ${REPLICAS_RATE:-3,12} \
+        --requests ${REPLICAS_REQUESTS:-48} --rounds ${REPLICAS_ROUNDS:-1} --out "$OUTDIR/replicas-gpu.json") ;;
     profile)
       (cd /tmp && step bench_profile timeout 300 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
         --prompts 64 --k 16 --max-tokens 512 --concurrency 32 --rounds 1 --phases majority_es \
