@@ -347,6 +347,22 @@ def _extraction_section(d: _Doc, an: Analysis) -> None:
             d.p(e["text"] if e["text"] is not None else "(texts not recorded: --no-text)", code=True)
 
 
+def dataset_label(m: dict[str, Any]) -> str:
+    """The set as a reader can find it again, without this machine's paths: a packaged set by
+    name, an ``hf:`` set by its id, a file by its name and the content fingerprint."""
+    from ttscale.eval.data import KNOWN_SETS
+
+    name, source, fp = m.get("dataset"), str(m.get("dataset_source") or ""), m.get("dataset_fingerprint")
+    tail = f", fingerprint {fp}" if fp else ""
+    if name in KNOWN_SETS:
+        return f"{name} (packaged with ttscale{tail})"
+    if source.startswith("hf:"):
+        return source + (f" (fingerprint {fp})" if fp else "")
+    if not source:
+        return f"{name} (unknown source{tail})"
+    return f"{name} (file {Path(source).name}{tail})"
+
+
 def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
     m = an.manifest
     g = an.global_
@@ -359,7 +375,7 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
     rows: list[list[Any]] = [
         ["model", m.get("model")],
         ["verifier", m.get("verifier") or "–"],
-        ["dataset", f"{m.get('dataset')} ({m.get('dataset_source')})"],
+        ["dataset", dataset_label(m)],
         ["problems", f"{len(an.probs)} of {m.get('n_problems')}"],
         ["samples per problem K", an.k_max],
         ["system prompt", "none" if an.prompt.system is None else json.dumps(an.prompt.system, ensure_ascii=False)],

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from ttscale.eval import metrics as M
 from ttscale.eval.analysis import analyse_run, budgets, fit_half, summary_lines
 from ttscale.eval.fit import FitResult
-from ttscale.eval.report import write_report
+from ttscale.eval.report import dataset_label, write_report
 from ttscale.eval.store import RunStore, load_run
 
 K = 16
@@ -141,6 +141,20 @@ def test_analysis_profile_and_report(tmp_path, levels):
     else:
         assert "| system prompt | none |" in md and '| prompt template | "{problem}" (preset plain) |' in md
     assert (tmp_path / "rep" / "figures" / "curves.png").stat().st_size > 1000
+    assert "| dataset | synth (unknown source, fingerprint x) |" in md and str(tmp_path) not in md
+
+
+def test_the_dataset_is_named_without_this_machines_paths():
+    home = "/home/someone/sets"
+    packaged = {"dataset": "math500", "dataset_source": f"{home}/ttscale/eval/datasets/math500.jsonl"}
+    assert (
+        dataset_label({**packaged, "dataset_fingerprint": "ab12"})
+        == "math500 (packaged with ttscale, fingerprint ab12)"
+    )
+    own = dataset_label({"dataset": "mine", "dataset_source": f"{home}/mine.jsonl", "dataset_fingerprint": "cd"})
+    assert own == "mine (file mine.jsonl, fingerprint cd)" and home not in own
+    hf = dataset_label({"dataset": "hf:HuggingFaceH4/MATH-500", "dataset_source": "hf:HuggingFaceH4/MATH-500"})
+    assert hf == "hf:HuggingFaceH4/MATH-500"
 
 
 def test_extraction_failures_are_counted_and_shown(tmp_path):

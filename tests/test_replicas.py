@@ -11,6 +11,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -265,6 +267,28 @@ def test_a_disconnect_aborts_on_every_replica(fleet):
         s.health() for s in reps
     ]
     assert wait_until(lambda: front.health()["engine_requests_running"] == 0, 15)
+
+
+@pytest.mark.server
+@pytest.mark.vllm
+def test_batch_eval_spreads_its_problems_over_the_pool(fleet, tmp_path):
+    """`ttscale eval run -m NAME=url,url,url@id`: each problem's K samples go to its replica
+    (by the prompt's hash), the problems spread over all of them, every sample is recorded."""
+    _, reps = fleet
+    urls = ",".join(r.url for r in reps)
+    before = [_requests(r) for r in reps]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-P", "-m", "ttscale.cli", "eval", "run", "arith500", "--limit", "12", "-k", "2"]
+    cmd += ["-m", f"pol={urls}@{POLICY_NAME}", "--max-tokens", "48", "--out", str(out), "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(len(r["samples"]) == 2 for r in rows)
+    delta = [_requests(s) - b for s, b in zip(reps, before, strict=True)]
+    assert sum(delta) == 24, delta
+    # 12 prompts on 3 replicas by their hashes: all on one would be a broken key (p ~ 1e-5)
+    assert sum(d > 0 for d in delta) >= 2, delta
+    assert all(d % 2 == 0 for d in delta), delta  # a problem's samples stay together
 
 
 def test_the_compose_example_fronts_the_same_replicas_from_every_instance():
