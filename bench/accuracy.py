@@ -1,8 +1,14 @@
-"""Accuracy and cost of the strategies on arith500, measured through the server, in one run.
+"""Accuracy and cost of the strategies, measured through the server, in one run: on arith500
+with the embedded models, or on a real set with a real model.
 
     python bench/accuracy.py --suite strategies --levels 3 4 5 --per-level 40
     python bench/accuracy.py --suite rejection --per-level 20
     python bench/accuracy.py --suite adaptive --per-level 20
+    # a real model on a real set (GPU): each method a phase of its own, timed as a whole
+    python bench/accuracy.py --suite real --model qwen=/models/qwen --dataset math500 --limit 300 \\
+        --max-tokens 1024 --temperature 0.7 --concurrency 32 --schedule phased
+    python bench/accuracy.py --suite votes --model qwen=/models/qwen --dataset gsm8k --limit 300 ...
+    python bench/accuracy.py --suite confidence-rejection --model qwen=/models/qwen --dataset math500 ...
 
 Suites (each method sees the same problems and seeds):
 * ``strategies``: pass@1 (mean correctness of the 16 samples a majority request drew),
@@ -10,6 +16,21 @@ Suites (each method sees the same problems and seeds):
 * ``rejection``: best_of_n (N=16, the verifier) vs speculative_rejection and draft_target.
 * ``adaptive``: ``budget: auto`` (majority in waves, and asynchronous) and ``deepconf`` (online,
   low and high) vs fixed majority@16.
+* ``real`` (no verifier needed): pass@1, majority@16, best-of-16 by log-prob and by DeepConf
+  confidence, RPC@8/16, the temperature sweep, refine, budget ``auto``.
+* ``votes``: ``deepconf`` (online, high and low) and budget ``auto`` (asynchronous early stop)
+  vs fixed majority@16.
+* ``confidence-rejection``: ``speculative_rejection`` scored by the policy's confidence vs
+  best-of-16 by the same confidence.
+
+``--schedule interleaved`` (the default) sends every method's request of a problem before the
+next problem (time: per request, under the mixed load); ``phased`` runs each method over all
+problems as a phase of its own after a pass that puts every prompt in the prefix cache, so each
+method's ``phase_s`` is the engine's wall time for that method's work at the same concurrency.
+``--model NAME=PATH`` (and ``--verifier``) serve a real model instead of the embedded family;
+``--dataset`` / ``--limit`` pick the problems (arith500: ``--levels`` / ``--per-level``),
+``--system-prompt`` / ``--prompt-template`` the prompt (default: the set's, as ``ttscale eval
+run``).
 
 Prints a Markdown table (accuracy with 95% bootstrap CIs over problems, paired differences
 against the suite's baseline, tokens per problem, seconds per problem) and writes JSON to
@@ -71,14 +92,50 @@ SUITES = {
             {"strategy": "deepconf", "budget": {"samples": 16}, "warmup": 4, "window": 16, "keep": 0.9},
         ),
     ],
+    "real": [
+        ("majority@16", {"strategy": "majority", "budget": {"samples": 16}}),
+        ("best_of_16 (logprob mean)", {"strategy": "best_of_n", "budget": {"samples": 16}, "scorer": "logprob"}),
+        ("best_of_16 (confidence)", {"strategy": "best_of_n", "budget": {"samples": 16}, "scorer": "confidence"}),
+        ("rpc@8", {"strategy": "perplexity_consistency", "budget": {"samples": 8}}),
+        ("rpc@16", {"strategy": "perplexity_consistency", "budget": {"samples": 16}}),
+        ("temperature_sweep@16", {"strategy": "temperature_sweep", "budget": {"samples": 16}}),
+        ("refine (self, 2 rounds)", {"strategy": "refine", "critic": "self", "max_rounds": 2}),
+        ("auto (majority async)", {"strategy": "majority", "budget": "auto", "max_samples": 16, "schedule": "async"}),
+    ],
+    # traces of a few hundred tokens: a 256-token window and 4 warm-up traces of the 16
+    "votes": [
+        ("majority@16 fixed", {"strategy": "majority", "budget": {"samples": 16}, "stop_when_decided": False}),
+        (
+            "deepconf (high)",
+            {"strategy": "deepconf", "budget": {"samples": 16}, "warmup": 4, "window": 256, "keep": 0.9},
+        ),
+        (
+            "deepconf (low)",
+            {"strategy": "deepconf", "budget": {"samples": 16}, "warmup": 4, "window": 256, "keep": 0.1},
+        ),
+        ("auto (majority async)", {"strategy": "majority", "budget": "auto", "max_samples": 16, "schedule": "async"}),
+    ],
+    "confidence-rejection": [
+        ("best_of_16 (confidence)", {"strategy": "best_of_n", "budget": {"samples": 16}, "scorer": "confidence"}),
+        (
+            "speculative_rejection (confidence)",
+            {"strategy": "speculative_rejection", "budget": {"samples": 16}, "scorer": "confidence"},
+        ),
+    ],
 }
+# the suites whose first method's samples give pass@1 (all 16 drawn, returned)
+PASS1_SUITES = ("strategies", "real")
 
 
-def problems(levels: list[int], per_level: int) -> list[dict]:
-    rows = [json.loads(line) for line in (ROOT / "eval" / "datasets" / "arith500.jsonl").read_text().splitlines()]
+def problems(a: argparse.Namespace) -> list[dict]:
+    from ttscale.eval.data import load_dataset
+
+    if a.dataset != "arith500" or a.limit is not None:
+        return load_dataset(a.dataset, limit=a.limit).problems
+    rows = load_dataset("arith500").problems
     out = []
-    for lv in levels:
-        out += [r for r in rows if r["level"] == lv][:per_level]
+    for lv in a.levels:
+        out += [r for r in rows if r["level"] == lv][: a.per_level]
     return out
 
 
@@ -104,15 +161,36 @@ MODELS = ["ttscale-arith", "ttscale-arith-verifier", "ttscale-arith-draft"]
 
 def model_ids(names: list[str]) -> dict[str, str]:
     """Which weights a result was measured with: the first 12 hex digits of each model's
-    safetensors SHA-256."""
-    import hashlib
-
+    safetensors SHA-256 (of its first shard)."""
+    from ttscale.engine import parse_model_arg
     from ttscale.models import resolve_model
 
     out = {}
     for n in names:
-        f = Path(resolve_model(n)) / "model.safetensors"
-        out[n] = hashlib.sha256(f.read_bytes()).hexdigest()[:12] if f.is_file() else "?"
+        spec = parse_model_arg(n)
+        d = Path(resolve_model(spec.source))
+        f = next(iter(sorted(d.glob("*.safetensors"))), None)
+        h = hashlib.sha256()
+        if f is not None:
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        out[spec.name] = h.hexdigest()[:12] if f is not None else "?"
+    return out
+
+
+def machine() -> dict:
+    import platform
+
+    out: dict = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        import torch
+        import vllm
+
+        out.update(vllm=vllm.__version__, torch=torch.__version__)
+        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # informative only
+        pass
     return out
 
 
@@ -120,13 +198,24 @@ async def main(a: argparse.Namespace) -> None:
     import openai
 
     from conftest import start_server
-    from ttscale.answers import grade
+    from ttscale.engine import parse_model_arg
+    from ttscale.engine.vllm_engine import has_cuda
+    from ttscale.eval.data import grade
     from ttscale.eval.metrics import bootstrap_ci, paired_bootstrap_diff
+    from ttscale.eval.prompts import resolve_prompt, unescape
 
-    probs = problems(a.levels, a.per_level)
+    probs = problems(a)
     methods = SUITES[a.suite]
+    fmt = resolve_prompt(
+        a.dataset,
+        unescape(a.prompt_template) if a.prompt_template else None,
+        unescape(a.system_prompt) if a.system_prompt else None,
+    )
+    models = [a.model, *([a.verifier] if a.verifier else [])] if a.model else MODELS
+    policy = parse_model_arg(models[0]).name
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ttscale-bench-{a.suite}.log"
-    srv = start_server(MODELS, log)
+    share = ["--gpu-memory-utilization", str(a.gpu_share)] if a.model and has_cuda() else []
+    srv = start_server(models, log, *share, *a.server_arg)
     client = openai.AsyncOpenAI(base_url=srv.v1, api_key="x", max_retries=0, timeout=900)
     sem = asyncio.Semaphore(a.concurrency)
     res: dict[str, dict[str, list]] = {
@@ -135,45 +224,64 @@ async def main(a: argparse.Namespace) -> None:
     }
     pass1: list[float] = []
     extra: dict[str, list] = {m: [] for m, _ in methods}
+    phase_s: dict[str, float] = {}
+
+    async def ask(p: dict, name: str, tts: dict, max_tokens: int | None = None) -> None:
+        body = dict(tts)
+        if a.suite in PASS1_SUITES and name == "majority@16":
+            body["return_samples"] = True
+            body["stop_when_decided"] = False  # all 16 samples: they also give pass@1
+        async with sem:
+            t0 = time.perf_counter()
+            r = await client.chat.completions.create(
+                model=policy,
+                messages=fmt.messages(p["problem"]),
+                temperature=a.temperature,
+                seed=seed_of(p["id"]),
+                max_tokens=max_tokens or a.max_tokens,
+                extra_body={"ttscale": body},
+            )
+            dt = time.perf_counter() - t0
+        if max_tokens is not None:  # the priming pass
+            return
+        record(p, name, r.model_extra["ttscale"], dt)
+
+    def record(p: dict, name: str, info: dict, dt: float) -> None:
+        res[name]["correct"].append(float(grade(info.get("answer"), p["answer"])))
+        res[name]["tokens"].append(tokens_of(info))
+        usage = info["usage"]  # the engine's work, every model
+        res[name]["decode"].append(usage["decode_tokens"])
+        res[name]["prefill"].append(usage["prefill_tokens"])
+        res[name]["cached"].append(usage["cached_prefill_tokens"] or 0)
+        res[name]["seconds"].append(dt)
+        res[name]["samples"].append(info["samples_used"])
+        keep = {k: info.get(k) for k in ("rejection_rate", "rejected", "accepted", "takeovers", "stop_reason")}
+        extra[name].append(keep)
+        if "samples" in info:
+            pass1.append(sum(grade(s.get("answer"), p["answer"]) for s in info["samples"]) / len(info["samples"]))
 
     async def one(p: dict) -> None:
         for name, tts in methods:
-            body = dict(tts)
-            if a.suite == "strategies" and name == "majority@16":
-                body["return_samples"] = True
-                body["stop_when_decided"] = False  # all 16 samples: they also give pass@1
-            async with sem:
-                t0 = time.perf_counter()
-                r = await client.chat.completions.create(
-                    model="ttscale-arith",
-                    messages=[{"role": "user", "content": p["problem"]}],
-                    temperature=a.temperature,
-                    seed=seed_of(p["id"]),
-                    max_tokens=a.max_tokens,
-                    extra_body={"ttscale": body},
-                )
-                dt = time.perf_counter() - t0
-            info = r.model_extra["ttscale"]
-            res[name]["correct"].append(float(grade(info.get("answer"), p["answer"])))
-            res[name]["tokens"].append(tokens_of(info))
-            usage = info["usage"]  # the engine's work, every model
-            res[name]["decode"].append(usage["decode_tokens"])
-            res[name]["prefill"].append(usage["prefill_tokens"])
-            res[name]["cached"].append(usage["cached_prefill_tokens"] or 0)
-            res[name]["seconds"].append(dt)
-            res[name]["samples"].append(info["samples_used"])
-            keep = {k: info.get(k) for k in ("rejection_rate", "rejected", "accepted", "takeovers", "stop_reason")}
-            extra[name].append(keep)
-            if "samples" in info:
-                pass1.append(sum(grade(s.get("answer"), p["answer"]) for s in info["samples"]) / len(info["samples"]))
+            await ask(p, name, tts)
 
     t0 = time.perf_counter()
     try:
-        done = 0
-        for chunk in range(0, len(probs), a.concurrency * 2):
-            await asyncio.gather(*(one(p) for p in probs[chunk : chunk + a.concurrency * 2]))
-            done += len(probs[chunk : chunk + a.concurrency * 2])
-            print(f"{done}/{len(probs)} problems, {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+        if a.schedule == "phased":
+            # every prompt once (16 tokens) first: no phase finds a prefix cache warmed by another, and
+            # the first does not pay for the engine's warm-up
+            prime = {"strategy": "majority", "budget": {"samples": 16}}  # the 16-way fan-out, short
+            await asyncio.gather(*(ask(p, "prime", prime, max_tokens=16) for p in probs))
+            for name, tts in methods:
+                t1 = time.perf_counter()
+                await asyncio.gather(*(ask(p, name, tts) for p in probs))
+                phase_s[name] = time.perf_counter() - t1
+                print(f"{name}: {len(probs)} problems in {phase_s[name]:.1f}s", file=sys.stderr, flush=True)
+        else:
+            done = 0
+            for chunk in range(0, len(probs), a.concurrency * 2):
+                await asyncio.gather(*(one(p) for p in probs[chunk : chunk + a.concurrency * 2]))
+                done += len(probs[chunk : chunk + a.concurrency * 2])
+                print(f"{done}/{len(probs)} problems, {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     finally:
         await client.close()
         srv.stop()
@@ -198,6 +306,8 @@ async def main(a: argparse.Namespace) -> None:
             "seconds_per_problem": sum(r["seconds"]) / len(r["seconds"]),
             "samples_per_problem": sum(r["samples"]) / len(r["samples"]),
         }
+        if name in phase_s:
+            row["phase_s"] = phase_s[name]
         if name != base:
             d, dlo, dhi = paired_bootstrap_diff(r["correct"], res[base]["correct"])
             row.update(
@@ -205,8 +315,12 @@ async def main(a: argparse.Namespace) -> None:
                 diff_lo=dlo,
                 diff_hi=dhi,
                 token_ratio=sum(r["tokens"]) / max(1, sum(res[base]["tokens"])),
+                decode_ratio=sum(r["decode"]) / max(1, sum(res[base]["decode"])),
+                prefill_ratio=sum(r["prefill"]) / max(1, sum(res[base]["prefill"])),
                 time_ratio=sum(r["seconds"]) / max(1e-9, sum(res[base]["seconds"])),
             )
+            if name in phase_s and base in phase_s:
+                row["phase_time_ratio"] = phase_s[name] / max(1e-9, phase_s[base])
         if pass1:
             d, dlo, dhi = paired_bootstrap_diff(r["correct"], pass1)
             row.update(diff_vs_pass1=d, diff_vs_pass1_lo=dlo, diff_vs_pass1_hi=dhi)
@@ -216,23 +330,31 @@ async def main(a: argparse.Namespace) -> None:
         rows.append(row)
     out = {
         "suite": a.suite,
-        "levels": a.levels,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]),
+        "dataset": a.dataset,
+        "levels": a.levels if a.dataset == "arith500" and a.limit is None else None,
         "problems": len(probs),
+        "prompt": fmt.to_dict(),
         "temperature": a.temperature,
+        "max_tokens": a.max_tokens,
+        "concurrency": a.concurrency,
+        "schedule": a.schedule,
         "baseline": base,
         "rows": rows,
         "wall_s": time.perf_counter() - t0,
-        "models": model_ids(MODELS),
+        "models": model_ids(models),
+        "machine": machine(),
     }
-    dest = ROOT / "bench" / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"{a.suite}.json").write_text(json.dumps(out, indent=1))
-    print(f"\n{a.suite}: {len(probs)} problems (levels {a.levels}), T={a.temperature}\n")
+    dest = Path(a.out) if a.out else ROOT / "bench" / "results" / f"{a.suite}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=1))
+    print(f"\n{a.suite}: {len(probs)} problems of {a.dataset}, T={a.temperature}\n")
     print(
         "| method | accuracy [95% CI] | vs baseline [CI] | vs pass@1 [CI] | tokens/problem "
-        "| decode / prefill (cached) per problem | s/problem | samples |"
+        "| decode / prefill (cached) per problem | s/problem | phase s | samples |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         vp = (
             f"{r['diff_vs_pass1']:+.3f} [{r['diff_vs_pass1_lo']:+.3f}, {r['diff_vs_pass1_hi']:+.3f}]"
@@ -246,6 +368,7 @@ async def main(a: argparse.Namespace) -> None:
             f" / {r.get('prefill_tokens_per_problem', float('nan')):.0f}"
             f" ({r.get('cached_prefill_tokens_per_problem', float('nan')):.0f}) | "
             f"{r.get('seconds_per_problem', float('nan')):.2f} | "
+            f"{r.get('phase_s', float('nan')):.1f} | "
             f"{r.get('samples_per_problem', float('nan')):.1f} |"
         )
 
@@ -258,6 +381,16 @@ if __name__ == "__main__":
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--max-tokens", type=int, default=320)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--model", help="NAME=PATH of a real policy model (default: the embedded family)")
+    ap.add_argument("--verifier", help="NAME=PATH of a scoring model beside --model")
+    ap.add_argument("--dataset", default="arith500", help="a packaged set, a JSONL file or hf:OWNER/NAME")
+    ap.add_argument("--limit", type=int, help="the first N problems (arith500: --levels / --per-level)")
+    ap.add_argument("--system-prompt", help="system prompt (\\n: a line break)")
+    ap.add_argument("--prompt-template", help="a preset (boxed, plain) or a template holding {problem}")
+    ap.add_argument("--schedule", choices=("interleaved", "phased"), default="interleaved")
+    ap.add_argument("--gpu-share", type=float, default=0.85, help="GPU memory share of the served model")
+    ap.add_argument("--out", help="result JSON (default: bench/results/<suite>.json)")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra `ttscale serve` argument")
     # a terminated bench unwinds like Ctrl-C, so the server it started is stopped too
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     asyncio.run(main(ap.parse_args()))

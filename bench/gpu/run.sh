@@ -8,11 +8,14 @@
 #   bash bench/gpu/run.sh gsm8k profile      # 150 GSM8K questions, majority@16, concurrency 32 (~5 min);
 #                                            # the server under cProfile (~3 min)
 # Sections: setup (vLLM, the model, test wheels in .whl/), tests and engine-tests (make test-gpu),
-# bench, gsm8k, replicas, profile. Logs and results go to /tmp/gpu/out, and, on the device
+# bench, gsm8k, replicas, profile; accuracy, votes, rejection (bench/accuracy.py on a real set:
+# ACC_DATASET, ACC_LIMIT, ACC_MAX_TOKENS, ACC_TIMEOUT; longer than one call: start it in the
+# background with TTSCALE_GPU_OUT=/tmp/gpu/bg and collect /tmp/gpu/bg in a later call, the
+# machine kept warm by calls in between). Logs and results go to /tmp/gpu/out, and, on the device
 # tool's machine, into one archive $OUT/gpu-results.tgz (a call brings back at most 8 files).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-OUTDIR=/tmp/gpu/out
+OUTDIR=${TTSCALE_GPU_OUT:-/tmp/gpu/out}
 rm -rf "$OUTDIR"; mkdir -p "$OUTDIR"
 # servers of an earlier call that ran out of time (test servers run in sessions of their own)
 pkill -9 -f "[m] ttscale[.]cli serve" 2>/dev/null; pkill -9 -f "[E]ngineCore" 2>/dev/null; sleep 1
@@ -70,6 +73,13 @@ for section in "$@"; do
         --model "qwen=$MODEL" --replicas 2 --replica-share 0.3 --dataset gsm8k --k 16 --max-tokens 256 \
         --shots ${REPLICAS_SHOTS:-40} --max-model-len 12288 --rate ${REPLICAS_RATE:-3,12} \
         --requests ${REPLICAS_REQUESTS:-48} --rounds ${REPLICAS_ROUNDS:-1} --out "$OUTDIR/replicas-gpu.json") ;;
+    accuracy|votes|rejection)  # the strategies on a real set, each method a phase of its own
+      suite=$section; [ "$section" = accuracy ] && suite=real; [ "$section" = rejection ] && suite=confidence-rejection
+      ds=${ACC_DATASET:-math500}
+      (cd /tmp && step "bench_$section" timeout ${ACC_TIMEOUT:-560} python3 "$REPO/bench/accuracy.py" --suite "$suite" \
+        --model "qwen=$MODEL" --dataset "$ds" --limit ${ACC_LIMIT:-300} --max-tokens ${ACC_MAX_TOKENS:-1024} \
+        --temperature 0.7 --concurrency ${ACC_CONCURRENCY:-64} --schedule phased \
+        --out "$OUTDIR/$suite-$ds-gpu.json") ;;
     profile)
       (cd /tmp && step bench_profile timeout 300 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
         --prompts 64 --k 16 --max-tokens 512 --concurrency 32 --rounds 1 --phases majority_es \
