@@ -8,7 +8,7 @@
 #   bash bench/gpu/run.sh gsm8k profile      # 150 GSM8K questions, majority@16, concurrency 32 (~5 min);
 #                                            # the server under cProfile (~3 min)
 # Sections: setup (vLLM, the model, test wheels in .whl/), tests and engine-tests (make test-gpu),
-# bench, gsm8k, replicas, profile; accuracy, votes, rejection (bench/accuracy.py on a real set:
+# bench, gsm8k, replicas, profile, eval (a resumable `ttscale eval run`); accuracy, votes, rejection (bench/accuracy.py on a real set:
 # ACC_DATASET, ACC_LIMIT, ACC_MAX_TOKENS, ACC_TIMEOUT; longer than one call: start it in the
 # background with TTSCALE_GPU_OUT=/tmp/gpu/bg and collect /tmp/gpu/bg in a later call, the
 # machine kept warm by calls in between). Logs and results go to /tmp/gpu/out, and, on the device
@@ -80,6 +80,17 @@ for section in "$@"; do
         --model "qwen=$MODEL" --dataset "$ds" --limit ${ACC_LIMIT:-300} --max-tokens ${ACC_MAX_TOKENS:-1024} \
         --temperature 0.7 --concurrency ${ACC_CONCURRENCY:-64} --schedule phased \
         --out "$OUTDIR/$suite-$ds-gpu.json") ;;
+    eval)  # ttscale eval run of the real model on a real set, resumable (EVAL_SET, EVAL_K, EVAL_MAX_TOKENS,
+           # EVAL_LIMIT, EVAL_TIMEOUT): the run directory stays in /tmp/gpu/runs, so a later call on the same machine
+           # continues it (a run brought back as run-*.tar.xz and unpacked there continues on another);
+           # each call reports what is recorded so far
+      set_=${EVAL_SET:-math500}; k=${EVAL_K:-64}; name=qwen-$set_-k$k; mkdir -p /tmp/gpu/runs
+      (cd /tmp && step "eval_$set_" timeout ${EVAL_TIMEOUT:-400} python3 -P -m ttscale.cli eval run "$set_" \
+        -m "qwen=$MODEL" -k "$k" --max-tokens ${EVAL_MAX_TOKENS:-1024} --temperature 0.7 \
+        --concurrency ${EVAL_CONCURRENCY:-64} ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --out "/tmp/gpu/runs/$name" -q)
+      (cd /tmp && step "report_$set_" python3 -P -m ttscale.cli eval report "/tmp/gpu/runs/$name" \
+        --out "$OUTDIR/report-$name")
+      tar cJf "$OUTDIR/run-$name.tar.xz" -C /tmp/gpu/runs "$name" ;;
     profile)
       (cd /tmp && step bench_profile timeout 300 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
         --prompts 64 --k 16 --max-tokens 512 --concurrency 32 --rounds 1 --phases majority_es \
