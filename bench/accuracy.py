@@ -51,6 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 SUITES = {
     "strategies": [
@@ -179,23 +180,9 @@ def model_ids(names: list[str]) -> dict[str, str]:
     return out
 
 
-def machine() -> dict:
-    import platform
-
-    out: dict = {"python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        import torch
-        import vllm
-
-        out.update(vllm=vllm.__version__, torch=torch.__version__)
-        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # informative only
-        pass
-    return out
-
-
 async def main(a: argparse.Namespace) -> None:
     import openai
+    from machine import versions
 
     from conftest import start_server
     from ttscale.engine import parse_model_arg
@@ -226,7 +213,8 @@ async def main(a: argparse.Namespace) -> None:
     extra: dict[str, list] = {m: [] for m, _ in methods}
     phase_s: dict[str, float] = {}
 
-    async def ask(p: dict, name: str, tts: dict, max_tokens: int | None = None) -> None:
+    async def ask(p: dict, name: str, tts: dict, max_tokens: int | None = None) -> tuple[dict, float]:
+        """One request: its ``ttscale`` object and its seconds."""
         body = dict(tts)
         if a.suite in PASS1_SUITES and name == "majority@16":
             body["return_samples"] = True
@@ -242,11 +230,10 @@ async def main(a: argparse.Namespace) -> None:
                 extra_body={"ttscale": body},
             )
             dt = time.perf_counter() - t0
-        if max_tokens is not None:  # the priming pass
-            return
-        record(p, name, r.model_extra["ttscale"], dt)
+        return r.model_extra["ttscale"], dt
 
-    def record(p: dict, name: str, info: dict, dt: float) -> None:
+    async def measure(p: dict, name: str, tts: dict) -> None:
+        info, dt = await ask(p, name, tts)
         res[name]["correct"].append(float(grade(info.get("answer"), p["answer"])))
         res[name]["tokens"].append(tokens_of(info))
         usage = info["usage"]  # the engine's work, every model
@@ -262,7 +249,7 @@ async def main(a: argparse.Namespace) -> None:
 
     async def one(p: dict) -> None:
         for name, tts in methods:
-            await ask(p, name, tts)
+            await measure(p, name, tts)
 
     t0 = time.perf_counter()
     try:
@@ -273,7 +260,7 @@ async def main(a: argparse.Namespace) -> None:
             await asyncio.gather(*(ask(p, "prime", prime, max_tokens=16) for p in probs))
             for name, tts in methods:
                 t1 = time.perf_counter()
-                await asyncio.gather(*(ask(p, name, tts) for p in probs))
+                await asyncio.gather(*(measure(p, name, tts) for p in probs))
                 phase_s[name] = time.perf_counter() - t1
                 print(f"{name}: {len(probs)} problems in {phase_s[name]:.1f}s", file=sys.stderr, flush=True)
         else:
@@ -344,7 +331,7 @@ async def main(a: argparse.Namespace) -> None:
         "rows": rows,
         "wall_s": time.perf_counter() - t0,
         "models": model_ids(models),
-        "machine": machine(),
+        "machine": versions(),
     }
     dest = Path(a.out) if a.out else ROOT / "bench" / "results" / f"{a.suite}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)

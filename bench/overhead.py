@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -166,21 +165,9 @@ async def eval_phase(engine, problems, a) -> dict:
         }
 
 
-def versions() -> dict:
-    import torch
-    import vllm
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "vllm": vllm.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "gpu": gpu,
-        "cpus": os.cpu_count(),
-    }
-
-
 async def main(a: argparse.Namespace) -> None:
+    from machine import versions
+
     from conftest import start_server
     from ttscale.engine import parse_model_arg
     from ttscale.engine.vllm_engine import VLLMEngine, VLLMOptions, has_cuda

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import re
 import statistics
@@ -39,6 +37,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -168,19 +167,6 @@ async def phase(
     }
 
 
-def versions() -> dict:
-    out: dict = {"python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        import torch
-        import vllm
-
-        out.update(vllm=vllm.__version__, torch=torch.__version__)
-        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # versions are informative only
-        pass
-    return out
-
-
 async def main(a: argparse.Namespace) -> None:
     from conftest import free_port, start_server
     from ttscale.engine import parse_model_arg
@@ -245,6 +231,8 @@ async def main(a: argparse.Namespace) -> None:
 
 
 def write(a: argparse.Namespace, results: dict[str, list[dict]], start_s: float, *, final: bool) -> None:
+    from machine import versions
+
     summary: dict = {}
     for rate in sorted({r["rate_req_s"] for rows in results.values() for r in rows}):
         at = {ph: [r for r in rows if r["rate_req_s"] == rate] for ph, rows in results.items()}

@@ -16,6 +16,7 @@ import numpy as np
 
 from ttscale.eval import metrics as M
 from ttscale.eval.analysis import FLAWS_COSTS, LABELS, SELECTORS, Analysis
+from ttscale.eval.data import KNOWN_SETS
 from ttscale.eval.fit import MAX_CI_WIDTH, MIN_TRUST_POINTS, FitResult
 
 if TYPE_CHECKING:
@@ -350,8 +351,6 @@ def _extraction_section(d: _Doc, an: Analysis) -> None:
 def dataset_label(m: dict[str, Any]) -> str:
     """The set as a reader can find it again, without this machine's paths: a packaged set by
     name, an ``hf:`` set by its id, a file by its name and the content fingerprint."""
-    from ttscale.eval.data import KNOWN_SETS
-
     name, source, fp = m.get("dataset"), str(m.get("dataset_source") or ""), m.get("dataset_fingerprint")
     tail = f", fingerprint {fp}" if fp else ""
     if name in KNOWN_SETS:
