@@ -8,7 +8,7 @@
 #   bash bench/gpu/run.sh gsm8k profile      # 150 GSM8K questions, majority@16, concurrency 32 (~5 min);
 #                                            # the server under cProfile (~3 min)
 # Sections: setup (vLLM, the model, test wheels in .whl/), tests and engine-tests (make test-gpu),
-# bench, gsm8k, replicas, profile, eval (a resumable `ttscale eval run`); accuracy, votes, rejection (bench/accuracy.py on a real set:
+# bench, gsm8k, replicas, profile, eval (a resumable `ttscale eval run`); accuracy, votes, rejection, pays (bench/accuracy.py on real sets:
 # ACC_DATASET, ACC_LIMIT, ACC_MAX_TOKENS, ACC_TIMEOUT; longer than one call: start it in the
 # background with TTSCALE_GPU_OUT=/tmp/gpu/bg and collect /tmp/gpu/bg in a later call, the
 # machine kept warm by calls in between). Logs and results go to /tmp/gpu/out, and, on the device
@@ -73,13 +73,15 @@ for section in "$@"; do
         --model "qwen=$MODEL" --replicas 2 --replica-share 0.3 --dataset gsm8k --k 16 --max-tokens 256 \
         --shots ${REPLICAS_SHOTS:-40} --max-model-len 12288 --rate ${REPLICAS_RATE:-3,12} \
         --requests ${REPLICAS_REQUESTS:-48} --rounds ${REPLICAS_ROUNDS:-1} --out "$OUTDIR/replicas-gpu.json") ;;
-    accuracy|votes|rejection)  # the strategies on a real set, each method a phase of its own
-      suite=$section; [ "$section" = accuracy ] && suite=real; [ "$section" = rejection ] && suite=confidence-rejection
-      ds=${ACC_DATASET:-math500}
+    accuracy|votes|rejection|pays)  # the strategies on real sets (ACC_DATASET: comma-separated), each
+                                    # method a phase of its own; pays = votes and rejection, one server
+      case $section in accuracy) suite=real ;; rejection) suite=confidence-rejection ;;
+        pays) suite=votes,confidence-rejection ;; *) suite=$section ;; esac
+      ds=${ACC_DATASET:-math500}; [ "$section" = pays ] && ds=${ACC_DATASET:-math500,gsm8k}
       (cd /tmp && step "bench_$section" timeout ${ACC_TIMEOUT:-560} python3 "$REPO/bench/accuracy.py" --suite "$suite" \
         --model "qwen=$MODEL" --dataset "$ds" --limit ${ACC_LIMIT:-300} --max-tokens ${ACC_MAX_TOKENS:-1024} \
         --temperature 0.7 --concurrency ${ACC_CONCURRENCY:-64} --schedule phased \
-        --out "$OUTDIR/$suite-$ds-gpu.json") ;;
+        --out "$OUTDIR/{suite}-{dataset}-gpu.json") ;;
     eval)  # ttscale eval run of the real model on a real set, resumable (EVAL_SET, EVAL_K, EVAL_MAX_TOKENS,
            # EVAL_LIMIT, EVAL_TIMEOUT): the run directory stays in /tmp/gpu/runs, so a later call on the same machine
            # continues it (a run brought back as run-*.tar.xz and unpacked there continues on another);
