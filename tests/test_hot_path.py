@@ -75,6 +75,15 @@ async def test_integer_votes_are_tracked_inline_and_stop_early(monkeypatch):
     assert r.info["samples_used"] == 16 and any(s.finish_reason == "abort" for s in r.candidates)
 
 
-@pytest.mark.parametrize("stream,stop,expect", [(False, (), False), (True, (), True), (False, ("\n\n",), True)])
-def test_engine_detokenizes_only_what_needs_live_text(stream, stop, expect):
-    assert detokenizes_in_engine(SamplingSettings(stop=stop), stream=stream) is expect
+@pytest.mark.parametrize(
+    "stream,text,stop,expect",
+    [
+        (False, True, (), False),
+        (True, True, (), True),
+        (True, False, (), False),  # tokens and log-probs watched, no live text (deepconf, confidence)
+        (False, True, ("\n\n",), True),
+        (True, False, ("\n\n",), True),  # stop strings need the text
+    ],
+)
+def test_engine_detokenizes_only_what_needs_live_text(stream, text, stop, expect):
+    assert detokenizes_in_engine(SamplingSettings(stop=stop), stream=stream, text=text) is expect

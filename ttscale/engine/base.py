@@ -290,11 +290,15 @@ class Engine(abc.ABC):
         *,
         request_id: str | None = None,
         stream: bool = True,
+        text: bool = True,
     ) -> Fanout:
         """Start ``len(settings)`` candidates of ``prompt`` together, candidate i with settings[i].
 
         With ``stream`` each candidate reports its tokens as they come; without, it reports once
         when it finishes (or is aborted, with the tokens it had): much less per-token work.
+        ``text=False`` (with ``stream``): the caller watches tokens and log-probs only, so an
+        adapter may leave a running candidate's text empty and write it when the candidate ends
+        (vLLM in-process then detokenizes nothing per token); the others stream text anyway.
         """
 
     async def generate(

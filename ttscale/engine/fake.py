@@ -111,6 +111,7 @@ class FakeEngine(Engine):
         *,
         request_id: str | None = None,
         stream: bool = True,
+        text: bool = True,
     ) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")

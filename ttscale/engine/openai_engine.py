@@ -129,6 +129,7 @@ class OpenAIEngine(Engine):
         *,
         request_id: str | None = None,
         stream: bool = True,
+        text: bool = True,
     ) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")

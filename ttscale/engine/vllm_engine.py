@@ -106,21 +106,25 @@ def _use_spawn() -> None:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
-def detokenizes_in_engine(s: SamplingSettings, *, stream: bool) -> bool:
+def detokenizes_in_engine(s: SamplingSettings, *, stream: bool, text: bool = True) -> bool:
     """Whether vLLM turns this candidate's tokens into text as they come. Only where the text is
-    needed while it is generated: a streamed candidate, or stop strings to match. Otherwise the
-    finished token ids are decoded once (one call into the tokenizer), which keeps vLLM's
-    per-token detokenization of the text and of every log-prob entry off the event loop that
-    serves all requests: at GPU speed that Python work, not the GPU, bounds the tokens/s."""
-    return stream or bool(s.stop)
+    needed while it is generated: a candidate streamed with its text (``text``), or stop strings
+    to match. Otherwise the finished token ids are decoded once (one call into the tokenizer),
+    which keeps vLLM's per-token detokenization of the text and of every log-prob entry (all
+    top-k of them) off the event loop that serves all requests: at GPU speed that Python work,
+    not the GPU, bounds the tokens/s."""
+    return (stream and text) or bool(s.stop)
 
 
-def _to_params(s: SamplingSettings, *, max_tokens: int, stream: bool) -> SamplingParams:
+def _to_params(s: SamplingSettings, *, max_tokens: int, stream: bool, text: bool = True) -> SamplingParams:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
-        detokenize=detokenizes_in_engine(s, stream=stream),
+        # log-probs in flat lists: no Logprob object and no dict per token and alternative, which
+        # at top-20 and GPU speed cost more CPU than everything else the server does
+        flat_logprobs=s.logprobs is not None,
+        detokenize=detokenizes_in_engine(s, stream=stream, text=text),
         n=1,
         temperature=s.temperature,
         top_p=s.top_p,
@@ -417,13 +421,14 @@ class VLLMEngine(Engine):
         *,
         request_id: str | None = None,
         stream: bool = True,
+        text: bool = True,
     ) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} is a scoring model and cannot generate", param="model")
         ids = self.render(prompt)
         self._check_len(ids)
         ranks = data_parallel_ranks(int(self.options.engine_args().get("data_parallel_size") or 1), ids, len(settings))
-        return _VLLMFanout(self, ids, list(settings), request_id or new_request_id(), stream, ranks)
+        return _VLLMFanout(self, ids, list(settings), request_id or new_request_id(), stream, ranks, text=text)
 
     async def score(self, prompts: Sequence[PromptInput], *, request_id: str | None = None) -> list[float]:
         if self.role != "score":
@@ -515,6 +520,7 @@ class _VLLMFanout(Fanout):
         request_id: str,
         stream: bool,
         ranks: list[int | None] | None = None,
+        text: bool = True,
     ) -> None:
         cands = [Candidate(index=i, settings=s) for i, s in enumerate(settings)]
         super().__init__(cands, len(ids), request_id)
@@ -522,7 +528,9 @@ class _VLLMFanout(Fanout):
         self._llm = engine.llm
         self._ids = ids
         room = (engine.max_model_len or 1 << 30) - len(ids)
-        self._params = [_to_params(s, max_tokens=max(1, min(s.max_tokens, room)), stream=stream) for s in settings]
+        self._params = [
+            _to_params(s, max_tokens=max(1, min(s.max_tokens, room)), stream=stream, text=text) for s in settings
+        ]
         self._rids = [f"{request_id}-{i}" for i in range(len(settings))]
         self._ranks = ranks or [None] * len(settings)
         self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
@@ -550,8 +558,7 @@ class _VLLMFanout(Fanout):
                     c.token_ids.extend(new)
                     c.token_count += len(new)
                     if want_lp and o.logprobs:
-                        # vLLM types a flat log-prob list's entries optional; each sampled token has one
-                        _book_logprobs(c, new, cast("Sequence[Mapping[int, Logprob]]", o.logprobs), top_k)
+                        _book_logprobs(c, new, o.logprobs, top_k)
                     if out.finished:
                         if not self._params[i].detokenize:
                             c.text = self._engine.decode(
@@ -610,15 +617,32 @@ class _VLLMFanout(Fanout):
                 c.finished_at = time.perf_counter()
 
 
-def _book_logprobs(c: Candidate, new: list[int], logprobs: Sequence[Mapping[int, Logprob]], top_k: int) -> None:
-    """Append the sampled tokens' log-probs (and the top ``top_k`` alternatives) to ``c``."""
+def _book_logprobs(c: Candidate, new: list[int], logprobs: Any, top_k: int) -> None:
+    """Append the sampled tokens' log-probs (and the top ``top_k`` alternatives) to ``c``.
+    ``logprobs``: vLLM's per-position entries for ``new`` (a list of dicts of Logprob, or, with
+    ``flat_logprobs``, a ``FlatLogprobs``: per position the sampled token first, then the top k
+    best first). In delta mode an output without new tokens may carry every position so far:
+    the last ``len(new)`` positions are the new ones."""
     lps, tops = c.logprobs, c.top_logprobs
     assert lps is not None  # _run sets the lists when the candidate asks for log-probs
+    starts = getattr(logprobs, "start_indices", None)
+    if starts is not None:  # FlatLogprobs
+        ends, vals, ids = logprobs.end_indices, logprobs.logprobs, logprobs.token_ids
+        n = min(len(new), len(starts))
+        for p in range(len(starts) - n, len(starts)):
+            b, e = starts[p], ends[p]
+            lps.append(float(vals[b]) if e > b else float("nan"))
+            if top_k:
+                assert tops is not None
+                stop = min(e, b + 1 + top_k)
+                tops.append(list(zip(ids[b + 1 : stop], vals[b + 1 : stop])))
+        return
+    entries = cast("Sequence[Mapping[int, Logprob]]", logprobs)  # vLLM types the entries optional
     if not top_k:
-        lps.extend([float(entry[tok].logprob) if tok in entry else float("nan") for tok, entry in zip(new, logprobs)])
+        lps.extend([float(entry[tok].logprob) if tok in entry else float("nan") for tok, entry in zip(new, entries)])
         return
     assert tops is not None
-    for tok, entry in zip(new, logprobs):
+    for tok, entry in zip(new, entries):
         lps.append(float(entry[tok].logprob) if tok in entry else float("nan"))
         top: list[tuple[int | str, float]] = sorted(
             ((t, float(lp.logprob)) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top_k),

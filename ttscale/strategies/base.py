@@ -173,11 +173,14 @@ class Sampler:
         on_event: Callable[[CandidateEvent], Awaitable[None] | None] | None = None,
         *,
         stream: bool = False,
+        text: bool = True,
     ) -> list[Candidate]:
         """Run candidates with ``settings`` (in order) until done, stopped or out of budget.
 
         ``on_event`` sees every event: with ``stream`` each candidate's tokens as they come,
         without only each candidate's end (far cheaper; enough for votes and early exits).
+        ``text=False``: the events are watched for tokens and log-probs only; a running
+        candidate's text may stay empty until it ends (see :meth:`Engine.fanout`).
         """
         pending = list(settings)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -215,7 +218,11 @@ class Sampler:
                 return 0
             pending = pending[len(batch) :]
             fo = self.engine.fanout(
-                self.prompt, batch, stream=stream, request_id=f"{self.ctx.request_id}-{len(self._fanouts)}"
+                self.prompt,
+                batch,
+                stream=stream,
+                text=text,
+                request_id=f"{self.ctx.request_id}-{len(self._fanouts)}",
             )
             for c in fo.candidates:  # c.index stays the position inside its fan-out
                 self._owner[id(c)] = (fo, c.index)

@@ -184,7 +184,9 @@ class DeepConf(ParallelStrategy[DeepConfOptions]):
                     consensus_at = len(ballot.members)
                     sampler.stop(StopReason.EARLY_STOP)
 
-            final = await sampler.run(base.replicate(rest, first_index=len(warm)), on_event=on_event, stream=True)
+            final = await sampler.run(
+                base.replicate(rest, first_index=len(warm)), on_event=on_event, stream=True, text=False
+            )
             stop_reason = sampler.stop_reason
         elif stop_reason == StopReason.COMPLETE and rest > 0:
             stop_reason = StopReason.EARLY_STOP  # the warm-up alone holds the consensus

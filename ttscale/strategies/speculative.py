@@ -227,7 +227,8 @@ class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
                 t.add_done_callback(judging.discard)
 
         try:
-            cands = await sampler.run(settings.replicate(k), on_event=on_event, stream=True)
+            # the confidence reads log-probs only: no text while the candidates run
+            cands = await sampler.run(settings.replicate(k), on_event=on_event, stream=True, text=verifier is not None)
         finally:
             for t in list(judging):
                 t.cancel()
