@@ -18,10 +18,11 @@ Suites (each method sees the same problems and seeds):
   low and high) vs fixed majority@16.
 * ``real`` (no verifier needed): pass@1, majority@16, best-of-16 by log-prob and by DeepConf
   confidence, RPC@8/16, the temperature sweep, refine, budget ``auto``.
-* ``votes``: ``deepconf`` (online, high and low) and budget ``auto`` (asynchronous early stop)
-  vs fixed majority@16.
-* ``confidence-rejection``: ``speculative_rejection`` scored by the policy's confidence vs
-  best-of-16 by the same confidence.
+* ``votes``: ``deepconf`` (online, high and low) and budget ``auto`` (asynchronous early stop,
+  at most 4 of a request's samples at once) vs fixed majority@16.
+* ``confidence-rejection``: ``speculative_rejection`` scored by the policy's confidence
+  (checkpoints at 0.1/0.25/0.5 and at 0.05/0.1/0.2 of max_tokens) vs best-of-16 by the same
+  confidence.
 
 ``--schedule interleaved`` (the default) sends every method's request of a problem before the
 next problem (time: per request, under the mixed load); ``phased`` runs each method over all
@@ -121,8 +122,8 @@ SUITES = {
             "deepconf (low)",
             {"strategy": "deepconf", "budget": {"samples": 16}, "warmup": 4, "window": 256, "keep": 0.1},
         ),
-        ("auto (majority async)", {"strategy": "majority", "budget": "auto", "max_samples": 16, "schedule": "async"}),
         # a loaded server: at most 4 of a request's samples at once, the next one started as one ends
+        # (all 16 at once, the no-added-latency choice, is in the `real` and `adaptive` suites)
         (
             "auto (majority async, 4 at a time)",
             {"strategy": "majority", "budget": "auto", "max_samples": 16, "schedule": "async", "concurrency": 4},
