@@ -253,7 +253,7 @@ async def test_bad_checkpoints_are_a_400_naming_the_parameter():
         r = await h.post("/v1/chat/completions", json={"model": "p", "messages": Q, "ttscale": tts})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == "ttscale.checkpoints" and "fractions of max_tokens" in err["message"]
+    assert err["param"] == "ttscale.checkpoints" and "fractions of the expected sample length" in err["message"]
 
 
 HIGH, LOW = -5.0, 0.0  # lp of confident and unsure candidates: C = 14.5 and 9.5
@@ -288,6 +288,7 @@ async def test_confidence_rejects_unsure_partials_without_a_verifier():
     assert len(unsure) == 8 and all(c.aborted for c in unsure)
     assert info["rejected"] == len(aborted) >= 8
     assert all(c.num_tokens < 60 for c in aborted)  # stopped early: far short of the 104 tokens
+    assert info["checkpoint_basis"] == {"from": "max_tokens", "tokens": 120}
     won = r.candidates[r.selected_index]
     assert info["answer"] == "0" and won.text.startswith("H") and not won.aborted
     assert info["scores"][r.selected_index] == pytest.approx(14.5)
@@ -302,6 +303,28 @@ async def test_confidence_rejects_unsure_partials_without_a_verifier():
     assert ctx.ledger.tokens_spent == sum(c.num_tokens for c in r.candidates) and ctx.ledger.tokens_held == 0
     assert ctx.usage.of("p").aborted_tokens == sum(c.num_tokens for c in aborted) > 0
     assert pol.num_running == 0
+
+
+@pytest.mark.parametrize(
+    "tokens_per_sample,basis,cps",
+    [
+        (40.0, {"from": "profile", "tokens": 40}, [4, 10, 20]),  # the profile's mean sample length
+        (400.0, {"from": "profile", "tokens": 120}, [12, 30, 60]),  # at most max_tokens
+        (None, {"from": "max_tokens", "tokens": 120}, [12, 30, 60]),  # a profile without lengths
+    ],
+)
+async def test_confidence_checkpoints_follow_the_expected_sample_length(tokens_per_sample, basis, cps):
+    from ttscale.adaptive import Profile
+
+    pol = _confidence_policy()
+    ctx = _ctx(ModelPool([pol]), pol, 8)
+    ctx.profile = Profile(model="p", buckets=[], tokens_per_sample=tokens_per_sample)
+    r = await get_strategy("speculative_rejection").from_request({}).run(ctx)
+    assert r.info["checkpoints"] == cps and r.info["checkpoint_basis"] == basis
+    assert set(r.info["checkpoint_stats"]) == {str(c) for c in cps}
+    # token-count checkpoints are counts, whatever the profile says
+    r = await get_strategy("speculative_rejection").from_request({"checkpoints": [5, 50]}).run(ctx)
+    assert r.info["checkpoints"] == [5, 50] and "checkpoint_basis" not in r.info
 
 
 async def test_confidence_chosen_beside_a_served_verifier_reads_nothing():

@@ -23,14 +23,16 @@ What scores a partial candidate (``scorer``):
   the conformal test against the candidates ahead at the checkpoint plays that part, with no
   warm-up. (Self-truncation best-of-N, Wang et al. 2025, judges the early consistency of hidden
   states, which the engines' sampling does not expose; log-probs it does.) Checkpoints default
-  to 0.1, 0.25 and 0.5 of max_tokens: the first tokens' confidence says little, and a trace's
-  expected length, not a fixed count, tells how early "early" is (DeepConf stops nothing before
-  a full window of 2048 tokens, with max_tokens of 32k and more). Final selection: the highest
-  confidence; ties go to the earlier launched candidate.
+  to 0.1, 0.25 and 0.5 of the expected sample length: the first tokens' confidence says little,
+  and a trace's expected length, not a fixed count, tells how early "early" is (DeepConf stops
+  nothing before a full window of 2048 tokens, with max_tokens of 32k and more). Final
+  selection: the highest confidence; ties go to the earlier launched candidate.
 
 The default is the verifier when one is named or served, else confidence. ``checkpoints`` are
-token counts, or fractions of the request's max_tokens (all in (0, 1)): fraction f is reached
-at ``ceil(f · max_tokens)`` tokens.
+token counts, or fractions (all in (0, 1)) of the expected sample length L: the mean sample
+length the model's budget profile measured (at most max_tokens), else the request's
+max_tokens; fraction f is reached at ``ceil(f · L)`` tokens (``checkpoint_basis`` in the
+result says which L).
 
 ``draft_target``: N independent chains. The draft writes a chunk; the target scores it by its
 perplexity of the chunk (prompt log-probabilities, prefill only); an online conformal test at
@@ -75,7 +77,7 @@ async def score_partial(ctx: RunContext, verifier: VerifierScorer, text: str) ->
 
 
 VERIFIER_CHECKPOINTS = (24, 48, 96)  # tokens
-CONFIDENCE_CHECKPOINTS = (0.1, 0.25, 0.5)  # fractions of max_tokens
+CONFIDENCE_CHECKPOINTS = (0.1, 0.25, 0.5)  # fractions of the expected sample length
 
 
 def resolve_checkpoints(checkpoints: Sequence[float], max_tokens: int) -> list[int]:
@@ -89,6 +91,17 @@ def resolve_checkpoints(checkpoints: Sequence[float], max_tokens: int) -> list[i
     return sorted({int(c) for c in checkpoints})
 
 
+def expected_length(ctx: RunContext) -> tuple[int, str]:
+    """The length a request's checkpoint fractions refer to, and where it comes from: the mean
+    sample length the model's budget profile measured (``"profile"``; at most max_tokens), else
+    the request's max_tokens (``"max_tokens"``)."""
+    cap = ctx.settings.max_tokens
+    t = ctx.profile.tokens_per_sample if ctx.profile is not None else None
+    if t is not None and math.isfinite(t) and t >= 1:
+        return min(cap, round(t)), "profile"
+    return cap, "max_tokens"
+
+
 class SpecRejOptions(ParallelOptions):
     samples: int = Field(default=16, ge=1, le=4096)
     alpha: float = Field(default=0.5, ge=0.0, lt=1.0, description="rejection rate at each checkpoint")
@@ -96,8 +109,9 @@ class SpecRejOptions(ParallelOptions):
         default=None,
         min_length=1,
         max_length=16,
-        description="where partial candidates are tested: token counts, or fractions of max_tokens (all in (0, 1)); "
-        "default: [24, 48, 96] tokens with the verifier, [0.1, 0.25, 0.5] of max_tokens with confidence",
+        description="where partial candidates are tested: token counts, or fractions (all in (0, 1)) of the expected "
+        "sample length (the model's budget profile's mean, else max_tokens); default: [24, 48, 96] tokens with the "
+        "verifier, [0.1, 0.25, 0.5] of the expected length with confidence",
     )
     min_survivors: int = Field(default=2, ge=1, description="never reject below this many live candidates")
     scorer: ScorerOptions = Field(
@@ -119,8 +133,8 @@ class SpecRejOptions(ParallelOptions):
         counts = all(c >= 1 and c.is_integer() for c in v)
         if not (counts or all(0 < c < 1 for c in v)) or len(set(v)) != len(v):
             raise ValueError(
-                "checkpoints must be distinct token counts (integers >= 1) or distinct fractions of max_tokens "
-                "(all in (0, 1)), not both"
+                "checkpoints must be distinct token counts (integers >= 1) or distinct fractions of the expected "
+                "sample length (all in (0, 1)), not both"
             )
         return sorted(v)
 
@@ -156,7 +170,8 @@ class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
         k = self.planned(ctx)
         by = o.scorer_for(ctx)
         given = o.checkpoints or (VERIFIER_CHECKPOINTS if by == "verifier" else CONFIDENCE_CHECKPOINTS)
-        cps = resolve_checkpoints(given, ctx.settings.max_tokens)
+        length, basis = expected_length(ctx)
+        cps = resolve_checkpoints(given, length)
         verifier: VerifierScorer | None = None
         confidence = ConfidenceScorer(o.scorer)
         settings = ctx.settings
@@ -248,6 +263,7 @@ class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
         extra: dict[str, JSON] = {
             "scorer": by,
             "checkpoints": list(cps),
+            **({"checkpoint_basis": {"from": basis, "tokens": length}} if all(c < 1 for c in given) else {}),
             "alpha": o.alpha,
             "accepted": len(finished),
             "rejected": stopped,
