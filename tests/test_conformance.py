@@ -43,7 +43,7 @@ EXTRA_VARIANTS = [
     ("best_of_n", {"scorer": "confidence"}),
     ("best_of_n", {"scorer": "judge", "judge_model": DRAFT_NAME}),
     ("weighted_majority", {"scorer": "confidence"}),
-    ("speculative_rejection", {"scorer": "confidence"}),  # reward-free: checkpoints at fractions of max_tokens
+    ("speculative_rejection", {"scorer": "confidence"}),  # reward-free: checkpoints at fractions of the expected length
     ("refine", {"critic": "verifier", "max_rounds": 2, "verifier": VERIFIER_NAME}),
 ]
 SAMPLES = 6

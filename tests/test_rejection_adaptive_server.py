@@ -5,6 +5,7 @@ on hard ones, and never cross hard limits."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def test_speculative_rejection_by_confidence_aborts_with_no_verifier_read(client
                 "strategy": "speculative_rejection",
                 "scorer": "confidence",
                 "alpha": 0.5,
-                "checkpoints": [0.06, 0.12],  # of max_tokens: 12 and 24 tokens
+                "checkpoints": [0.06, 0.12],  # of the expected sample length
                 "budget": {"samples": 16},
             },
             seed=seed,
@@ -88,7 +89,11 @@ def test_speculative_rejection_by_confidence_aborts_with_no_verifier_read(client
             extra={"ignore_eos": True},
         )
         tts = r.model_extra["ttscale"]
-        assert tts["scorer"] == "confidence" and tts["checkpoints"] == [12, 24]
+        # the embedded model's shipped profile measured its mean sample length: the fractions are of it
+        basis = tts["checkpoint_basis"]
+        assert basis["from"] == "profile" and 1 <= basis["tokens"] < max_tokens, basis
+        cps = sorted({math.ceil(f * basis["tokens"] - 1e-9) for f in (0.06, 0.12)})
+        assert tts["scorer"] == "confidence" and tts["checkpoints"] == cps
         aborted = [s for s in tts["samples"] if s["finish_reason"] == "abort"]
         assert len(aborted) == tts["rejected"]
         assert all(s["tokens"] < max_tokens for s in aborted), [s["tokens"] for s in aborted]
