@@ -1,7 +1,9 @@
 """Placement over replicas: majority@K at a fixed request rate through one ttscale in front of
 several replicas of one model, with the candidates placed by ``affinity`` (all K of a request on
-its replica), ``spread`` (split over the replicas) or ``round_robin`` (dealt out in turn), in
-one run (phases interleaved; the order alternates between rounds).
+its replica, as one ``n=K`` request), ``affinity_apart`` (the same, one request per candidate:
+what the ``n=K`` call itself is worth), ``auto``, ``spread`` (split over the replicas, one ``n=k``
+request each) or ``round_robin`` (each sample to the next replica in turn), in one run (phases
+interleaved; the order alternates between rounds).
 
     # GPU: two vLLM servers (`vllm serve`) on one GPU, 0.3 of its memory each
     python bench/replicas.py --model qwen=/models/qwen --replicas 2 --replica-share 0.3 \\
@@ -195,7 +197,20 @@ async def main(a: argparse.Namespace) -> None:
             wait_healthy(urls[-1], *procs[-1])  # one at a time: each checks the memory left
     for u, (p, log) in zip(urls, procs, strict=True):
         wait_healthy(u, p, log)
-    front = start_server([f"pol={','.join(urls)}@{spec.name}"], logs / "front.log", "--max-concurrent-requests", "4096")
+    # one front, the replicas under two names: "pol" (a replica's candidates as one n=k request)
+    # and "pol-apart" (one request per candidate)
+    config = logs / "front.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {"name": "pol", "urls": urls, "upstream_model": spec.name},
+                    {"name": "pol-apart", "urls": urls, "upstream_model": spec.name, "replicas": {"group": False}},
+                ]
+            }
+        )
+    )
+    front = start_server([], logs / "front.log", "--config", str(config), "--max-concurrent-requests", "4096")
     start_s = time.perf_counter() - t0
     phases = a.phases.split(",")
     results: dict[str, list[dict]] = {ph: [] for ph in phases}
@@ -209,7 +224,9 @@ async def main(a: argparse.Namespace) -> None:
             for ph in order:
                 before = [prefix_cache(u) for u in urls]
                 systems = system_prompts(examples, order_rng)
-                row = await phase(front.url, "pol", problems, systems, ph, rate, a)
+                model, placement = ("pol-apart", "affinity") if ph == "affinity_apart" else ("pol", ph)
+                row = await phase(front.url, model, problems, systems, placement, rate, a)
+                row["phase"] = ph
                 after = [prefix_cache(u) for u in urls]
                 q = sum(x.get("queries", 0) - y.get("queries", 0) for x, y in zip(after, before, strict=True))
                 h = sum(x.get("hits", 0) - y.get("hits", 0) for x, y in zip(after, before, strict=True))
@@ -301,6 +318,6 @@ if __name__ == "__main__":
     ap.add_argument("--requests", type=int, default=64, help="requests per phase")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--phases", default="affinity,auto,spread,round_robin")
+    ap.add_argument("--phases", default="affinity,affinity_apart,auto,spread,round_robin")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "replicas.json"))
     asyncio.run(main(ap.parse_args()))

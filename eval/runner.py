@@ -194,7 +194,7 @@ class EvalRunner:
         prompt_tokens = prefill = 0
         cached: int | None = None  # None: the engine reported no prefix-cache hits
         for lo in range(0, cfg.k, step):
-            async with policy.fanout(prompt, settings[lo : lo + step], stream=False) as fo:
+            async with policy.fanout(prompt, settings[lo : lo + step], stream=False, together=True) as fo:
                 await fo.wait()
             cands.extend(fo.candidates)
             prompt_tokens = fo.prompt_tokens

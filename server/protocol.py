@@ -47,6 +47,8 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+    # vLLM's extension: each choice's chunk carries that choice's usage so far
+    continuous_usage_stats: bool = False
 
 
 class _Common(BaseModel):

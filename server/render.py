@@ -208,9 +208,14 @@ DONE = b"data: [DONE]\n\n"
 class StreamWriter:
     """The server-sent events of one streamed request."""
 
-    def __init__(self, reply: Reply, n: int):
+    def __init__(self, reply: Reply, n: int, *, continuous_usage: bool = False, prompt_tokens: int | None = None):
+        """``continuous_usage`` (vLLM's ``stream_options.continuous_usage_stats``): each chunk of
+        a choice carries that choice's usage so far (its candidate's tokens), the closing one
+        its whole count; ``prompt_tokens``: the prompt's, where the server rendered it."""
         self.reply = reply
         self.n = n
+        self.continuous_usage = continuous_usage
+        self.prompt_tokens = prompt_tokens
         ep = reply.endpoint
         self.head = {"id": reply.id, "object": ep.chunk_object, "created": reply.created, "model": reply.model}
 
@@ -225,8 +230,15 @@ class StreamWriter:
             for i in range(self.n):
                 yield self._chunk(ep.delta(i, self.reply.echo))
 
-    def delta(self, index: int, text: str) -> bytes:
-        return self._chunk(self.reply.endpoint.delta(index, text))
+    def _usage(self, tokens: int, prompt_tokens: int | None = None) -> dict[str, Any]:
+        if not self.continuous_usage:
+            return {}
+        p = prompt_tokens if prompt_tokens is not None else (self.prompt_tokens or 0)
+        return {"usage": {"prompt_tokens": p, "completion_tokens": tokens, "total_tokens": p + tokens}}
+
+    def delta(self, index: int, text: str, tokens: int | None = None) -> bytes:
+        extra = self._usage(tokens) if tokens is not None else {}
+        return self._chunk(self.reply.endpoint.delta(index, text), **extra)
 
     def progress(self, event: dict[str, Any]) -> bytes:
         return self._chunk(self.reply.endpoint.delta(0, self.reply.endpoint.empty_text), ttscale={"progress": event})
@@ -243,9 +255,13 @@ class StreamWriter:
                     yield self.delta(ch.index, ch.text[k : k + STREAM_PIECE_CHARS])
         info = ttscale_object(result, ctx, self.reply, seconds)
         last = result.choices[-1].index if result.choices else None
+        prompt = ctx.usage.prompt_tokens or self.prompt_tokens
         for ch in result.choices:
+            tokens = ch.candidate.num_tokens if ch.candidate is not None else 0
             yield self._chunk(
-                ep.delta(ch.index, ep.empty_text, finish=ch.finish_reason), ttscale=info if ch.index == last else None
+                ep.delta(ch.index, ep.empty_text, finish=ch.finish_reason),
+                ttscale=info if ch.index == last else None,
+                **self._usage(tokens, prompt),
             )
         if include_usage:
             yield sse({**self.head, "choices": [], "usage": ctx.usage.openai()})

@@ -279,8 +279,10 @@ async def serve(state: State, request: Request, body: Body, endpoint: Endpoint) 
     try:
         run = await prepare(state, body, endpoint, request)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = _stream(state.metrics, state.drain, run, include_usage, slot)
+            opts = body.stream_options
+            include_usage = bool(opts and opts.include_usage)
+            continuous = bool(opts and opts.continuous_usage_stats)
+            gen = _stream(state.metrics, state.drain, run, include_usage, slot, continuous)
             # a stream the server never starts (its client left first) still gives its slot back;
             # a started one gives it back when its strategy task has ended (``settle``)
             weakref.finalize(gen, slot.release_unless_started)
@@ -351,14 +353,18 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _stream(metrics: Metrics, drain: Drain, run: Run, include_usage: bool, slot: Slot) -> AsyncIterator[bytes]:
+async def _stream(
+    metrics: Metrics, drain: Drain, run: Run, include_usage: bool, slot: Slot, continuous_usage: bool = False
+) -> AsyncIterator[bytes]:
     slot.started = True
     ctx = run.ctx
-    out = StreamWriter(run.reply, ctx.n)
+    out = StreamWriter(
+        run.reply, ctx.n, continuous_usage=continuous_usage, prompt_tokens=len(ctx.prompt_ids or ()) or None
+    )
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
-    async def on_delta(i: int, text: str) -> None:
-        queue.put_nowait(("delta", (i, text)))
+    async def on_delta(i: int, text: str, tokens: int) -> None:
+        queue.put_nowait(("delta", (i, text, tokens)))
 
     async def on_progress(ev: dict[str, JSON]) -> None:
         queue.put_nowait(("progress", ev))

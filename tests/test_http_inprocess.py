@@ -1699,3 +1699,27 @@ async def test_a_request_gets_the_budget_profile_of_its_prompt_format(tmp_path):
         "none fits": "profile bucket plain-bucket",  # none fits: the first given
     }
     assert [p["prompt"] for p in cards["budget_profiles"]] == [{"system": None, "template": "{problem}"}, boxed, sysfmt]
+
+
+async def test_chat_stream_with_continuous_usage_counts_each_choice_as_it_goes():
+    """vLLM's ``continuous_usage_stats``: each chunk of a choice carries that choice's tokens so
+    far, its finish chunk all of them (what a ttscale front reads from an ``n=k`` upstream)."""
+    app, _ = make_app(tick_s=0.0)
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    async with client(app) as h:
+        r = await post(h, CHAT, chat_body(n=2, seed=7, stream=True, stream_options=opts))
+        plain = await post(h, CHAT, chat_body(n=2, seed=7, stream=True, stream_options={"include_usage": True}))
+    chunks, usage = split_stream(parse_sse(r.text))
+    for i, seed in ((0, 7), (1, 8)):
+        mine = [c for c in chunks if c["choices"][0]["index"] == i]
+        so_far = 0
+        for c in mine:
+            so_far += len(c["choices"][0]["delta"].get("content") or "")
+            if c["choices"][0]["delta"].get("content"):
+                # the fake engine spells one character per token
+                assert c["usage"]["completion_tokens"] == so_far
+                assert c["usage"]["prompt_tokens"] == CHAT_PROMPT_TOKENS
+        assert mine[-1]["choices"][0]["finish_reason"] == "stop"
+        assert mine[-1]["usage"]["completion_tokens"] == len(text_of(seed)) == so_far
+    assert usage["usage"]["completion_tokens"] == len(text_of(7)) + len(text_of(8))
+    assert all("usage" not in c for c in split_stream(parse_sse(plain.text))[0])  # only when asked

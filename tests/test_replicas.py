@@ -53,7 +53,10 @@ def _replicas(loads: list[int]) -> list[Replica]:
 def test_place_affinity_spread_round_robin():
     r = _replicas([0, 0, 0])
     assert place(4, r, "affinity", slack=0.25) == [r[0]] * 4
-    assert place(5, r, "spread", slack=0.25) == [r[0], r[1], r[2], r[0], r[1]]
+    # spread: blocks as even as can be, so a replica's candidates have consecutive seeds
+    assert place(5, r, "spread", slack=0.25) == [r[0], r[0], r[1], r[1], r[2]]
+    assert place(2, r, "spread", slack=0.25) == [r[0], r[1]]
+    assert place(6, r, "spread", slack=0.25) == [r[0]] * 2 + [r[1]] * 2 + [r[2]] * 2
     assert place(4, r, "round_robin", slack=0.25, start=2) == [r[2], r[0], r[1], r[2]]
     assert place(3, [], "affinity", slack=0.25) == []
 
@@ -165,11 +168,18 @@ def test_affinity_puts_every_candidate_on_one_replica(fleet):
         r = cli.chat.completions.create(model="pol", messages=msgs, n=4, seed=3, max_tokens=32)
         assert len(r.choices) == 4
         delta = [_requests(s) - b for s, b in zip(reps, before, strict=True)]
-        assert sorted(delta) == [0, 0, 4], delta  # all K on the prompt's replica
+        # all K on the prompt's replica, as one request with n=4
+        assert sorted(delta) == [0, 0, 1], delta
+        home = reps[delta.index(1)]
         # the same prompt again: the same replica (its prefix cache)
         r = cli.chat.completions.create(model="pol", messages=msgs, n=4, seed=4, max_tokens=32)
         again = [_requests(s) - b for s, b in zip(reps, before, strict=True)]
-        assert [a - d for a, d in zip(again, delta, strict=True)] == [4 if d else 0 for d in delta]
+        assert [a - d for a, d in zip(again, delta, strict=True)] == delta
+        # the replica counted each choice (continuous usage): the front's usage is its own
+        direct = openai.OpenAI(base_url=home.v1, api_key="x", max_retries=0, timeout=300)
+        d = direct.chat.completions.create(model=POLICY_NAME, messages=msgs, n=4, seed=4, max_tokens=32)
+        assert [c.message.content for c in r.choices] == [c.message.content for c in d.choices]
+        assert r.usage.completion_tokens == d.usage.completion_tokens
     # the front's own per-replica counters agree
     page = httpx.get(front.url + "/metrics", timeout=10).text
     assert sum(float(v) for v in re.findall(r"^ttscale_replica_candidates_total\{[^}]*\} (\S+)$", page, re.M)) >= 16
@@ -185,7 +195,8 @@ def test_spreading_splits_the_candidates(fleet):
         model="pol", messages=MSGS, n=6, seed=5, max_tokens=32, extra_body={"ttscale": {"placement": "spread"}}
     )
     assert len(r.choices) == 6
-    assert [_requests(s) - b for s, b in zip(reps, before, strict=True)] == [2, 2, 2]
+    # two candidates per replica, as one n=2 request each
+    assert [_requests(s) - b for s, b in zip(reps, before, strict=True)] == [1, 1, 1]
     bad = httpx.post(
         front.v1 + "/chat/completions",
         json={"model": "pol", "messages": MSGS, "ttscale": {"placement": "nearest"}},
@@ -227,16 +238,16 @@ def test_a_replica_killed_mid_request_loses_nothing_and_comes_back(fleet):
     assert r.usage.completion_tokens == 4 * LONG["max_tokens"] + usage["aborted_tokens"]
     st = _replica_state(front)
     assert st[victim.url]["up"] is False and st[victim.url]["redrawn"] == 4
-    # while it is out, its sessions go to the next replica
+    # while it is out, its sessions go to the next replica (one n=2 request)
     before = [_requests(s) for s in (reps[0], reps[2])]
     cli.chat.completions.create(model="pol", messages=MSGS, n=2, max_tokens=8)
-    assert sum(_requests(s) - b for s, b in zip((reps[0], reps[2]), before, strict=True)) == 2
+    assert sum(_requests(s) - b for s, b in zip((reps[0], reps[2]), before, strict=True)) == 1
     # back on its port: the health checks re-admit it and its sessions return to it
     victim.restart()
     assert wait_until(lambda: _replica_state(front)[victim.url]["up"], 60), _replica_state(front)
     before = _requests(victim)
     cli.chat.completions.create(model="pol", messages=MSGS, n=2, max_tokens=8)
-    assert _requests(victim) - before == 2
+    assert _requests(victim) - before == 1
 
 
 @pytest.mark.server
@@ -259,9 +270,9 @@ def test_a_disconnect_aborts_on_every_replica(fleet):
         for line in r.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
                 break  # the first text: gone at once, 1,500 tokens before any candidate could end
-    # each replica saw its 2 candidates' streams end unfinished and stopped their engine requests
+    # each replica saw its n=2 request's stream end unfinished and stopped its engine requests
     assert wait_until(
-        lambda: [_requests(s, status="disconnected") - b for s, b in zip(reps, before, strict=True)] == [2, 2, 2], 30
+        lambda: [_requests(s, status="disconnected") - b for s, b in zip(reps, before, strict=True)] == [1, 1, 1], 30
     ), [_requests(s, status="disconnected") - b for s, b in zip(reps, before, strict=True)]
     assert wait_until(lambda: all(s.health()["engine_requests_running"] == 0 for s in reps), 15), [
         s.health() for s in reps
@@ -285,10 +296,10 @@ def test_batch_eval_spreads_its_problems_over_the_pool(fleet, tmp_path):
     rows = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(len(r["samples"]) == 2 for r in rows)
     delta = [_requests(s) - b for s, b in zip(reps, before, strict=True)]
-    assert sum(delta) == 24, delta
+    # a problem's samples stay together: one n=2 request per problem
+    assert sum(delta) == 12, delta
     # 12 prompts on 3 replicas by their hashes: all on one would be a broken key (p ~ 1e-5)
     assert sum(d > 0 for d in delta) >= 2, delta
-    assert all(d % 2 == 0 for d in delta), delta  # a problem's samples stay together
 
 
 def test_the_compose_example_fronts_the_same_replicas_from_every_instance():
@@ -401,3 +412,208 @@ async def test_no_replica_left_is_a_clear_engine_error():
     assert not any(r.up for r in pool.replicas)
     with pytest.raises(EngineUnavailableError, match="no replica"):
         pool.fanout("p", [SamplingSettings()])
+
+
+# -- one n=k request per replica (scripted upstreams) ---------------------------------------------
+def test_split_groups_takes_runs_of_like_settings_and_consecutive_seeds():
+    from ttscale.engine import SamplingSettings
+    from ttscale.engine.openai_engine import split_groups
+
+    s = SamplingSettings(seed=10, max_tokens=8)
+    assert split_groups(s.replicate(4)) == [[0, 1, 2, 3]]  # seeds 10..13: one n=4 call
+    assert split_groups([SamplingSettings()] * 3) == [[0, 1, 2]]  # unseeded
+    hot = SamplingSettings(seed=14, max_tokens=8, temperature=1.3)
+    assert split_groups([*s.replicate(2), hot]) == [[0, 1], [2]]  # another temperature
+    gap = [s, SamplingSettings(seed=12, max_tokens=8)]
+    assert split_groups(gap) == [[0], [1]]  # seed 12 is not choice 1 of seed 10
+    assert split_groups(s.replicate(5), max_group=2) == [[0, 1], [2, 3], [4]]
+    a, b = object(), object()
+    assert split_groups(s.replicate(4), [a, a, b, b]) == [[0, 1], [2, 3]]  # one per replica
+    assert split_groups(s.replicate(3), [a, b, a]) == [[0], [1], [2]]  # round robin: one each
+
+
+Q = [{"role": "user", "content": "Q: 40 + 2 = ?"}]
+
+
+def _choice(i: int, text: str | None = None, *, finish: str | None = None, tokens: int | None = None) -> bytes:
+    chunk: dict = {"choices": [{"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
+    if tokens is not None:
+        chunk["usage"] = {"prompt_tokens": 7, "completion_tokens": tokens}
+    return ("data: " + json.dumps(chunk) + "\n\n").encode()
+
+
+def _end(total: int) -> list[bytes]:
+    usage = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": total}}
+    return [("data: " + json.dumps(usage) + "\n\n").encode(), b"data: [DONE]\n\n"]
+
+
+class _Gated(httpx.AsyncByteStream):
+    """Sends ``head``, waits for ``gate``, sends ``tail``; notes whether it was closed early."""
+
+    def __init__(self, head: list[bytes], tail: list[bytes]):
+        import asyncio
+
+        self.head, self.tail, self.gate = head, tail, asyncio.Event()
+        self.sent_all = self.closed = False
+
+    async def __aiter__(self):
+        for c in self.head:
+            yield c
+        await self.gate.wait()
+        for c in self.tail:
+            yield c
+        self.sent_all = True
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def _engine(script, bodies: list[dict]):
+    from ttscale.engine.openai_engine import OpenAIEngine
+
+    eng = OpenAIEngine("m", "http://up:1")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        stream = script if isinstance(script, httpx.AsyncByteStream) else httpx.ByteStream(b"".join(script))
+        return httpx.Response(200, stream=stream, headers={"content-type": "text/event-stream"})
+
+    eng._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return eng
+
+
+async def test_candidates_stopped_together_are_one_n_k_request_counted_per_choice():
+    from ttscale.engine import SamplingSettings
+
+    script = [
+        _choice(0, "4", tokens=1),
+        _choice(1, "Fo", tokens=1),
+        _choice(1, "ur", tokens=2),
+        _choice(0, "2", finish="stop", tokens=2),
+        _choice(1, finish="length", tokens=3),  # a token that spells nothing
+        *_end(5),
+    ]
+    bodies: list[dict] = []
+    eng = _engine(script, bodies)
+    settings = SamplingSettings(seed=3, max_tokens=3).replicate(2)
+    events = []
+    async with eng.fanout(Q, settings, together=True) as fo:
+        async for ev in fo:
+            events.append((ev.candidate.index, ev.delta_text, ev.finished))
+            if ev.finished and not fo.running:  # what a caller books as the fan-out ends
+                booked = fo.prompt_tokens, fo.completion_tokens
+    assert booked == (7, 5)
+    assert len(bodies) == 1 and bodies[0]["n"] == 2 and bodies[0]["seed"] == 3
+    assert bodies[0]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    a, b = fo.candidates
+    assert (a.text, a.token_count, a.finish_reason) == ("42", 2, "stop")
+    assert (b.text, b.token_count, b.finish_reason) == ("Four", 3, "length")
+    assert fo.prompt_tokens == 7 and eng.num_running == 0
+    assert (0, "", True) in events[: events.index((1, "", True))]  # the first finished first
+    # apart (a strategy that aborts one by one): one n=1 request each, seeds 3 and 4
+    bodies.clear()
+    one = [_choice(0, "x", finish="stop"), *_end(1)]
+    eng = _engine(one, bodies)
+    async with eng.fanout(Q, settings) as fo:
+        await fo.wait()
+    assert [(b.get("n"), b["seed"]) for b in bodies] == [(None, 3), (None, 4)]
+
+
+async def test_an_upstream_that_counts_only_the_whole_request_has_its_total_shared_out():
+    from ttscale.engine import SamplingSettings
+
+    script = [_choice(0, "ab"), _choice(1, "c"), _choice(0, finish="stop"), _choice(1, finish="stop"), *_end(9)]
+    eng = _engine(script, [])
+    async with eng.fanout(Q, [SamplingSettings()] * 2, together=True) as fo:
+        async for ev in fo:
+            if ev.finished and not fo.running:
+                booked = fo.completion_tokens
+    assert booked == sum(c.token_count for c in fo.candidates) == 9  # usage stays exact
+    assert [c.text for c in fo.candidates] == ["ab", "c"]
+
+
+async def test_aborting_some_of_a_group_stops_them_for_the_caller_and_counts_what_the_upstream_spends():
+    from ttscale.engine import SamplingSettings
+
+    tail = [_choice(0, "b", tokens=2), _choice(1, "y", finish="stop", tokens=2), _choice(0, "c", tokens=3)]
+    gated = _Gated([_choice(0, "a", tokens=1), _choice(1, "x", tokens=1)], [*tail, *_end(5)])
+    eng = _engine(gated, [])
+    async with eng.fanout(Q, [SamplingSettings()] * 2, together=True) as fo:
+        async for ev in fo:
+            if ev.candidate.index == 0 and ev.delta_text == "a":
+                await fo.abort(0)  # its sibling still runs: the stream stays open
+                gated.gate.set()
+        a, b = fo.candidates
+        assert (b.text, b.finish_reason) == ("xy", "stop")
+        # only the aborted one was left: the stream closed then, the upstream stopped it
+        assert gated.closed and not gated.sent_all
+    assert (a.text, a.finish_reason, a.token_count) == ("a", "abort", 2)  # the upstream spent 2
+    assert fo.prompt_tokens == 7
+    # aborting every one of them closes the stream: the upstream stops the request
+    gated = _Gated([_choice(0, "a", tokens=1), _choice(1, "x", tokens=1)], [])
+    eng = _engine(gated, [])
+    async with eng.fanout(Q, [SamplingSettings()] * 2, together=True) as fo:
+        seen = 0
+        async for _ in fo:
+            seen += 1
+            if seen == 2:
+                await fo.abort_all()
+    assert [c.finish_reason for c in fo.candidates] == ["abort", "abort"]
+    assert gated.closed and not gated.sent_all and eng.num_running == 0
+
+
+async def test_a_group_lost_with_its_replica_is_redrawn_one_by_one_and_keeps_what_finished():
+    from ttscale.engine import SamplingSettings
+
+    prompt = [{"role": "user", "content": "q"}]
+    urls = ["http://r1:1", "http://r2:1"]
+    order = [urls[i] for i in rendezvous(prompt_key("m", prompt, None), urls)]
+    bodies: dict[str, list[dict]] = {u: [] for u in urls}
+    first = [_choice(0, "done", finish="stop", tokens=1), _choice(1, "ag", tokens=1), _choice(2, "a", tokens=1)]
+    pool = _pool({order[0]: _Broken(first), order[1]: _sse(["again"], finish=True, usage=1)})
+    for rep in pool.replicas:
+        inner = rep.engine._client._transport.handler  # type: ignore[attr-defined]
+
+        def spy(request: httpx.Request, inner=inner, url=rep.url) -> httpx.Response:
+            bodies[url].append(json.loads(request.content))
+            return inner(request)
+
+        rep.engine._client = httpx.AsyncClient(transport=httpx.MockTransport(spy))
+    async with pool.fanout(prompt, SamplingSettings(seed=5).replicate(3), together=True) as fo:
+        await fo.wait()
+    assert [(b["n"], b["seed"]) for b in bodies[order[0]]] == [(3, 5)]  # one call for all three
+    assert sorted((b.get("n"), b["seed"]) for b in bodies[order[1]]) == [(None, 6), (None, 7)]
+    done, *redrawn = fo.candidates
+    assert (done.text, done.redraws) == ("done", 0)
+    assert [(c.text, c.redraws, c.lost_tokens) for c in redrawn] == [("again", 1, 1), ("again", 1, 1)]
+    assert fo.placement == [order[0], order[1], order[1]]
+    lost = next(r for r in pool.replicas if r.url == order[0])
+    assert not lost.up and lost.redrawn == 2 and lost.in_flight == 0
+
+
+async def test_a_pool_told_not_to_group_sends_one_request_per_candidate():
+    from dataclasses import replace
+
+    from ttscale.engine import SamplingSettings
+
+    bodies: list[dict] = []
+    pool = _pool({"http://r1:1": []})
+
+    def spy(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        n = bodies[-1].get("n", 1)
+        script = [*(_choice(i, "x", finish="stop", tokens=1) for i in range(n)), *_end(n)]
+        return httpx.Response(200, content=b"".join(script), headers={"content-type": "text/event-stream"})
+
+    pool.replicas[0].engine._client = httpx.AsyncClient(transport=httpx.MockTransport(spy))
+    settings = SamplingSettings(seed=2).replicate(3)
+    async with pool.fanout(Q, settings, together=True) as fo:
+        await fo.wait()
+    assert [(b.get("n"), b["seed"]) for b in bodies] == [(3, 2)]
+    assert [c.text for c in fo.candidates] == ["x"] * 3
+    bodies.clear()
+    pool.options = replace(pool.options, group=False)
+    async with pool.fanout(Q, settings, together=True) as fo:
+        await fo.wait()
+    assert sorted((b.get("n"), b["seed"]) for b in bodies) == [(None, 2), (None, 3), (None, 4)]
+    assert [c.text for c in fo.candidates] == ["x"] * 3

@@ -112,3 +112,33 @@ def test_parse_budget():
         with pytest.raises(InvalidRequestError) as e:
             parse_budget(bad)
         assert e.value.param == param
+
+
+class Recording(FakeEngine):
+    """Notes, per fan-out, whether its caller allowed one engine request for all of it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.together: list[tuple[int, bool]] = []
+
+    def fanout(self, prompt, settings, **kw):
+        fo = super().fanout(prompt, settings, **kw)
+        self.together.append((len(settings), fo.together))
+        return fo
+
+
+@pytest.mark.parametrize(
+    ("strategy", "opts", "want"),
+    [
+        ("majority", {}, {True}),  # stopped only all at once: one n=k call on an upstream
+        ("none", {}, {True}),
+        ("deepconf", {"warmup": 2}, {True, False}),  # warm-up together; the traces it stops alone
+        ("speculative_rejection", {"scorer": "confidence", "checkpoints": [10]}, {False}),
+    ],
+)
+async def test_fanouts_say_whether_their_candidates_stop_only_together(strategy, opts, want):
+    eng = Recording(respond=long_text)
+    ctx = ctx_for(eng, Budget(samples=4), n=4 if strategy == "none" else 1)
+    await get_strategy(strategy).from_request(opts).execute(ctx)
+    assert {t for _, t in eng.together} == want, eng.together
+    assert sum(k for k, _ in eng.together) == 4

@@ -99,8 +99,8 @@ async def test_speculative_rejection_aborts_weak_partials():
 class LateAborts(FakeEngine):
     """An engine whose aborts arrive after each candidate's last step: every candidate finishes."""
 
-    def fanout(self, prompt, settings, *, request_id=None, stream=True, text=True):
-        fo = super().fanout(prompt, settings, request_id=request_id, stream=stream, text=text)
+    def fanout(self, prompt, settings, *, request_id=None, stream=True, text=True, together=False):
+        fo = super().fanout(prompt, settings, request_id=request_id, stream=stream, text=text, together=together)
 
         async def too_late(index):
             return None

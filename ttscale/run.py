@@ -363,7 +363,7 @@ class Ledger:
 
 
 Progress = Callable[[dict[str, JSON]], Awaitable[None] | None]
-Delta = Callable[[int, str], Awaitable[None]]
+Delta = Callable[[int, str, int], Awaitable[None]]
 
 
 class RunContext:
@@ -411,7 +411,8 @@ class RunContext:
         self.request_id = request_id
         self.ledger = Ledger(budget, usage)
         self.on_progress = on_progress
-        # Live token stream of candidate deltas: (candidate index, delta text). Set when the
+        # Live token stream of candidate deltas: (candidate index, delta text, the candidate's
+        # tokens so far). Set when the
         # client streams and the strategy can stream its answer as it is generated (``none``).
         self.on_delta = on_delta
         self.profile = profile  # the policy's budget profile, if any

@@ -68,10 +68,12 @@ for section in "$@"; do
         --dataset gsm8k --prompts 150 --k 16 --max-tokens 1024 --concurrency 32 --rounds 2 --phases majority \
         --out "$OUTDIR/gsm8k-gpu.json") ;;
     replicas)  # two vLLM servers on the GPU, 0.3 of it each, behind one ttscale: placement; each
-               # request with 40 worked examples of its own (~6k prompt tokens), at two arrival rates
-      (cd /tmp && step bench_replicas timeout ${REPLICAS_TIMEOUT:-450} python3 "$REPO/bench/replicas.py" \
+               # request with 40 worked examples of its own (~6k prompt tokens), at an arrival rate
+               # beyond what the pair serves (~2.9/s at 9a7ca4e): throughput is capacity there
+      (cd /tmp && step bench_replicas timeout ${REPLICAS_TIMEOUT:-560} python3 "$REPO/bench/replicas.py" \
         --model "qwen=$MODEL" --replicas 2 --replica-share 0.3 --dataset gsm8k --k 16 --max-tokens 256 \
-        --shots ${REPLICAS_SHOTS:-40} --max-model-len 12288 --rate ${REPLICAS_RATE:-3,12} \
+        --shots ${REPLICAS_SHOTS:-40} --max-model-len 12288 --rate ${REPLICAS_RATE:-12} \
+        --phases ${REPLICAS_PHASES:-affinity,affinity_apart,round_robin,auto,spread} \
         --requests ${REPLICAS_REQUESTS:-48} --rounds ${REPLICAS_ROUNDS:-1} --out "$OUTDIR/replicas-gpu.json") ;;
     accuracy|votes|rejection|pays)  # the strategies on real sets (ACC_DATASET: comma-separated), each
                                     # method a phase of its own; pays = votes and rejection, one server

@@ -206,6 +206,7 @@ class Fanout(abc.ABC):
         self.request_id = request_id
         self._events: asyncio.Queue[CandidateEvent | BaseException | None] = asyncio.Queue()
         self._open = len(candidates)
+        self.together = False  # whether the caller allowed one engine request for several
 
     # -- producer side (adapters) ------------------------------------------------------
     def _emit(self, event: CandidateEvent) -> None:
@@ -291,6 +292,7 @@ class Engine(abc.ABC):
         request_id: str | None = None,
         stream: bool = True,
         text: bool = True,
+        together: bool = False,
     ) -> Fanout:
         """Start ``len(settings)`` candidates of ``prompt`` together, candidate i with settings[i].
 
@@ -299,13 +301,17 @@ class Engine(abc.ABC):
         ``text=False`` (with ``stream``): the caller watches tokens and log-probs only, so an
         adapter may leave a running candidate's text empty and write it when the candidate ends
         (vLLM in-process then detokenizes nothing per token); the others stream text anyway.
+        ``together``: the caller aborts these candidates only all at once (or lets them end), so
+        an adapter may run candidates of like settings as one engine request (an upstream's
+        ``n=k`` call: the prompt rendered once, one stream); aborting only some of such a group stops
+        them for the caller, while the engine finishes them (their tokens stay counted).
         """
 
     async def generate(
         self, prompt: PromptInput, settings: Sequence[SamplingSettings], *, request_id: str | None = None
     ) -> tuple[list[Candidate], int]:
         """Run a fan-out to completion; returns (candidates, prompt_tokens)."""
-        async with self.fanout(prompt, settings, request_id=request_id, stream=False) as fo:
+        async with self.fanout(prompt, settings, request_id=request_id, stream=False, together=True) as fo:
             await fo.wait()
         return fo.candidates, fo.prompt_tokens
 

@@ -112,11 +112,14 @@ class FakeEngine(Engine):
         request_id: str | None = None,
         stream: bool = True,
         text: bool = True,
+        together: bool = False,
     ) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
         self.requests_started += len(settings)
-        return _FakeFanout(self, _text_of(prompt), list(settings), request_id or new_request_id(), stream)
+        fo = _FakeFanout(self, _text_of(prompt), list(settings), request_id or new_request_id(), stream)
+        fo.together = together  # for tests: what the caller allowed (this engine runs each apart)
+        return fo
 
     async def score(self, prompts: Sequence[PromptInput], *, request_id: str | None = None) -> list[float]:
         if self.role != "score":

@@ -1,9 +1,13 @@
 """Adapter for any OpenAI-compatible HTTP upstream (e.g. a separate ``vllm serve``).
 
 Each candidate is its own streaming request (``n=1``, seed ``seed + i``), so aborting a
-candidate closes its stream and the upstream stops generating it. Token counts come from
-the upstream's ``usage`` (``stream_options.include_usage``). Scoring uses vLLM's
-``/classify`` endpoint, prompt log-probabilities vLLM's ``prompt_logprobs`` extension.
+candidate closes its stream and the upstream stops generating it; candidates the caller stops
+only all at once (``together``) and that differ only in their seeds go as one request with
+``n=k`` (choice i gets ``seed + i`` there too, so the draws are the same): the upstream renders
+and tokenizes the prompt once, and one stream carries them. Token counts come from the upstream's ``usage``
+(``stream_options.include_usage``; per choice, ``continuous_usage_stats``, which vLLM and
+ttscale report). Scoring uses vLLM's ``/classify`` endpoint, prompt log-probabilities vLLM's
+``prompt_logprobs`` extension.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -22,6 +27,7 @@ from ttscale.engine.base import (
     CandidateEvent,
     Engine,
     Fanout,
+    FinishReason,
     PromptInput,
     ReadResult,
     SamplingSettings,
@@ -130,10 +136,15 @@ class OpenAIEngine(Engine):
         request_id: str | None = None,
         stream: bool = True,
         text: bool = True,
+        together: bool = False,
     ) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
-        return _HTTPFanout(self, prompt, list(settings), request_id or new_request_id())
+        settings = list(settings)
+        groups = split_groups(settings) if together else [[i] for i in range(len(settings))]
+        fo = _HTTPFanout(self, prompt, settings, groups, request_id or new_request_id())
+        fo.together = together
+        return fo
 
     async def _post(self, path: str, body: dict[str, Any], *, base: str | None = None) -> dict[str, Any]:
         try:
@@ -329,28 +340,186 @@ def _absorb_logprobs(chat: bool, c: Candidate, lp: dict[str, Any] | None) -> int
     return len(vals)
 
 
-class StreamsFanout(Fanout):
-    """A fan-out whose candidates are one HTTP stream each, run by a task each (``_tasks``):
-    aborting a candidate closes its stream, so its upstream stops generating it."""
+MAX_GROUP = 256  # the most candidates one n=k request carries (ttscale's own limit of n)
 
-    _tasks: list[asyncio.Task[None]]
+
+def split_groups(
+    settings: Sequence[SamplingSettings], places: Sequence[object] | None = None, max_group: int = MAX_GROUP
+) -> list[list[int]]:
+    """The candidates (indices of ``settings``, in order) that can share one ``n=k`` request:
+    runs of equal settings whose seeds are none, or consecutive (choice i of ``n=k`` with seed
+    s gets s + i), and (with ``places``) of one place each."""
+    groups: list[list[int]] = []
+    for i, s in enumerate(settings):
+        same_place = places is None or (bool(groups) and places[groups[-1][0]] is places[i])
+        if groups and same_place and len(groups[-1]) < max_group:
+            head = settings[groups[-1][0]]
+            offset = len(groups[-1])
+            if s == replace(head, seed=None if head.seed is None else head.seed + offset):
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+async def stream_group(
+    eng: OpenAIEngine,
+    prompt: PromptInput,
+    cands: Sequence[Candidate],
+    emit: Callable[[CandidateEvent], None],
+    finish: Callable[[Candidate], None],
+    *,
+    on_prompt_tokens: Callable[[int], None] | None = None,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """Stream ``cands`` (settings :func:`split_groups` put together) as one upstream request
+    with ``n=len(cands)``, choice i into ``cands[i]``: a delta event per chunk, ``finish(c)``
+    when c's choice ends (the last one when the stream does, once the request's usage is in;
+    ``on_prompt_tokens`` hears the prompt's tokens before). A candidate the caller aborted
+    meanwhile takes no more text, but the tokens the upstream goes on spending on it are
+    counted, and once only such candidates run the stream is closed (the upstream stops the
+    request). Returns the prompt tokens the upstream reported; raises as
+    :func:`stream_candidate` (the candidates not finished are the ones the failure lost)."""
+    chat = is_chat(prompt)
+    path = "/chat/completions" if chat else "/completions"
+    for c in cands:
+        reset_candidate(c)
+    body = request_body(eng.upstream_model, prompt, cands[0].settings)
+    body["n"] = len(cands)
+    body["stream_options"]["continuous_usage_stats"] = True
+    per_choice = [False] * len(cands)  # the upstream reported this choice's own token count
+    ended = [False] * len(cands)  # the upstream finished this choice
+    last: tuple[Candidate, FinishReason] | None = None  # the last to end: it ends with the stream
+    prompt_tokens, total = 0, None
+
+    def waiting(c: Candidate) -> bool:
+        return not c.finished and (last is None or last[0] is not c)
+
+    eng._open_streams += len(cands)
+    try:
+        async with eng.client.stream("POST", f"{eng.base_url}{path}", json=body, headers=headers) as r:
+            if r.status_code >= 400:
+                raise _upstream_error(r.status_code, (await r.aread()).decode())
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                choices = chunk.get("choices") or []
+                u = chunk.get("usage")
+                if u and not choices:  # the request's usage, at the end
+                    prompt_tokens = int(u.get("prompt_tokens") or 0)
+                    total = int(u.get("completion_tokens") or 0)
+                    cached = cached_tokens(u)
+                    if cached is not None:  # the engine said it of the request: its first choice
+                        cands[0].cached_tokens = cached
+                elif u:
+                    prompt_tokens = int(u.get("prompt_tokens") or prompt_tokens)
+                for ch in choices:
+                    i = ch.get("index", 0)
+                    if not isinstance(i, int) or not 0 <= i < len(cands):
+                        raise UpstreamError(f"upstream {eng.base_url} answered choice {i!r} of n={len(cands)}")
+                    c = cands[i]
+                    delta = ((ch.get("delta") or {}).get("content") if chat else ch.get("text")) or ""
+                    live = waiting(c)
+                    ntok = _absorb_logprobs(chat, c, ch.get("logprobs")) if live else 0
+                    step = ntok or (1 if delta else 0)
+                    if u and len(choices) == 1:
+                        per_choice[i] = True
+                        c.token_count = int(u.get("completion_tokens") or 0)
+                    elif not per_choice[i]:
+                        c.token_count += step
+                    if not live:
+                        continue
+                    c.text += delta
+                    emit(CandidateEvent(c, delta, step, False))
+                    if ch.get("finish_reason"):
+                        ended[i] = True
+                        reason: FinishReason = "length" if ch["finish_reason"] == "length" else "stop"
+                        if any(waiting(x) for x in cands if x is not c):
+                            c.finish_reason = reason
+                            finish(c)
+                        else:
+                            last = (c, reason)
+                if not any(waiting(x) for x in cands) and not all(ended):
+                    break  # only candidates the caller aborted still run: closing the stream stops them
+    except httpx.HTTPError as e:
+        if any(waiting(x) for x in cands):
+            raise EngineUnavailableError(f"upstream {eng.base_url} failed: {e}") from e
+    finally:
+        eng._open_streams -= len(cands)
+    if any(waiting(x) for x in cands):
+        raise EngineUnavailableError(f"upstream {eng.base_url} ended the stream before the answer")
+    if total is not None and not all(per_choice):
+        _reconcile(cands, per_choice, total)
+    if on_prompt_tokens is not None:
+        on_prompt_tokens(prompt_tokens)
+    if last is not None and not last[0].finished:
+        last[0].finish_reason = last[1]
+        finish(last[0])
+    return prompt_tokens
+
+
+def _reconcile(cands: Sequence[Candidate], per_choice: Sequence[bool], total: int) -> None:
+    """Make the candidates' token counts add up to the request's ``total`` where the upstream
+    did not count each choice: the difference is shared in proportion to the counted tokens."""
+    free = [i for i, known in enumerate(per_choice) if not known]
+    diff = total - sum(c.token_count for c in cands)
+    if not diff or not free:
+        return
+    weights = [max(cands[i].token_count, 1) for i in free]
+    shares = [diff * w // sum(weights) for w in weights]
+    shares[-1] += diff - sum(shares)
+    for i, d in zip(free, shares, strict=True):
+        cands[i].token_count = max(0, cands[i].token_count + d)
+
+
+class StreamsFanout(Fanout):
+    """A fan-out whose candidates run on HTTP streams: one per candidate, or one per group of
+    candidates (``n=k``), each run by a task (``_task_of[i]``: candidate i's). Aborting a
+    candidate that runs alone, or the last running one of its group, closes its stream, so its
+    upstream stops generating it."""
+
+    _task_of: dict[int, asyncio.Task[None]]
+    _all_tasks: list[asyncio.Task[None]]
+
+    def _spawn(self, indices: Sequence[int], coro: Any) -> asyncio.Task[None]:
+        t = asyncio.create_task(coro)
+        self._all_tasks.append(t)
+        for i in indices:
+            self._task_of[i] = t
+        return t
+
+    def _set_prompt_tokens(self, n: int) -> None:
+        self.prompt_tokens = self.prompt_tokens or n
+
+    def _end(self, c: Candidate) -> None:
+        c.finish_reason = c.finish_reason or "stop"
+        c.finished_at = time.perf_counter()
+        self._emit(CandidateEvent(c, "", 0, True))
 
     async def abort(self, index: int) -> None:
-        t = self._tasks[index]
         c = self.candidates[index]
-        if not c.finished and not t.done():
+        if c.finished:
+            return
+        t = self._task_of[index]
+        others = [j for j, u in self._task_of.items() if u is t and j != index and not self.candidates[j].finished]
+        if not others and not t.done():
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if not c.finished:
             c.finish_reason = "abort"
             c.finished_at = time.perf_counter()
             self._emit(CandidateEvent(c, "", 0, True))
 
     async def aclose(self) -> None:
-        for t in self._tasks:
+        for t in self._all_tasks:
             if not t.done():
                 t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._all_tasks, return_exceptions=True)
         for c in self.candidates:
             if not c.finished:
                 c.finish_reason = "abort"
@@ -358,20 +527,32 @@ class StreamsFanout(Fanout):
 
 
 class _HTTPFanout(StreamsFanout):
-    def __init__(self, engine: OpenAIEngine, prompt: PromptInput, settings: list[SamplingSettings], request_id: str):
+    def __init__(
+        self,
+        engine: OpenAIEngine,
+        prompt: PromptInput,
+        settings: list[SamplingSettings],
+        groups: list[list[int]],
+        request_id: str,
+    ):
         super().__init__([Candidate(i, s) for i, s in enumerate(settings)], 0, request_id)
         self._engine = engine
         self._prompt = prompt
-        self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
+        self._task_of, self._all_tasks = {}, []
+        for g in groups:
+            self._spawn(g, self._run(g))
 
-    async def _run(self, i: int) -> None:
-        c = self.candidates[i]
-        c.started_at = time.perf_counter()
+    async def _run(self, group: list[int]) -> None:
+        cands = [self.candidates[i] for i in group]
+        for c in cands:
+            c.started_at = time.perf_counter()
         try:
-            self.prompt_tokens = await stream_candidate(self._engine, self._prompt, c, self._emit)
+            if len(cands) == 1:
+                self.prompt_tokens = await stream_candidate(self._engine, self._prompt, cands[0], self._emit)
+                self._end(cands[0])
+            else:  # each candidate ends (``_end``) as its choice does
+                await stream_group(
+                    self._engine, self._prompt, cands, self._emit, self._end, on_prompt_tokens=self._set_prompt_tokens
+                )
         except (InvalidRequestError, UpstreamError, EngineUnavailableError) as e:
             self._fail(e)
-            return
-        c.finish_reason = c.finish_reason or "stop"
-        c.finished_at = time.perf_counter()
-        self._emit(CandidateEvent(c, "", 0, True))

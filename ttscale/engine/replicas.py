@@ -7,15 +7,18 @@ model and the prompt, or its first ``prefix_chars`` characters, or the client's
 the candidates of a request, its later waves and its repeats meet one replica's prefix cache.
 The candidates of a request go to the first replica in that order (``affinity``); to the first
 in the order with room for them within its share of the load (``auto``: bounded-load hashing;
-spread under a deadline); split over the order (``spread``); or dealt out in turn whatever the
-key (``round_robin``, the baseline). Load is the candidates this process has open on a replica
-plus, from the replica's ``/metrics``, the requests other clients keep there (vLLM's
-``vllm:num_requests_running`` + ``vllm:num_requests_waiting``, or ttscale's own gauges). The key
-goes to the replica as ``X-Session-ID``, so a router in front of it can agree.
+spread under a deadline); split over the order in blocks (``spread``); or dealt out one by one
+in turn whatever the key (``round_robin``, the baseline). The candidates of one replica that the
+caller stops only all at once go there as one ``n=k`` request (its prompt rendered and
+tokenized there once, one stream).
+Load is the candidates this process has open on a replica plus, from the replica's
+``/metrics``, the requests other clients keep there (vLLM's ``vllm:num_requests_running`` +
+``vllm:num_requests_waiting``, or ttscale's own gauges). The key goes to the replica as
+``X-Session-ID``, so a router in front of it can agree.
 
 Failures: a replica whose connection fails, or which answers 5xx, 429 or 404 (it does not serve
-the model), is ejected; its
-candidates in flight are redrawn on the next replica in their order (same seed; the tokens lost
+the model), is ejected; its candidates in flight (of an ``n=k`` request: those not yet
+finished) are redrawn one by one on the next replica in their order (same seed; the tokens lost
 with it stay counted as ``lost_tokens``) up to ``retries`` times. Ejected replicas are probed
 (``/health``) and re-admitted after ``readmit_after`` good probes in a row.
 """
@@ -49,7 +52,15 @@ from ttscale.engine.base import (
     is_token_ids,
     new_request_id,
 )
-from ttscale.engine.openai_engine import OpenAIEngine, StreamsFanout, is_chat, reset_candidate, stream_candidate
+from ttscale.engine.openai_engine import (
+    OpenAIEngine,
+    StreamsFanout,
+    is_chat,
+    reset_candidate,
+    split_groups,
+    stream_candidate,
+    stream_group,
+)
 from ttscale.errors import EngineUnavailableError, InvalidRequestError, ModelRoleError, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -80,6 +91,9 @@ class ReplicaOptions:
     # K candidates and later waves of a request meet, requests spread by content; a chat that
     # should keep its replica as it grows sends an X-Session-ID)
     prefix_chars: int | None = None
+    # a replica's candidates of one wave as one n=k request (False: one request each, for an
+    # upstream that takes no n > 1)
+    group: bool = True
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -146,9 +160,10 @@ def prompt_key(model: str, prompt: PromptInput, prefix_chars: int | None) -> str
 def place(k: int, order: Sequence[Replica], placement: Placement, *, slack: float, start: int = 0) -> list[Replica]:
     """The replica of each of ``k`` candidates, given the healthy replicas in the key's order.
 
-    ``affinity``: all on the first. ``spread``: dealt over the order. ``round_robin``: dealt
-    out from position ``start``. ``auto``: all on the first replica in the order whose load,
-    with them, stays within ``ceil((1 + slack) × (total load + k) / replicas)`` (consistent
+    ``affinity``: all on the first. ``spread``: split over the order in blocks as even as can
+    be (candidates of consecutive seeds meet: one ``n=k`` call per replica). ``round_robin``:
+    dealt out one by one from position ``start``. ``auto``: all on the first replica in the
+    order whose load, with them, stays within ``ceil((1 + slack) × (total load + k) / replicas)`` (consistent
     hashing with bounded loads, Mirrokni et al. 2018, the request as one ball of weight k);
     on the least loaded one when none does (a large request on an idle pool: the first). A
     replica whose KV cache is ``KV_FULL`` used has no room."""
@@ -158,7 +173,7 @@ def place(k: int, order: Sequence[Replica], placement: Placement, *, slack: floa
     if placement == "affinity":
         return [order[0]] * k
     if placement == "spread":
-        return [order[i % n] for i in range(k)]
+        return [order[i * n // k] for i in range(k)]
     if placement == "round_robin":
         return [order[(start + i) % n] for i in range(k)]
     cap = math.ceil((1 + slack) * (sum(r.load for r in order) + k) / n)
@@ -357,11 +372,20 @@ class ReplicaPool(Engine):
         request_id: str | None = None,
         stream: bool = True,
         text: bool = True,
+        together: bool = False,
     ) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
+        settings = list(settings)
         key, plans = self.assign(prompt, len(settings), ROUTING.get())
-        return _PoolFanout(self, prompt, list(settings), plans, key, request_id or new_request_id())
+        groups = (
+            split_groups(settings, [p[0] for p in plans])
+            if together and self.options.group
+            else [[i] for i in range(len(settings))]
+        )
+        fo = _PoolFanout(self, prompt, settings, plans, groups, key, request_id or new_request_id())
+        fo.together = together
+        return fo
 
     async def _on_replica(self, key: str, call: Any) -> Any:
         """``await call(engine)`` on the key's replica, failing over down its order."""
@@ -421,6 +445,7 @@ class _PoolFanout(StreamsFanout):
         prompt: PromptInput,
         settings: list[SamplingSettings],
         plans: list[list[Replica]],
+        groups: list[list[int]],
         key: str,
         request_id: str,
     ):
@@ -430,16 +455,59 @@ class _PoolFanout(StreamsFanout):
         self._chat = is_chat(prompt)
         self._headers = {"X-Session-ID": _header_safe(key)}
         self._runs = [_Run(p) for p in plans]
-        self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(settings))]
+        self._task_of, self._all_tasks = {}, []
+        for g in groups:
+            self._spawn(g, self._run(g[0]) if len(g) == 1 else self._run_group(g))
 
     @property
     def placement(self) -> list[str | None]:
         """The replica each candidate runs (or ran) on."""
         return [r.on.url if r.on else None for r in self._runs]
 
+    async def _run_group(self, group: list[int]) -> None:
+        """Candidates of one replica as one ``n=k`` request; those a lost replica took with it
+        are redrawn one by one down their orders."""
+        rep = self._runs[group[0]].plan[0]
+        if not rep.up:  # ejected since the placement: each goes its own way
+            for i in group:
+                self._spawn([i], self._run(i))
+            return
+        cands = [self.candidates[i] for i in group]
+        for i, c in zip(group, cands, strict=True):
+            c.started_at = time.perf_counter()
+            self._runs[i].on = rep
+            self._runs[i].tried.append(rep)
+        rep.in_flight += len(group)
+        rep.candidates += len(group)
+        try:
+            await stream_group(
+                rep.engine,
+                self._prompt,
+                cands,
+                lambda ev: self._relay(self._runs[ev.candidate.index], ev),
+                self._end,
+                on_prompt_tokens=self._set_prompt_tokens,
+                headers=self._headers,
+            )
+        except (EngineUnavailableError, UpstreamError, InvalidRequestError) as e:
+            if not _replica_fault(e):
+                self._fail(e)
+                return
+            self._pool.eject(rep, str(e))
+            for i, c in zip(group, cands, strict=True):
+                if c.finished:
+                    continue
+                rep.redrawn += 1
+                c.lost_tokens += c.token_count
+                c.redraws += 1
+                reset_candidate(c)
+                self._spawn([i], self._run(i))
+        finally:
+            rep.in_flight -= len(group)
+
     async def _run(self, i: int) -> None:
         c, run = self.candidates[i], self._runs[i]
-        c.started_at = time.perf_counter()
+        c.started_at = c.started_at or time.perf_counter()
         opts = self._pool.options
         while True:
             rep = next((r for r in run.plan if r.up and r not in run.tried), None)
@@ -471,9 +539,7 @@ class _PoolFanout(StreamsFanout):
                 return
             finally:
                 rep.in_flight -= 1
-        c.finish_reason = c.finish_reason or "stop"
-        c.finished_at = time.perf_counter()
-        self._emit(CandidateEvent(c, "", 0, True))
+        self._end(c)
 
     def _relay(self, run: _Run, ev: CandidateEvent) -> None:
         """Pass a delta on; after a redraw, only what goes beyond the text already passed on

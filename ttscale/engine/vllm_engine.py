@@ -422,6 +422,7 @@ class VLLMEngine(Engine):
         request_id: str | None = None,
         stream: bool = True,
         text: bool = True,
+        together: bool = False,
     ) -> Fanout:
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} is a scoring model and cannot generate", param="model")

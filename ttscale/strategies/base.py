@@ -91,8 +91,10 @@ class Sampler:
     """Launches candidates under the request's budget and collects them.
 
     ``stop()`` ends the run early (e.g. a vote is decided): everything still running is
-    aborted. ``abort(c)`` aborts one candidate. ``stop_reason`` says why sampling ended:
-    ``complete``, ``early_stop``, ``deadline``, ``token_budget`` or ``sample_budget``.
+    aborted. ``abort(c)`` aborts one candidate; a strategy that does so builds its sampler with
+    ``aborts_each`` (else an upstream may run a fan-out's candidates as one ``n=k`` request,
+    which goes on generating a candidate aborted alone). ``stop_reason`` says why sampling
+    ended: ``complete``, ``early_stop``, ``deadline``, ``token_budget`` or ``sample_budget``.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Sampler:
         scoring_cost: Callable[[int], int] | None = None,
         counts_samples: bool = True,
         max_live: int | None = None,
+        aborts_each: bool = False,
     ):
         """``scoring_cost(t)``: an upper bound of the tokens scoring a candidate of ``t`` tokens
         will cost; reserved with each candidate so that scoring never breaks the token budget.
@@ -113,6 +116,7 @@ class Sampler:
         self.ctx = ctx
         self.counts_samples = counts_samples
         self.max_live = max_live
+        self.aborts_each = aborts_each
         self.scoring_cost = scoring_cost
         self.engine = engine or ctx.model
         if prompt is None:
@@ -222,6 +226,7 @@ class Sampler:
                 batch,
                 stream=stream,
                 text=text,
+                together=not self.aborts_each,
                 request_id=f"{self.ctx.request_id}-{len(self._fanouts)}",
             )
             for c in fo.candidates:  # c.index stays the position inside its fan-out

@@ -156,7 +156,7 @@ class DeepConf(ParallelStrategy[DeepConfOptions]):
             return o.consensus < 1.0 and share >= o.consensus and len(ballot.members) >= 2
 
         if stop_reason == StopReason.COMPLETE and rest > 0 and not reached(share):
-            sampler = Sampler(ctx)
+            sampler = Sampler(ctx, aborts_each=True)  # low-confidence traces stop one by one
             watches: dict[int, _Watch] = {}
 
             async def on_event(ev: CandidateEvent) -> None:

@@ -22,9 +22,12 @@ class NoneStrategy(Strategy[StrategyOptions]):
             )
         sampler = Sampler(ctx)
 
+        spelled: dict[int, int] = {}  # tokens each candidate's events so far carried
+
         async def forward(ev: CandidateEvent) -> None:
+            n = spelled[id(ev.candidate)] = spelled.get(id(ev.candidate), 0) + ev.delta_tokens
             if ctx.on_delta is not None and ev.delta_text:
-                await ctx.on_delta(sampler.candidates.index(ev.candidate), ev.delta_text)
+                await ctx.on_delta(sampler.candidates.index(ev.candidate), ev.delta_text, n)
 
         live = ctx.on_delta is not None  # the client streams: pass tokens on as they come
         cands = await sampler.run(ctx.settings.replicate(ctx.n), on_event=forward if live else None, stream=live)

@@ -177,11 +177,11 @@ class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
         settings = ctx.settings
         if by == "verifier":
             verifier = VerifierScorer(ctx.pool.get(o.scorer.verifier, role="score", param="ttscale.verifier"))
-            sampler = Sampler(ctx, scoring_cost=verifier.scoring_cost(ctx))
+            sampler = Sampler(ctx, scoring_cost=verifier.scoring_cost(ctx), aborts_each=True)
         else:
             want = o.scorer.top_logprobs
             settings = replace(settings, logprobs=want if settings.logprobs is None else max(settings.logprobs, want))
-            sampler = Sampler(ctx)  # nothing to reserve: the log-probs come with the tokens
+            sampler = Sampler(ctx, aborts_each=True)  # nothing to reserve: log-probs come with the tokens
         seed = ctx.settings.seed
         tests = {cp: OnlineConformal(o.alpha, seed=None if seed is None else seed + cp) for cp in cps}
         next_cp: dict[int, int] = {}
