@@ -154,6 +154,40 @@ models:
     assert ver.options.engine_args() == {"max_model_len": 640, "enforce_eager": True}
 
 
+def test_config_file_replicas_and_their_options(tmp_path, captured):
+    from ttscale.engine.openai_engine import OpenAIEngine
+    from ttscale.engine.replicas import ReplicaPool
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("""
+models:
+  - name: pol
+    urls: [http://10.0.0.1:8000, http://10.0.0.2:8000]
+    upstream_model: qwen
+    replicas: {placement: spread, retries: 1, group: false}
+  - {name: one, url: http://10.0.0.3:8000}
+  - {name: apart, url: http://10.0.0.3:8000, replicas: {group: false}}
+""")
+    r = CliRunner().invoke(cli.app, ["serve", "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    pol, one, apart = list(captured["pool"])
+    assert isinstance(pol, ReplicaPool) and [x.url for x in pol.replicas] == [
+        "http://10.0.0.1:8000",
+        "http://10.0.0.2:8000",
+    ]
+    assert (pol.upstream_model, pol.options.placement, pol.options.retries, pol.options.group) == (
+        "qwen",
+        "spread",
+        1,
+        False,
+    )
+    assert isinstance(one, OpenAIEngine)
+    assert isinstance(apart, ReplicaPool) and apart.options.group is False  # a single URL with options
+    cfg.write_text("models: [{name: p, urls: [http://a:1], replicas: {placement: nearest}}]")
+    r = CliRunner().invoke(cli.app, ["serve", "--config", str(cfg)])
+    assert r.exit_code != 0 and "placement" in r.output, r.output
+
+
 @pytest.mark.parametrize(
     "text,needle",
     [

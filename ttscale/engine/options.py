@@ -13,6 +13,10 @@ per model; its values go through the same parser::
         path: /models/prm
         role: score
         engine: {gpu_memory_utilization: 0.08}
+      - name: big                          # replicas of one model elsewhere
+        urls: [http://gpu1:8000, http://gpu2:8000]
+        upstream_model: qwen-72b
+        replicas: {placement: affinity, retries: 2}
     engine: {max_model_len: 8192}          # every model
 
 Only options the user set are returned: ttscale fills in what it picks per machine, and vLLM
@@ -177,9 +181,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
     for i, m in enumerate(models):
         if isinstance(m, str):
             continue
-        if not isinstance(m, dict) or not ({"path", "url"} & set(m)):
-            raise ConfigError(f"config file {p}: models[{i}] needs a 'path' (or 'url')", param="--config")
-        bad = set(m) - {"name", "path", "url", "upstream_model", "role", "engine"}
+        if not isinstance(m, dict) or not ({"path", "url", "urls"} & set(m)):
+            raise ConfigError(f"config file {p}: models[{i}] needs a 'path' (or 'url', 'urls')", param="--config")
+        bad = set(m) - {"name", "path", "url", "urls", "upstream_model", "role", "engine", "replicas"}
         if bad:
             raise ConfigError(f"config file {p}: models[{i}] has unknown key {sorted(bad)[0]!r}", param="--config")
     return data
