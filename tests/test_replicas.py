@@ -617,3 +617,89 @@ async def test_a_pool_told_not_to_group_sends_one_request_per_candidate():
         await fo.wait()
     assert sorted((b.get("n"), b["seed"]) for b in bodies) == [(None, 2), (None, 3), (None, 4)]
     assert [c.text for c in fo.candidates] == ["x"] * 3
+
+
+async def test_a_group_cut_after_some_finished_keeps_its_prompt_tokens_and_finished_answers():
+    from ttscale.engine import SamplingSettings
+
+    # A ends; B's whole answer is in but the request's usage is not: an abort then keeps B's end
+    gated = _Gated([_choice(0, "a", finish="stop", tokens=1), _choice(1, "b", finish="stop", tokens=1)], _end(2))
+    eng = _engine(gated, [])
+    finished = []
+    async with eng.fanout(Q, [SamplingSettings()] * 2, together=True) as fo:
+        async for ev in fo:
+            if ev.finished:
+                finished.append((ev.candidate.index, ev.candidate.finish_reason, fo.prompt_tokens))
+                if ev.candidate.index == 0:
+                    await fo.abort_all()
+    assert finished == [(0, "stop", 7), (1, "stop", 7)]
+    # B still generating when the rest is aborted: the prompt tokens are booked all the same
+    gated = _Gated([_choice(0, "a", finish="stop", tokens=1), _choice(1, "b", tokens=1)], _end(2))
+    eng = _engine(gated, [])
+    async with eng.fanout(Q, [SamplingSettings()] * 2, together=True) as fo:
+        async for ev in fo:
+            if ev.finished and ev.candidate.index == 0:
+                await fo.abort_all()
+    assert [c.finish_reason for c in fo.candidates] == ["stop", "abort"] and fo.prompt_tokens == 7
+
+
+async def test_an_abort_before_the_group_request_goes_out_is_not_undone():
+    from ttscale.engine import SamplingSettings
+
+    script = [_choice(0, "a", finish="stop", tokens=1), _choice(1, "b", finish="stop", tokens=1), *_end(2)]
+    eng = _engine(script, [])
+    ends = []
+    async with eng.fanout(Q, [SamplingSettings()] * 2, together=True) as fo:
+        await fo.abort(0)  # before the stream task first runs; its sibling still runs
+        async for ev in fo:
+            if ev.finished:
+                ends.append(ev.candidate.index)
+    assert sorted(ends) == [0, 1]  # one end each
+    assert [c.finish_reason for c in fo.candidates] == ["abort", "stop"] and fo.candidates[1].text == "b"
+
+
+async def test_the_requests_usage_beyond_its_choices_is_counted():
+    from ttscale.engine import SamplingSettings
+
+    # an upstream that spent more than its choices show (a ttscale replica that redrew one)
+    script = [_choice(0, "a", finish="stop", tokens=1), _choice(1, "b", finish="stop", tokens=1), *_end(5)]
+    eng = _engine(script, [])
+    async with eng.fanout(Q, [SamplingSettings()] * 2, together=True) as fo:
+        await fo.wait()
+    assert [c.token_count for c in fo.candidates] == [1, 1]
+    assert sum(c.token_count + c.lost_tokens for c in fo.candidates) == 5
+
+
+async def test_an_upstream_that_refuses_or_ignores_n_gets_one_request_per_candidate():
+    from ttscale.engine import SamplingSettings
+    from ttscale.engine.openai_engine import OpenAIEngine
+
+    def make(refuse: bool):
+        eng = OpenAIEngine("m", "http://up:1")
+        bodies: list[dict] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            bodies.append(json.loads(request.content))
+            if bodies[-1].get("n") and refuse:
+                return httpx.Response(400, json={"error": {"message": "n > 1 is not supported", "param": "n"}})
+            # one choice whatever n says
+            script = [_choice(0, f"s{bodies[-1]['seed']}", finish="stop", tokens=1), *_end(1)]
+            return httpx.Response(200, content=b"".join(script), headers={"content-type": "text/event-stream"})
+
+        eng._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        return eng, bodies
+
+    settings = SamplingSettings(seed=3).replicate(3)
+    for refuse in (True, False):
+        eng, bodies = make(refuse)
+        async with eng.fanout(Q, settings, together=True) as fo:
+            await fo.wait()
+        assert [c.text for c in fo.candidates] == ["s3", "s4", "s5"], refuse
+        assert (bodies[0].get("n"), bodies[0]["seed"]) == (3, 3)
+        apart = sorted(b["seed"] for b in bodies[1:] if not b.get("n"))
+        assert apart == ([3, 4, 5] if refuse else [4, 5])  # ignored: its choice 0 was seed 3's
+        # refused: maybe this request's fault, so n is tried again; ignored: never again
+        bodies.clear()
+        async with eng.fanout(Q, settings, together=True) as fo:
+            await fo.wait()
+        assert (bodies[0].get("n") == 3) is refuse

@@ -69,6 +69,7 @@ class OpenAIEngine(Engine):
         self._tokenizer_path = tokenizer_path
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._open_streams = 0
+        self.takes_n = True  # False once the upstream was seen to ignore n (one request each then)
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(headers=self._headers, timeout=httpx.Timeout(self._timeout, connect=10.0))
@@ -141,7 +142,7 @@ class OpenAIEngine(Engine):
         if self.role != "generate":
             raise ModelRoleError(f"model {self.name!r} cannot generate", param="model")
         settings = list(settings)
-        groups = split_groups(settings) if together else [[i] for i in range(len(settings))]
+        groups = split_groups(settings) if together and self.takes_n else [[i] for i in range(len(settings))]
         fo = _HTTPFanout(self, prompt, settings, groups, request_id or new_request_id())
         fo.together = together
         return fo
@@ -362,6 +363,16 @@ def split_groups(
     return groups
 
 
+class GroupRefused(Exception):
+    """An upstream did not take an ``n=k`` request: it answered 400/422 (``error``: it may
+    refuse ``n`` or the request itself), or it ignored ``n`` (``error`` None). The candidates
+    still open go one request each."""
+
+    def __init__(self, error: Exception | None = None):
+        super().__init__(str(error) if error else "the upstream ignores n")
+        self.error = error
+
+
 async def stream_group(
     eng: OpenAIEngine,
     prompt: PromptInput,
@@ -374,30 +385,47 @@ async def stream_group(
 ) -> int:
     """Stream ``cands`` (settings :func:`split_groups` put together) as one upstream request
     with ``n=len(cands)``, choice i into ``cands[i]``: a delta event per chunk, ``finish(c)``
-    when c's choice ends (the last one when the stream does, once the request's usage is in;
-    ``on_prompt_tokens`` hears the prompt's tokens before). A candidate the caller aborted
-    meanwhile takes no more text, but the tokens the upstream goes on spending on it are
-    counted, and once only such candidates run the stream is closed (the upstream stops the
-    request). Returns the prompt tokens the upstream reported; raises as
+    when c's choice ends (the last one when the stream does, once the request's usage is in);
+    ``on_prompt_tokens`` hears the prompt's tokens as soon as the upstream says them. A
+    candidate the caller aborted meanwhile takes no more text, but the tokens the upstream goes
+    on spending on it are counted, and once only such candidates run the stream is closed (the
+    upstream stops the request). Returns the prompt tokens the upstream reported; raises
+    :class:`GroupRefused` when the upstream does not take ``n``, else as
     :func:`stream_candidate` (the candidates not finished are the ones the failure lost)."""
     chat = is_chat(prompt)
     path = "/chat/completions" if chat else "/completions"
     for c in cands:
-        reset_candidate(c)
+        if not c.finished:  # one the caller aborted before the request went out stays so
+            reset_candidate(c)
     body = request_body(eng.upstream_model, prompt, cands[0].settings)
     body["n"] = len(cands)
     body["stream_options"]["continuous_usage_stats"] = True
     per_choice = [False] * len(cands)  # the upstream reported this choice's own token count
     ended = [False] * len(cands)  # the upstream finished this choice
+    seen = [False] * len(cands)  # the upstream sent this choice anything
     last: tuple[Candidate, FinishReason] | None = None  # the last to end: it ends with the stream
-    prompt_tokens, total = 0, None
+    prompt_tokens, total, told = 0, None, 0
 
     def waiting(c: Candidate) -> bool:
         return not c.finished and (last is None or last[0] is not c)
 
+    def tell(n: int) -> None:
+        nonlocal told
+        if on_prompt_tokens is not None and n and n != told:
+            told = n
+            on_prompt_tokens(n)
+
+    def end_last() -> None:
+        if last is not None and not last[0].finished:
+            last[0].finish_reason = last[1]
+            finish(last[0])
+
     eng._open_streams += len(cands)
+    done = False
     try:
         async with eng.client.stream("POST", f"{eng.base_url}{path}", json=body, headers=headers) as r:
+            if r.status_code in (400, 422):
+                raise GroupRefused(_upstream_error(r.status_code, (await r.aread()).decode()))
             if r.status_code >= 400:
                 raise _upstream_error(r.status_code, (await r.aread()).decode())
             async for line in r.aiter_lines():
@@ -405,6 +433,7 @@ async def stream_group(
                     continue
                 payload = line[5:].strip()
                 if payload == "[DONE]":
+                    done = True
                     break
                 chunk = json.loads(payload)
                 choices = chunk.get("choices") or []
@@ -417,10 +446,12 @@ async def stream_group(
                         cands[0].cached_tokens = cached
                 elif u:
                     prompt_tokens = int(u.get("prompt_tokens") or prompt_tokens)
+                tell(prompt_tokens)
                 for ch in choices:
                     i = ch.get("index", 0)
                     if not isinstance(i, int) or not 0 <= i < len(cands):
                         raise UpstreamError(f"upstream {eng.base_url} answered choice {i!r} of n={len(cands)}")
+                    seen[i] = True
                     c = cands[i]
                     delta = ((ch.get("delta") or {}).get("content") if chat else ch.get("text")) or ""
                     live = waiting(c)
@@ -448,17 +479,25 @@ async def stream_group(
     except httpx.HTTPError as e:
         if any(waiting(x) for x in cands):
             raise EngineUnavailableError(f"upstream {eng.base_url} failed: {e}") from e
+    except asyncio.CancelledError:
+        end_last()  # its answer is whole: the cut (an abort, a deadline) came after it
+        raise
+    except (ValueError, TypeError, AttributeError) as e:  # a chunk that is not what the API says
+        raise UpstreamError(f"upstream {eng.base_url} sent a malformed stream: {e}") from e
     finally:
         eng._open_streams -= len(cands)
     if any(waiting(x) for x in cands):
+        if done and not all(seen[1:]):
+            raise GroupRefused()  # it answered, but not n choices
         raise EngineUnavailableError(f"upstream {eng.base_url} ended the stream before the answer")
-    if total is not None and not all(per_choice):
-        _reconcile(cands, per_choice, total)
-    if on_prompt_tokens is not None:
-        on_prompt_tokens(prompt_tokens)
-    if last is not None and not last[0].finished:
-        last[0].finish_reason = last[1]
-        finish(last[0])
+    if total is not None:
+        if not all(per_choice):
+            _reconcile(cands, per_choice, total)
+        elif total > sum(c.token_count for c in cands):
+            # the upstream spent more than its choices show (its own redraws): counted as lost
+            cands[0].lost_tokens += total - sum(c.token_count for c in cands)
+    tell(prompt_tokens)
+    end_last()
     return prompt_tokens
 
 
@@ -550,9 +589,20 @@ class _HTTPFanout(StreamsFanout):
             if len(cands) == 1:
                 self.prompt_tokens = await stream_candidate(self._engine, self._prompt, cands[0], self._emit)
                 self._end(cands[0])
-            else:  # each candidate ends (``_end``) as its choice does
-                await stream_group(
-                    self._engine, self._prompt, cands, self._emit, self._end, on_prompt_tokens=self._set_prompt_tokens
-                )
+                return
+            # each candidate ends (``_end``) as its choice does
+            await stream_group(
+                self._engine, self._prompt, cands, self._emit, self._end, on_prompt_tokens=self._set_prompt_tokens
+            )
+        except GroupRefused as e:
+            if e.error is None:
+                self._engine.takes_n = False
+            for i, c in zip(group, cands, strict=True):
+                if not c.finished:
+                    c.lost_tokens += c.token_count
+                    reset_candidate(c)
+                    self._spawn([i], self._run([i]))
         except (InvalidRequestError, UpstreamError, EngineUnavailableError) as e:
             self._fail(e)
+        except (ValueError, TypeError, AttributeError) as e:  # a malformed answer: never a hang
+            self._fail(UpstreamError(f"upstream {self._engine.base_url} sent a malformed stream: {e}"))

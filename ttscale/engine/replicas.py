@@ -53,6 +53,7 @@ from ttscale.engine.base import (
     new_request_id,
 )
 from ttscale.engine.openai_engine import (
+    GroupRefused,
     OpenAIEngine,
     StreamsFanout,
     is_chat,
@@ -466,11 +467,13 @@ class _PoolFanout(StreamsFanout):
 
     async def _run_group(self, group: list[int]) -> None:
         """Candidates of one replica as one ``n=k`` request; those a lost replica took with it
-        are redrawn one by one down their orders."""
+        are redrawn one by one down their orders (and all go one by one to a replica that does
+        not take ``n``)."""
         rep = self._runs[group[0]].plan[0]
-        if not rep.up:  # ejected since the placement: each goes its own way
+        if not rep.up or not rep.engine.takes_n:  # ejected since the placement, or no n there
             for i in group:
-                self._spawn([i], self._run(i))
+                if not self.candidates[i].finished:
+                    self._spawn([i], self._run(i))
             return
         cands = [self.candidates[i] for i in group]
         for i, c in zip(group, cands, strict=True):
@@ -479,16 +482,34 @@ class _PoolFanout(StreamsFanout):
             self._runs[i].tried.append(rep)
         rep.in_flight += len(group)
         rep.candidates += len(group)
+        held = len(group)
+
+        def finish(c: Candidate) -> None:
+            nonlocal held
+            held -= 1
+            rep.in_flight -= 1  # the replica's load drops as each choice ends
+            self._end(c)
+
         try:
             await stream_group(
                 rep.engine,
                 self._prompt,
                 cands,
                 lambda ev: self._relay(self._runs[ev.candidate.index], ev),
-                self._end,
+                finish,
                 on_prompt_tokens=self._set_prompt_tokens,
                 headers=self._headers,
             )
+        except GroupRefused as e:  # not the replica's fault: the open ones go one by one
+            if e.error is None:
+                rep.engine.takes_n = False
+            for i, c in zip(group, cands, strict=True):
+                if not c.finished:
+                    c.lost_tokens += c.token_count
+                    reset_candidate(c)
+                    self._runs[i].tried.remove(rep)
+                    rep.candidates -= 1
+                    self._spawn([i], self._run(i))
         except (EngineUnavailableError, UpstreamError, InvalidRequestError) as e:
             if not _replica_fault(e):
                 self._fail(e)
@@ -502,8 +523,10 @@ class _PoolFanout(StreamsFanout):
                 c.redraws += 1
                 reset_candidate(c)
                 self._spawn([i], self._run(i))
+        except (ValueError, TypeError, AttributeError) as e:  # a malformed answer: never a hang
+            self._fail(UpstreamError(f"replica {rep.url} sent a malformed stream: {e}", status=502))
         finally:
-            rep.in_flight -= len(group)
+            rep.in_flight -= held
 
     async def _run(self, i: int) -> None:
         c, run = self.candidates[i], self._runs[i]
@@ -536,6 +559,9 @@ class _PoolFanout(StreamsFanout):
                 reset_candidate(c)
             except _Diverged as e:
                 self._fail(UpstreamError(str(e), status=502))
+                return
+            except (ValueError, TypeError, AttributeError) as e:  # a malformed answer: never a hang
+                self._fail(UpstreamError(f"replica {rep.url} sent a malformed stream: {e}", status=502))
                 return
             finally:
                 rep.in_flight -= 1
