@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -186,35 +189,38 @@ async def main(a: argparse.Namespace) -> None:
     rates = [float(x) for x in str(a.rate).split(",")]
     logs = Path(tempfile.mkdtemp(prefix="ttscale-replicas-"))
     procs, urls = [], []
+    front = None
+    results: dict[str, list[dict]] = {}
+    start_s = 0.0
     t0 = time.perf_counter()
-    for i in range(a.replicas):
-        port = free_port()
-        log = logs / f"replica{i}.log"
-        proc = launch_replica(a.replica_server, spec.name, path, port, a.replica_share, log, a.max_model_len)
-        procs.append((proc, log))
-        urls.append(f"http://127.0.0.1:{port}")
-        if a.replica_server == "vllm" and a.replica_share is not None:
-            wait_healthy(urls[-1], *procs[-1])  # one at a time: each checks the memory left
-    for u, (p, log) in zip(urls, procs, strict=True):
-        wait_healthy(u, p, log)
-    # one front, the replicas under two names: "pol" (a replica's candidates as one n=k request)
-    # and "pol-apart" (one request per candidate)
-    config = logs / "front.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "models": [
-                    {"name": "pol", "urls": urls, "upstream_model": spec.name},
-                    {"name": "pol-apart", "urls": urls, "upstream_model": spec.name, "replicas": {"group": False}},
-                ]
-            }
-        )
-    )
-    front = start_server([], logs / "front.log", "--config", str(config), "--max-concurrent-requests", "4096")
-    start_s = time.perf_counter() - t0
-    phases = a.phases.split(",")
-    results: dict[str, list[dict]] = {ph: [] for ph in phases}
     try:
+        for i in range(a.replicas):
+            port = free_port()
+            log = logs / f"replica{i}.log"
+            proc = launch_replica(a.replica_server, spec.name, path, port, a.replica_share, log, a.max_model_len)
+            procs.append((proc, log))
+            urls.append(f"http://127.0.0.1:{port}")
+            if a.replica_server == "vllm" and a.replica_share is not None:
+                wait_healthy(urls[-1], *procs[-1])  # one at a time: each checks the memory left
+        for u, (p, log) in zip(urls, procs, strict=True):
+            wait_healthy(u, p, log)
+        # one front, the replicas under two names: "pol" (a replica's candidates as one n=k request)
+        # and "pol-apart" (one request per candidate)
+        config = logs / "front.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "models": [
+                        {"name": "pol", "urls": urls, "upstream_model": spec.name},
+                        {"name": "pol-apart", "urls": urls, "upstream_model": spec.name, "replicas": {"group": False}},
+                    ]
+                }
+            )
+        )
+        front = start_server([], logs / "front.log", "--config", str(config), "--max-concurrent-requests", "4096")
+        start_s = time.perf_counter() - t0
+        phases = a.phases.split(",")
+        results = {ph: [] for ph in phases}
         w = min(4, len(problems))
         warm = system_prompts(examples[:w], order_rng)
         await phase(front.url, "pol", problems[:w], warm, "affinity", rates[0], a)  # warm-up
@@ -236,14 +242,18 @@ async def main(a: argparse.Namespace) -> None:
                 print(ph, json.dumps(row), flush=True)
                 write(a, results, start_s, final=False)
     finally:
-        front.stop()
-        for p, _ in procs:
-            p.terminate()
+        if front is not None:
+            front.stop()
+        for p, _ in procs:  # each replica runs in a session of its own, with its engine processes
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
         for p, _ in procs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                p.kill()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     write(a, results, start_s, final=True)
 
 
