@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -254,6 +254,25 @@ def request_body(upstream_model: str, prompt: PromptInput, s: SamplingSettings) 
     return body
 
 
+class SSE:
+    """The JSON chunks of an OpenAI server-sent event stream; ``done`` once ``data: [DONE]``
+    came (a stream that ends without it broke off)."""
+
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        self.done = False
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        async for line in self.response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                self.done = True
+                return
+            yield json.loads(payload)
+
+
 def reset_candidate(c: Candidate) -> None:
     """Empty ``c`` for a fresh draw (its settings and index stay)."""
     c.text, c.token_ids, c.token_count = "", [], 0
@@ -286,15 +305,8 @@ async def stream_candidate(
         async with eng.client.stream("POST", f"{eng.base_url}{path}", json=body, headers=headers) as r:
             if r.status_code >= 400:
                 raise _upstream_error(r.status_code, (await r.aread()).decode())
-            done = False
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(payload)
+            events = SSE(r)
+            async for chunk in events:
                 if chunk.get("usage"):
                     u = chunk["usage"]
                     prompt_tokens = int(u.get("prompt_tokens") or 0)
@@ -309,7 +321,7 @@ async def stream_candidate(
                     if ch.get("finish_reason"):
                         c.finish_reason = "length" if ch["finish_reason"] == "length" else "stop"
                     emit(CandidateEvent(c, delta, ntok or (1 if delta else 0), False))
-            if not done and c.finish_reason is None:
+            if not events.done and c.finish_reason is None:
                 raise EngineUnavailableError(f"upstream {eng.base_url} ended the stream before the answer")
     except httpx.HTTPError as e:
         raise EngineUnavailableError(f"upstream {eng.base_url} failed: {e}") from e
@@ -421,21 +433,15 @@ async def stream_group(
             finish(last[0])
 
     eng._open_streams += len(cands)
-    done = False
+    events: SSE | None = None
     try:
         async with eng.client.stream("POST", f"{eng.base_url}{path}", json=body, headers=headers) as r:
             if r.status_code in (400, 422):
                 raise GroupRefused(_upstream_error(r.status_code, (await r.aread()).decode()))
             if r.status_code >= 400:
                 raise _upstream_error(r.status_code, (await r.aread()).decode())
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(payload)
+            events = SSE(r)
+            async for chunk in events:
                 choices = chunk.get("choices") or []
                 u = chunk.get("usage")
                 if u and not choices:  # the request's usage, at the end
@@ -487,7 +493,7 @@ async def stream_group(
     finally:
         eng._open_streams -= len(cands)
     if any(waiting(x) for x in cands):
-        if done and not all(seen[1:]):
+        if events is not None and events.done and not all(seen[1:]):
             raise GroupRefused()  # it answered, but not n choices
         raise EngineUnavailableError(f"upstream {eng.base_url} ended the stream before the answer")
     if total is not None:
