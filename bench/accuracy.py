@@ -47,6 +47,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -254,7 +255,8 @@ async def run_suite(
     from ttscale.eval.prompts import resolve_prompt, unescape
 
     probs = problems(a, dataset)
-    methods = SUITES[suite]
+    # --methods: the baseline (a suite's first method) and the methods whose name it matches
+    methods = [m for i, m in enumerate(SUITES[suite]) if i == 0 or not a.methods or re.search(a.methods, m[0])]
     fmt = resolve_prompt(
         dataset,
         unescape(a.prompt_template) if a.prompt_template else None,
@@ -452,6 +454,9 @@ if __name__ == "__main__":
     ap.add_argument("--limit", type=int, help="the first N problems (arith500: --levels / --per-level)")
     ap.add_argument("--system-prompt", help="system prompt (\\n: a line break)")
     ap.add_argument("--prompt-template", help="a preset (boxed, plain) or a template holding {problem}")
+    ap.add_argument(
+        "--methods", help="a regular expression: run only the methods whose name it matches (and each suite's baseline)"
+    )
     ap.add_argument("--schedule", choices=("interleaved", "phased"), default="interleaved")
     ap.add_argument("--gpu-share", type=float, default=0.85, help="GPU memory share of the served model")
     ap.add_argument(

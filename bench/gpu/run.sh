@@ -9,7 +9,7 @@
 #                                            # the server under cProfile (~3 min)
 # Sections: setup (vLLM, the model, test wheels in .whl/), tests and engine-tests (make test-gpu),
 # bench, gsm8k, replicas, profile, logprobs, eval (a resumable `ttscale eval run`); accuracy, votes, rejection, pays (bench/accuracy.py on real sets:
-# ACC_DATASET, ACC_SUITE, ACC_LIMIT, ACC_MAX_TOKENS, ACC_TIMEOUT, ACC_CONCURRENCY; longer than one call: start it in the
+# ACC_DATASET, ACC_SUITE, ACC_METHODS (a regex of method names), ACC_LIMIT, ACC_MAX_TOKENS, ACC_TIMEOUT, ACC_CONCURRENCY; longer than one call: start it in the
 # background with TTSCALE_GPU_OUT=/tmp/gpu/bg and collect /tmp/gpu/bg in a later call, the
 # machine kept warm by calls in between). Logs and results go to /tmp/gpu/out, and, on the device
 # tool's machine, into one archive $OUT/gpu-results.tgz (a call brings back at most 8 files).
@@ -83,7 +83,7 @@ for section in "$@"; do
       ds=${ACC_DATASET:-math500}; [ "$section" = pays ] && ds=${ACC_DATASET:-math500,gsm8k}
       (cd /tmp && step "bench_$section" timeout ${ACC_TIMEOUT:-560} python3 "$REPO/bench/accuracy.py" --suite "$suite" \
         --model "qwen=$MODEL" --dataset "$ds" --limit ${ACC_LIMIT:-300} --max-tokens ${ACC_MAX_TOKENS:-1024} \
-        --temperature 0.7 --concurrency ${ACC_CONCURRENCY:-64} --schedule phased \
+        --temperature 0.7 --concurrency ${ACC_CONCURRENCY:-64} --schedule phased ${ACC_METHODS:+--methods "$ACC_METHODS"} \
         --out "$OUTDIR/{suite}-{dataset}-gpu.json") ;;
     eval)  # ttscale eval run of the real model on a real set, resumable (EVAL_SET, EVAL_K, EVAL_MAX_TOKENS,
            # EVAL_LIMIT, EVAL_TIMEOUT): the run directory stays in /tmp/gpu/runs, so a later call on the same machine
