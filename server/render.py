@@ -65,7 +65,7 @@ class ChatEndpoint(Endpoint):
 
     def logprobs(self, engine: Engine, cand: Candidate) -> dict[str, Any]:
         toks = token_strings(engine, cand.token_ids)
-        tops = cand.top_logprobs or [[] for _ in cand.logprobs or []]
+        tops = cand.top_logprobs or [() for _ in cand.logprobs or []]
         return {
             "content": [
                 {

@@ -70,6 +70,7 @@ async def test_flat_logprobs_and_token_only_streams_match_the_classic_path(monke
             assert c.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
             for row, ref_row in zip(c.top_logprobs, ref.top_logprobs):
                 assert len(row) == 5 and all(isinstance(t, int) and math.isfinite(v) for t, v in row)
+                assert isinstance(row, tuple)  # the garbage collector stops tracking it (test_gc.py)
                 # best first; ties may come in either order
                 assert [v for _, v in row] == sorted((v for _, v in row), reverse=True)
                 mine = sorted(row, key=lambda tv: (-round(tv[1], 4), tv[0]))

@@ -238,7 +238,7 @@ class JudgeScorer(Scorer):
                 ctx.ledger.charge(self.engine.name, prompt=costs[i] - 1, requests=1)
                 raise
             ctx.ledger.book_candidates(self.engine.name, ptoks, out, budget=True, budget_prompt=True)
-            top = (out[0].top_logprobs or [[]])[0]
+            top = (out[0].top_logprobs or [()])[0]
             yes = no = 0.0
             for t, lp in top:
                 s = (t if isinstance(t, str) else (tok.decode([t]) if tok is not None else "")).strip().lower()

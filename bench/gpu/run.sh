@@ -8,7 +8,7 @@
 #   bash bench/gpu/run.sh gsm8k profile      # 150 GSM8K questions, majority@16, concurrency 32 (~5 min);
 #                                            # the server under cProfile (~3 min)
 # Sections: setup (vLLM, the model, test wheels in .whl/), tests and engine-tests (make test-gpu),
-# bench, gsm8k, replicas, profile, logprobs, eval (a resumable `ttscale eval run`); accuracy, votes, rejection, pays (bench/accuracy.py on real sets:
+# bench, gsm8k, replicas, profile, logprobs, gc, eval (a resumable `ttscale eval run`); accuracy, votes, rejection, pays (bench/accuracy.py on real sets:
 # ACC_DATASET, ACC_SUITE, ACC_METHODS (a regex of method names), ACC_LIMIT, ACC_MAX_TOKENS, ACC_TIMEOUT, ACC_CONCURRENCY; longer than one call: start it in the
 # background with TTSCALE_GPU_OUT=/tmp/gpu/bg and collect /tmp/gpu/bg in a later call, the
 # machine kept warm by calls in between). Logs and results go to /tmp/gpu/out, and, on the device
@@ -99,6 +99,10 @@ for section in "$@"; do
     logprobs)  # the serving process's CPU per token of top-20 log-probs, three ways, the real model
       (cd /tmp && step bench_logprobs timeout 300 python3 "$REPO/bench/logprob_path.py" --model "$MODEL" --k 128 \
         --max-tokens 256 --rounds 5 --out "$OUTDIR/logprob-path-gpu.json") ;;
+    gc)  # the garbage collector's pauses while candidates with top-20 log-probs run: rows as lists or
+         # tuples, the start-up heap tracked or frozen
+      (cd /tmp && step bench_gc timeout 300 python3 "$REPO/bench/gc_pauses.py" --model "$MODEL" --k 256 \
+        --max-tokens 256 --hold 3 --rounds 3 --out "$OUTDIR/gc-pauses-gpu.json") ;;
     profile)
       (cd /tmp && step bench_profile timeout 300 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
         --prompts 64 --k 16 --max-tokens 512 --concurrency 32 --rounds 1 --phases majority_es \

@@ -71,8 +71,11 @@ class Candidate:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None  # log-prob of each sampled token
     # top-k (token, log-prob) pairs at each position, best first; token is an id, or a string
-    # where an upstream reports strings
-    top_logprobs: list[list[tuple[int | str, float]]] | None = None
+    # where an upstream reports strings. Rows are tuples: a tuple of numbers leaves the garbage
+    # collector's tracking after its first passes, so the ~20 pairs per token of thousands of running
+    # candidates do not make every full collection walk them (lists would, and at GPU speed
+    # those collections cost the serving process more than the rest of its per-token work)
+    top_logprobs: list[tuple[tuple[int | str, float], ...]] | None = None
     token_count: int = 0  # tokens generated so far (adapters without token ids count here too)
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None

@@ -183,8 +183,7 @@ class _FakeFanout(Fanout):
                     c.logprobs.append(lp)
                     if c.top_logprobs is not None:
                         k = c.settings.logprobs or 0
-                        row: list[tuple[int | str, float]] = [(ord(ch), lp), *((j, lp - 1.0 - j) for j in range(k - 1))]
-                        c.top_logprobs.append(row)
+                        c.top_logprobs.append(((ord(ch), lp), *((j, lp - 1.0 - j) for j in range(k - 1))))
                 if self._stream:
                     self._emit(CandidateEvent(c, ch, 1, False))
             step += 1

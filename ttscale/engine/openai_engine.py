@@ -339,9 +339,11 @@ def _absorb_logprobs(chat: bool, c: Candidate, lp: dict[str, Any] | None) -> int
             c.logprobs.append(float(it["logprob"]))
             if c.top_logprobs is not None:
                 c.top_logprobs.append(
-                    sorted(
-                        ((t["token"], float(t["logprob"])) for t in it.get("top_logprobs") or []),
-                        key=lambda x: -x[1],
+                    tuple(
+                        sorted(
+                            ((t["token"], float(t["logprob"])) for t in it.get("top_logprobs") or []),
+                            key=lambda x: -x[1],
+                        )
                     )
                 )
         return len(items)
@@ -349,7 +351,7 @@ def _absorb_logprobs(chat: bool, c: Candidate, lp: dict[str, Any] | None) -> int
     c.logprobs.extend(float(v) for v in vals)
     if c.top_logprobs is not None:
         for top in lp.get("top_logprobs") or []:
-            c.top_logprobs.append(sorted(((t, float(v)) for t, v in (top or {}).items()), key=lambda x: -x[1]))
+            c.top_logprobs.append(tuple(sorted(((t, float(v)) for t, v in (top or {}).items()), key=lambda x: -x[1])))
     return len(vals)
 
 

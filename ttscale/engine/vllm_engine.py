@@ -636,7 +636,7 @@ def _book_logprobs(c: Candidate, new: list[int], logprobs: Any, top_k: int) -> N
             if top_k:
                 assert tops is not None
                 stop = min(e, b + 1 + top_k)
-                tops.append(list(zip(ids[b + 1 : stop], vals[b + 1 : stop])))
+                tops.append(tuple(zip(ids[b + 1 : stop], vals[b + 1 : stop])))
         return
     entries = cast("Sequence[Mapping[int, Logprob]]", logprobs)  # vLLM types the entries optional
     if not top_k:
@@ -649,7 +649,7 @@ def _book_logprobs(c: Candidate, new: list[int], logprobs: Any, top_k: int) -> N
             ((t, float(lp.logprob)) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top_k),
             key=lambda x: -x[1],
         )
-        tops.append(top)
+        tops.append(tuple(top))
 
 
 def _map_error(e: BaseException, name: str) -> TTScaleError:
