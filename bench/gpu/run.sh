@@ -68,11 +68,14 @@ for section in "$@"; do
         --dataset gsm8k --prompts 150 --k 16 --max-tokens 1024 --concurrency 32 --rounds 2 --phases majority \
         --out "$OUTDIR/gsm8k-gpu.json") ;;
     replicas)  # two vLLM servers on the GPU, 0.3 of it each, behind one ttscale: placement; each
-               # request with 40 worked examples of its own (~6k prompt tokens), at an arrival rate
-               # beyond what the pair serves (~2.9/s at 9a7ca4e): throughput is capacity there
+               # request with 40 worked examples of its own (~2.9k prompt tokens), at an arrival rate
+               # beyond what the pair serves (~3.5/s at dbc7d88): throughput is capacity there.
+               # Prompts that dominate the work, where one prefill per request is worth most:
+               # REPLICAS_N=4 REPLICAS_SHARE=0.2 REPLICAS_SHOTS=120 REPLICAS_MAX_MODEL_LEN=16384
       (cd /tmp && step bench_replicas timeout ${REPLICAS_TIMEOUT:-560} python3 "$REPO/bench/replicas.py" \
-        --model "qwen=$MODEL" --replicas 2 --replica-share 0.3 --dataset gsm8k --k 16 --max-tokens 256 \
-        --shots ${REPLICAS_SHOTS:-40} --max-model-len 12288 --rate ${REPLICAS_RATE:-12} \
+        --model "qwen=$MODEL" --replicas ${REPLICAS_N:-2} --replica-share ${REPLICAS_SHARE:-0.3} --dataset gsm8k \
+        --k ${REPLICAS_K:-16} --max-tokens ${REPLICAS_MAX_TOKENS:-256} --shots ${REPLICAS_SHOTS:-40} \
+        --max-model-len ${REPLICAS_MAX_MODEL_LEN:-12288} --rate ${REPLICAS_RATE:-12} \
         --phases ${REPLICAS_PHASES:-affinity,affinity_apart,round_robin,auto,spread} \
         --requests ${REPLICAS_REQUESTS:-48} --rounds ${REPLICAS_ROUNDS:-1} --out "$OUTDIR/replicas-gpu.json") ;;
     accuracy|votes|rejection|pays)  # the strategies on real sets (ACC_DATASET: comma-separated), each
