@@ -188,13 +188,8 @@ async def main(a: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="ttscale-arith", help="a model name or directory (default: the embedded)")
-    ap.add_argument("--k", type=int, default=64, help="candidates of a fan-out")
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--top", type=int, default=20, help="top log-probs per token")
+    from machine import fanout_args
+
+    ap = fanout_args(__doc__, k=64, max_tokens=256, rounds=3, name="gc-pauses")
     ap.add_argument("--hold", type=int, default=3, help="fan-outs kept alive before the measured one")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--prompt", default="What is 17 + 25?")
-    ap.add_argument("--out", help="result JSON (default: bench/results/gc-pauses-<cpu|gpu>.json)")
     asyncio.run(main(ap.parse_args()))

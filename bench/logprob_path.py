@@ -129,12 +129,6 @@ async def main(a: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="ttscale-arith", help="a model name or directory (default: the embedded)")
-    ap.add_argument("--k", type=int, default=32, help="candidates of the fan-out")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--top", type=int, default=20, help="top log-probs per token")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--prompt", default="What is 17 + 25?")
-    ap.add_argument("--out", help="result JSON (default: bench/results/logprob-path-<cpu|gpu>.json)")
-    asyncio.run(main(ap.parse_args()))
+    from machine import fanout_args
+
+    asyncio.run(main(fanout_args(__doc__, k=32, max_tokens=64, rounds=5, name="logprob-path").parse_args()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 
@@ -18,3 +19,17 @@ def versions() -> dict:
     except Exception:  # informative only
         pass
     return out
+
+
+def fanout_args(doc: str | None, *, k: int, max_tokens: int, rounds: int, name: str) -> argparse.ArgumentParser:
+    """The options of the benches that time fan-outs of streamed candidates with top-k log-probs
+    on one engine (``logprob_path.py``, ``gc_pauses.py``); ``name``: the result file's stem."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ttscale-arith", help="a model name or directory (default: the embedded)")
+    ap.add_argument("--k", type=int, default=k, help="candidates of a fan-out")
+    ap.add_argument("--max-tokens", type=int, default=max_tokens)
+    ap.add_argument("--top", type=int, default=20, help="top log-probs per token")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--prompt", default="What is 17 + 25?")
+    ap.add_argument("--out", help=f"result JSON (default: bench/results/{name}-<cpu|gpu>.json)")
+    return ap
