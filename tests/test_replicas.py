@@ -703,3 +703,69 @@ async def test_an_upstream_that_refuses_or_ignores_n_gets_one_request_per_candid
         async with eng.fanout(Q, settings, together=True) as fo:
             await fo.wait()
         assert (bodies[0].get("n") == 3) is refuse
+
+
+async def _held_upstream(release_at: int):
+    """A loopback upstream (raw HTTP/1.1) whose chat streams are held until ``release_at`` of them
+    are open at once; notes the most open at once."""
+    import asyncio
+
+    seen = {"open": 0, "most": 0, "posts": 0}
+    full = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        length = next((int(h.split(":")[1]) for h in head.split("\r\n") if h.lower().startswith("content-length")), 0)
+        await reader.readexactly(length)
+        if head.startswith("GET"):
+            body = json.dumps({"data": [{"id": "m", "max_model_len": 4096}]}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body))
+            writer.write(body)
+        else:
+            seen["posts"] += 1
+            seen["open"] += 1
+            seen["most"] = max(seen["most"], seen["open"])
+            if seen["open"] >= release_at:
+                full.set()
+            await full.wait()
+            # held a moment longer: streams a client sends beyond its cap would be open by then (the
+            # capped case cannot fail by this wait; without it a broken cap could pass unseen)
+            await asyncio.sleep(0.2)
+            sse = b"".join([_choice(0, "x"), _choice(0, finish="stop", tokens=1), *_end(1)])
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + sse)
+            seen["open"] -= 1
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}", seen
+
+
+@pytest.mark.parametrize("cap", [2, None])
+async def test_streams_to_a_replica_are_capped_by_max_connections_and_the_rest_wait(cap):
+    """One request per candidate (a pool told not to group): at most ``max_connections`` streams
+    are open at the replica, the others wait their turn and all finish; without a cap this low,
+    all five are open at once."""
+    import asyncio
+
+    from ttscale.engine import SamplingSettings
+    from ttscale.engine.replicas import ReplicaPool
+
+    srv, url, seen = await _held_upstream(release_at=cap or 5)
+    opts = ReplicaOptions(group=False, **({"max_connections": cap} if cap else {}))
+    pool = ReplicaPool("m", [url], options=opts)
+    await pool.start()
+    try:
+        async with pool.fanout(Q, SamplingSettings(seed=1).replicate(5), together=True) as fo:
+            await asyncio.wait_for(fo.wait(), 60)
+    finally:
+        await pool.close()
+        srv.close()
+    assert [c.text for c in fo.candidates] == ["x"] * 5
+    assert seen["posts"] == 5
+    assert seen["most"] == (cap or 5)
+
+
+def test_max_connections_must_be_positive():
+    with pytest.raises(ValueError, match="max_connections"):
+        ReplicaOptions(max_connections=0)

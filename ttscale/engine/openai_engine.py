@@ -56,6 +56,7 @@ class OpenAIEngine(Engine):
         role: Literal["generate", "score"] = "generate",
         timeout_s: float = 600.0,
         tokenizer_path: str | None = None,
+        max_connections: int = 100,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -65,6 +66,9 @@ class OpenAIEngine(Engine):
         self.role = role
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = timeout_s
+        # streams open at once to this upstream (one per candidate apart, one per n=k group); the
+        # rest wait for a connection in order, as long as it takes: only connecting and reading time out
+        self.max_connections = max_connections
         self._client: httpx.AsyncClient | None = None
         self._tokenizer_path = tokenizer_path
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -72,7 +76,11 @@ class OpenAIEngine(Engine):
         self.takes_n = True  # False once the upstream was seen to ignore n (one request each then)
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(headers=self._headers, timeout=httpx.Timeout(self._timeout, connect=10.0))
+        self._client = httpx.AsyncClient(
+            headers=self._headers,
+            timeout=httpx.Timeout(self._timeout, connect=10.0, pool=None),
+            limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections),
+        )
         try:
             r = await self._client.get(f"{self.base_url}/models")
             r.raise_for_status()

@@ -95,12 +95,16 @@ class ReplicaOptions:
     # a replica's candidates of one wave as one n=k request (False: one request each, for an
     # upstream that takes no n > 1)
     group: bool = True
+    # streams open at once to one replica; more candidates wait their turn at this process, in order
+    max_connections: int = 100
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}")
         if not (self.load_slack >= 0 and self.retries >= 0 and self.health_interval_s > 0):
             raise ValueError("load_slack and retries must be >= 0, health_interval_s > 0")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
         if self.readmit_after < 1 or (self.prefix_chars is not None and self.prefix_chars < 1):
             raise ValueError("readmit_after and prefix_chars must be >= 1")
 
@@ -225,6 +229,7 @@ class ReplicaPool(Engine):
                     api_key=api_key,
                     role=role,
                     tokenizer_path=tokenizer_path,
+                    max_connections=self.options.max_connections,
                 ),
             )
             for u in urls
