@@ -207,12 +207,18 @@ async def main(a: argparse.Namespace) -> None:
         # one front, the replicas under two names: "pol" (a replica's candidates as one n=k request)
         # and "pol-apart" (one request per candidate)
         config = logs / "front.yaml"
+        cap = {"max_connections": a.max_connections}
         config.write_text(
             json.dumps(
                 {
                     "models": [
-                        {"name": "pol", "urls": urls, "upstream_model": spec.name},
-                        {"name": "pol-apart", "urls": urls, "upstream_model": spec.name, "replicas": {"group": False}},
+                        {"name": "pol", "urls": urls, "upstream_model": spec.name, "replicas": cap},
+                        {
+                            "name": "pol-apart",
+                            "urls": urls,
+                            "upstream_model": spec.name,
+                            "replicas": {"group": False, **cap},
+                        },
                     ]
                 }
             )
@@ -297,6 +303,7 @@ def write(a: argparse.Namespace, results: dict[str, list[dict]], start_s: float,
             "few_shot_examples": a.shots,
             "few_shot_mode": a.shot_mode,
             "max_model_len": a.max_model_len,
+            "max_connections": a.max_connections,
             "start_s": round(start_s, 1),
         },
         "complete": final,
@@ -311,6 +318,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ttscale-arith", help="NAME or NAME=PATH of the replicated model")
     ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument(
+        "--max-connections",
+        type=int,
+        default=100,
+        help="the front's streams open at once to a replica (option replicas)",
+    )
     ap.add_argument("--replica-server", choices=("vllm", "ttscale"), default="vllm")
     ap.add_argument("--replica-share", type=float, default=None, help="GPU memory share of each replica")
     ap.add_argument("--dataset", default="gsm8k")

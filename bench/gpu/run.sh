@@ -76,6 +76,7 @@ for section in "$@"; do
         --model "qwen=$MODEL" --replicas ${REPLICAS_N:-2} --replica-share ${REPLICAS_SHARE:-0.3} --dataset gsm8k \
         --k ${REPLICAS_K:-16} --max-tokens ${REPLICAS_MAX_TOKENS:-256} --shots ${REPLICAS_SHOTS:-40} \
         --max-model-len ${REPLICAS_MAX_MODEL_LEN:-12288} --rate ${REPLICAS_RATE:-12} \
+        --max-connections ${REPLICAS_MAX_CONNECTIONS:-100} \
         --phases ${REPLICAS_PHASES:-affinity,affinity_apart,round_robin,auto,spread} \
         --requests ${REPLICAS_REQUESTS:-48} --rounds ${REPLICAS_ROUNDS:-1} --out "$OUTDIR/replicas-gpu.json") ;;
     accuracy|votes|rejection|pays)  # the strategies on real sets (ACC_DATASET: comma-separated), each
