@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import statistics
 import sys
 import time
@@ -68,10 +67,10 @@ class Pauses:
 
 
 async def main(a: argparse.Namespace) -> None:
-    from machine import versions
+    from machine import write_fanout_result
 
     import ttscale.engine.vllm_engine as ve
-    from ttscale.engine import ModelPool, SamplingSettings
+    from ttscale.engine import GC_YOUNG_THRESHOLD, ModelPool, SamplingSettings
     from ttscale.models import resolve_model
 
     eng = ve.VLLMEngine("p", resolve_model(a.model))
@@ -106,7 +105,7 @@ async def main(a: argparse.Namespace) -> None:
             gc.unfreeze()
         else:
             gc.freeze()
-        gc.set_threshold(20_000 if "gen0" in name else threshold[0], *threshold[1:])
+        gc.set_threshold(GC_YOUNG_THRESHOLD if "gen0" in name else threshold[0], *threshold[1:])
         held.clear()  # each mode builds its own in-flight set (of its kind of rows)
         gc.collect()
         tokens = 0
@@ -134,8 +133,6 @@ async def main(a: argparse.Namespace) -> None:
             print(f"round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
     finally:
         ve._book_logprobs = book
-        gc.set_threshold(*threshold)
-        gc.freeze()
         await eng.close()
 
     base = per[MODES[0]]
@@ -158,24 +155,7 @@ async def main(a: argparse.Namespace) -> None:
                 "rounds": rs,
             }
         )
-    gpu = versions().get("gpu")
-    out = {
-        "bench": "gc_pauses",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python bench/gc_pauses.py " + " ".join(sys.argv[1:]),
-        "model": a.model,
-        "k": a.k,
-        "max_tokens": a.max_tokens,
-        "top_logprobs": a.top,
-        "hold": a.hold,
-        "startup_objects_frozen": frozen,
-        "rounds": a.rounds,
-        "rows": rows,
-        "machine": versions(),
-    }
-    dest = Path(a.out) if a.out else ROOT / "bench" / "results" / f"gc-pauses-{'gpu' if gpu else 'cpu'}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=1) + "\n")
+    write_fanout_result(a, "gc_pauses", "gc-pauses", rows, hold=a.hold, startup_objects_frozen=frozen)
     print(f"start-up objects frozen: {frozen}")
     print("| mode | GC ms / 1k tokens | GC ratio (median) | longest pause ms | full GCs / round | CPU ms / 1k tokens |")
     print("|---|---|---|---|---|---|")

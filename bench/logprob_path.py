@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ MODES = ("classic", "flat", "flat, no text")
 
 
 async def main(a: argparse.Namespace) -> None:
-    from machine import versions
+    from machine import write_fanout_result
 
     import ttscale.engine.vllm_engine as ve
     from ttscale.engine import SamplingSettings
@@ -102,22 +101,7 @@ async def main(a: argparse.Namespace) -> None:
                 "rounds": rows,
             }
         )
-    gpu = versions().get("gpu")
-    out = {
-        "bench": "logprob_path",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python bench/logprob_path.py " + " ".join(sys.argv[1:]),
-        "model": a.model,
-        "k": a.k,
-        "max_tokens": a.max_tokens,
-        "top_logprobs": a.top,
-        "rounds": a.rounds,
-        "rows": out_rows,
-        "machine": versions(),
-    }
-    dest = Path(a.out) if a.out else ROOT / "bench" / "results" / f"logprob-path-{'gpu' if gpu else 'cpu'}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=1))
+    write_fanout_result(a, "logprob_path", "logprob-path", out_rows)
     print("| mode | server CPU ms / 1k tokens | ratio to classic, median (range) | tokens/s |")
     print("|---|---|---|---|")
     for r in out_rows:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import sys
+import time
+from pathlib import Path
 
 
 def versions() -> dict:
@@ -33,3 +37,26 @@ def fanout_args(doc: str | None, *, k: int, max_tokens: int, rounds: int, name: 
     ap.add_argument("--prompt", default="What is 17 + 25?")
     ap.add_argument("--out", help=f"result JSON (default: bench/results/{name}-<cpu|gpu>.json)")
     return ap
+
+
+def write_fanout_result(a: argparse.Namespace, bench: str, name: str, rows: list[dict], **extra: object) -> None:
+    """The result JSON of a :func:`fanout_args` bench: its setup, ``extra``, ``rows`` and the machine,
+    to ``--out`` or ``bench/results/<name>-<cpu|gpu>.json``."""
+    machine = versions()
+    out = {
+        "bench": bench,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
+        "model": a.model,
+        "k": a.k,
+        "max_tokens": a.max_tokens,
+        "top_logprobs": a.top,
+        **extra,
+        "rounds": a.rounds,
+        "rows": rows,
+        "machine": machine,
+    }
+    kind = "gpu" if machine.get("gpu") else "cpu"
+    dest = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / f"{name}-{kind}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=1) + "\n")
