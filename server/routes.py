@@ -78,6 +78,8 @@ def model_card(e: Engine, profiles: dict[str, Any]) -> dict[str, Any]:
         "max_model_len": e.max_model_len,
         "ttscale": {
             "role": e.role,
+            # sequences the engine batches at once (vLLM's max_num_seqs; None for an upstream)
+            "max_num_seqs": e.max_num_seqs,
             "budget_profile": prof.source if prof is not None else None,
             # the prompt format the profile's curves were measured with (None: not recorded)
             "budget_profile_prompt": prof.prompt if prof is not None else None,

@@ -249,6 +249,7 @@ def test_config_file_options_reach_the_engines(configured):
     auth = {"Authorization": "Bearer k-one"}
     cards = {c["id"]: c for c in httpx.get(configured.v1 + "/models", headers=auth, timeout=10).json()["data"]}
     assert cards["pol"]["max_model_len"] == 384 and cards["drf"]["max_model_len"] == 256
+    assert cards["pol"]["ttscale"]["max_num_seqs"] == 16 and cards["drf"]["ttscale"]["max_num_seqs"] == 4
     assert cards["pol-alias"]["root"] == "pol"
     client = openai.OpenAI(base_url=configured.v1, api_key="k-two", max_retries=0, timeout=120)
     r = client.chat.completions.create(

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DRAFT, POLICY, VERIFIER, has_cuda, wait_until
+from conftest import DRAFT, POLICY, SERVER_ARGS, VERIFIER, has_cuda, wait_until
 from test_conformance import CONFIGS
 from ttscale.engine import parse_model_arg
 
@@ -31,6 +31,20 @@ def test_models_list(client):
     assert models[VERIFIER_NAME].model_extra["ttscale"]["role"] == "score"
     assert models[POLICY_NAME].model_extra["ttscale"]["role"] == "generate"
     assert client.models.retrieve(POLICY_NAME).id == POLICY_NAME
+
+
+def test_engines_batch_as_vllm_serve_would(client):
+    """With no option of the user's, each engine batches as many sequences as `vllm serve` would on
+    this hardware (an H200: 1024), not the 128 of an embedded vLLM engine: K samples of many requests
+    run at once."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    if "--max-num-seqs" in SERVER_ARGS:
+        pytest.skip("the session server was given --max-num-seqs")
+    expected = AsyncEngineArgs.get_batch_defaults(1)[1][UsageContext.OPENAI_API_SERVER]
+    seqs = {m.id: m.model_extra["ttscale"]["max_num_seqs"] for m in client.models.list().data}
+    assert seqs == dict.fromkeys(seqs, expected) and len(seqs) == 3, seqs
 
 
 def test_chat_sync_n_seed_usage(client):

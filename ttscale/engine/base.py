@@ -276,6 +276,8 @@ class Engine(abc.ABC):
     name: str
     role: Literal["generate", "score"] = "generate"
     max_model_len: int | None = None
+    # sequences the engine runs in one batch (vLLM's max_num_seqs); None: not known here
+    max_num_seqs: int | None = None
     # the most characters one token of the tokenizer spells (a prompt of more than
     # max_model_len × this many characters cannot fit, whatever it says); None: unknown
     max_token_chars: int | None = None

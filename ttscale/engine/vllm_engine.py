@@ -245,6 +245,7 @@ class VLLMEngine(Engine):
         llm = await asyncio.to_thread(self._build)
         self._llm = llm
         self.max_model_len = int(llm.model_config.max_model_len)
+        self.max_num_seqs = int(llm.vllm_config.scheduler_config.max_num_seqs)
 
     def engine_kwargs(self, *, gpu: bool | None = None) -> dict[str, Any]:
         """The ``AsyncEngineArgs`` this engine starts with: ttscale's picks for this machine and
@@ -291,6 +292,7 @@ class VLLMEngine(Engine):
             if omp:
                 log.info("engine %s: %s (%d CPU engines share the cores)", self.name, omp, self.cpu_peers)
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = self.engine_kwargs(gpu=gpu)
@@ -306,8 +308,19 @@ class VLLMEngine(Engine):
             engine_args = AsyncEngineArgs(**kwargs)
         except TypeError as e:  # an option this vLLM does not know
             raise ConfigError(f"model {self.name!r}: {e}") from None
-        llm = AsyncLLM.from_engine_args(engine_args)
-        log.info("engine %s ready in %.1f s", self.name, time.perf_counter() - t0)
+        # vLLM sizes its batch (max_num_seqs, max_num_batched_tokens) by the hardware and by who
+        # starts it: `vllm serve` gets 1024 sequences and 8192 tokens a step on an H100/H200, an
+        # embedded engine 128 and 2048. ttscale serves many requests of K samples each: it takes
+        # the server's sizes (the user's options still win).
+        llm = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
+        sched = llm.vllm_config.scheduler_config
+        log.info(
+            "engine %s ready in %.1f s (max_num_seqs %d, max_num_batched_tokens %d)",
+            self.name,
+            time.perf_counter() - t0,
+            sched.max_num_seqs,
+            sched.max_num_batched_tokens,
+        )
         return llm
 
     async def close(self) -> None:
