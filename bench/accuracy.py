@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -185,9 +186,11 @@ def tokens_of(tts: dict) -> int:
 MODELS = ["ttscale-arith", "ttscale-arith-verifier", "ttscale-arith-draft"]
 
 
-def model_ids(names: list[str]) -> dict[str, str]:
+@functools.cache
+def model_ids(names: tuple[str, ...]) -> dict[str, str]:
     """Which weights a result was measured with: the first 12 hex digits of each model's
-    safetensors SHA-256 (of its first shard)."""
+    safetensors SHA-256 (of its first shard). Read once a run: a real model's shard is GBs, and a
+    summary written as the run's time runs out must not spend it hashing."""
     from ttscale.engine import parse_model_arg
     from ttscale.models import resolve_model
 
@@ -235,6 +238,7 @@ async def main(a: argparse.Namespace) -> None:
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ttscale-bench-{'+'.join(a.suites)}.log"
     share = ["--gpu-memory-utilization", str(a.gpu_share)] if a.model and has_cuda() else []
     srv = start_server(models, log, *share, *a.server_arg)
+    model_ids(tuple(models))  # hashed once, before any phase
     client = openai.AsyncOpenAI(base_url=srv.v1, api_key="x", max_retries=0, timeout=900)
     try:
         for suite in a.suites:
@@ -386,7 +390,7 @@ async def run_suite(
             "rows": rows,
             "wall_s": time.perf_counter() - t0,
             "complete": complete,
-            "models": model_ids(models),
+            "models": model_ids(tuple(models)),
             "machine": versions(),
         }
         dest = out_path(a, suite, dataset)

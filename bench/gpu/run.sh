@@ -104,9 +104,10 @@ for section in "$@"; do
       (cd /tmp && step bench_logprobs timeout 300 python3 "$REPO/bench/logprob_path.py" --model "$MODEL" --k 128 \
         --max-tokens 256 --rounds 5 --out "$OUTDIR/logprob-path-gpu.json") ;;
     gc)  # the garbage collector's pauses while candidates with top-20 log-probs run: rows as lists or
-         # tuples, the start-up heap tracked or frozen
-      (cd /tmp && step bench_gc timeout 300 python3 "$REPO/bench/gc_pauses.py" --model "$MODEL" --k 256 \
-        --max-tokens 256 --hold 3 --rounds 3 --out "$OUTDIR/gc-pauses-gpu.json") ;;
+         # tuples, the start-up heap tracked or frozen (GC_K, GC_ROUNDS; at K=256 and 3 fan-outs held,
+         # one round of the five modes took more than 160 s on the H200)
+      (cd /tmp && step bench_gc timeout ${GC_TIMEOUT:-400} python3 "$REPO/bench/gc_pauses.py" --model "$MODEL" \
+        --k ${GC_K:-64} --max-tokens 256 --hold 3 --rounds ${GC_ROUNDS:-3} --out "$OUTDIR/gc-pauses-gpu.json") ;;
     profile)
       (cd /tmp && step bench_profile timeout 300 python3 "$REPO/bench/overhead.py" --model "qwen=$MODEL" --dataset gsm8k \
         --prompts 64 --k 16 --max-tokens 512 --concurrency 32 --rounds 1 --phases majority_es \
