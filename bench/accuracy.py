@@ -238,9 +238,9 @@ async def main(a: argparse.Namespace) -> None:
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ttscale-bench-{'+'.join(a.suites)}.log"
     share = ["--gpu-memory-utilization", str(a.gpu_share)] if a.model and has_cuda() else []
     srv = start_server(models, log, *share, *a.server_arg)
-    model_ids(tuple(models))  # hashed once, before any phase
     client = openai.AsyncOpenAI(base_url=srv.v1, api_key="x", max_retries=0, timeout=900)
     try:
+        model_ids(tuple(models))  # hashed once, before any phase
         for suite in a.suites:
             for dataset in a.datasets:
                 await run_suite(a, client, parse_model_arg(models[0]).name, models, suite, dataset)

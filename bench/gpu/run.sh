@@ -105,7 +105,7 @@ for section in "$@"; do
         --max-tokens 256 --rounds 5 --out "$OUTDIR/logprob-path-gpu.json") ;;
     gc)  # the garbage collector's pauses while candidates with top-20 log-probs run: rows as lists or
          # tuples, the start-up heap tracked or frozen (GC_K, GC_ROUNDS; at K=256 and 3 fan-outs held,
-         # one round of the five modes took more than 160 s on the H200)
+         # one round of the five modes did not finish in 160 s on the H200)
       (cd /tmp && step bench_gc timeout ${GC_TIMEOUT:-400} python3 "$REPO/bench/gc_pauses.py" --model "$MODEL" \
         --k ${GC_K:-64} --max-tokens 256 --hold 3 --rounds ${GC_ROUNDS:-3} --out "$OUTDIR/gc-pauses-gpu.json") ;;
     profile)
