@@ -14,15 +14,39 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch evaluation, scaling-curve fits, reports.")
 
 
-@app.command()
+ENGINE_EPILOG = (
+    "Every other option is a vLLM engine option of the models run in-process (`--gpu-memory-utilization 0.45`, "
+    "`--tensor-parallel-size 2`, `--max-model-len 8192`, `--kv-cache-dtype fp8`, ...: see --help-engine)."
+)
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+HelpEngineOpt = Annotated[bool, typer.Option("--help-engine", help="Show vLLM's engine options and exit.")]
+
+
+def _engine_options(ctx: typer.Context, help_engine: bool) -> dict[str, Any]:
+    """The vLLM engine options among the command's extra words (exit 2 naming a bad one)."""
+    from ttscale.engine.options import engine_help, parse_engine_args
+    from ttscale.errors import ConfigError
+
+    if help_engine:
+        typer.echo(engine_help())
+        raise typer.Exit()
+    try:
+        return parse_engine_args(list(ctx.args))
+    except ConfigError as e:
+        typer.echo(f"error: {e.message}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command(context_settings=EXTRA, epilog=ENGINE_EPILOG)
 def run(
+    ctx: typer.Context,
     dataset: Annotated[
         str,
         typer.Argument(
@@ -79,12 +103,14 @@ def run(
         typer.Option(help="Continue a run directory with a different configuration (never a different prompt)."),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    help_engine: HelpEngineOpt = False,
 ) -> None:
     """Draw K samples per problem once and record them (resumable: rerun to continue)."""
     from ttscale.eval.prompts import unescape
     from ttscale.eval.runner import RunConfig, run_sync
     from ttscale.eval.store import ConfigMismatch
 
+    engine = _engine_options(ctx, help_engine)
     logging.basicConfig(level=logging.WARNING)
     cfg = RunConfig(
         dataset=dataset,
@@ -104,6 +130,7 @@ def run(
         max_num_seqs=max_num_seqs,
         prompt_template=None if prompt_template is None else unescape(prompt_template),
         system_prompt=None if system_prompt is None else unescape(system_prompt),
+        engine=tuple(engine.items()),
     )
     if out is None:
         name = Path(dataset).stem if dataset.endswith((".jsonl", ".json")) else dataset.replace("/", "_")
@@ -116,8 +143,9 @@ def run(
     typer.echo(json.dumps(summary))
 
 
-@app.command()
+@app.command(context_settings=EXTRA, epilog=ENGINE_EPILOG)
 def rescore(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(help="A run recorded with completion texts.")],
     verifier: Annotated[
         str, typer.Option(help="Scoring model: embedded name, local directory, or NAME=http://host:port.")
@@ -131,11 +159,13 @@ def rescore(
     kv_cache_gib: Annotated[float | None, typer.Option(help="CPU: KV cache GiB.")] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="vLLM max_num_seqs.")] = None,
     force: Annotated[bool, typer.Option(help="Continue an output directory with a different configuration.")] = False,
+    help_engine: HelpEngineOpt = False,
 ) -> None:
     """Score a run's recorded samples with another verifier (no sample is redrawn; resumable)."""
     from ttscale.eval.runner import rescore_sync
     from ttscale.eval.store import ConfigMismatch
 
+    engine = _engine_options(ctx, help_engine)
     logging.basicConfig(level=logging.WARNING)
     try:
         summary = rescore_sync(
@@ -146,6 +176,7 @@ def rescore(
             concurrency=concurrency,
             kv_cache_gib=kv_cache_gib,
             max_num_seqs=max_num_seqs,
+            engine_options=engine,
             force=force,
         )
     except (ConfigMismatch, FileNotFoundError, ValueError) as e:

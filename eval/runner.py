@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ttscale.eval.data import KNOWN_SETS, Dataset, extract, grade, load_dataset
 from ttscale.eval.prompts import PromptFormat, resolve_prompt
@@ -47,6 +48,10 @@ class RunConfig:
     # {problem}; None: the dataset's default) and system prompt (None: none)
     prompt_template: str | None = None
     system_prompt: str | None = None
+    # vLLM engine options of the in-process models, by field name (``ttscale eval run ...
+    # --gpu-memory-utilization 0.45 --tensor-parallel-size 2``); recorded, not part of the config
+    # a resume must match (a run may continue on other hardware)
+    engine: tuple[tuple[str, Any], ...] = ()
 
     def prompt(self, dataset: str) -> PromptFormat:
         """The run's prompt format on ``dataset`` (ValueError naming the option on bad input)."""
@@ -87,6 +92,7 @@ def manifest_for(cfg: RunConfig, ds: Dataset) -> dict[str, Any]:
         "concurrency": cfg.concurrency,
         "keep_text": cfg.keep_text,
         "limit": cfg.limit,
+        "engine": _jsonable(dict(cfg.engine)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -94,6 +100,18 @@ def manifest_for(cfg: RunConfig, ds: Dataset) -> dict[str, Any]:
 def chat_prompt(problem: str, prompt: PromptFormat | None = None) -> list[dict[str, str]]:
     """The chat messages of ``problem`` in ``prompt``'s format (default: the problem alone)."""
     return (prompt or PromptFormat()).messages(problem)
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` as JSON values (vLLM's parser may return enums or other objects)."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        try:
+            json.dumps(value)
+            out[key] = value
+        except (TypeError, ValueError):
+            out[key] = str(value)
+    return out
 
 
 def _engine_opts(kv_cache_gib: float | None, max_num_seqs: int | None) -> dict[str, Any]:
@@ -105,16 +123,37 @@ def _engine_opts(kv_cache_gib: float | None, max_num_seqs: int | None) -> dict[s
     return opts
 
 
+def _build(
+    arg: str, opts: dict[str, Any], engine: dict[str, Any], role: Literal["generate", "score"] | None = None
+) -> Engine:
+    """The engine of model argument ``arg``; ``engine`` (vLLM options) applies when it runs in-process."""
+    from ttscale.engine import build_engine, parse_model_arg, with_engine_options
+
+    spec = parse_model_arg(arg)
+    if role:
+        spec = replace(spec, role=role)
+    if engine and not spec.is_upstream:
+        spec = replace(with_engine_options(spec, engine), name=spec.name, aliases=spec.aliases)
+    return build_engine(spec, **opts)
+
+
+def check_engine_options(models: list[str | None], engine: dict[str, Any]) -> None:
+    """ValueError when vLLM engine options are given but every model is an HTTP upstream."""
+    from ttscale.engine import parse_model_arg
+
+    if engine and all(parse_model_arg(m).is_upstream for m in models if m):
+        raise ValueError(
+            f"vLLM engine options ({', '.join('--' + k.replace('_', '-') for k in engine)}) apply to models "
+            "run in-process; every model of this run is an HTTP upstream, which has its own"
+        )
+
+
 def build_engines(cfg: RunConfig) -> tuple[Engine, Engine | None]:
     """(policy, verifier or None) for the configured models; not started."""
-    from ttscale.engine import build_engine, parse_model_arg
-
     opts = _engine_opts(cfg.kv_cache_gib, cfg.max_num_seqs)
-    policy = build_engine(parse_model_arg(cfg.model), **opts)
-    verifier: Engine | None = None
-    if cfg.verifier:
-        spec = replace(parse_model_arg(cfg.verifier), role="score")
-        verifier = build_engine(spec, **opts)
+    engine = dict(cfg.engine)
+    policy = _build(cfg.model, opts, engine)
+    verifier = _build(cfg.verifier, opts, engine, role="score") if cfg.verifier else None
     return policy, verifier
 
 
@@ -225,6 +264,8 @@ class EvalRunner:
 
     async def run(self) -> dict[str, Any]:
         """Sample every unfinished problem; returns a short summary."""
+        if self.policy is None:
+            check_engine_options([self.cfg.model, self.cfg.verifier], dict(self.cfg.engine))
         store = RunStore(self.out_dir)
         done = store.open(manifest_for(self.cfg, self.ds), force=self.force)
         todo = [p for p in self.ds.problems if p["id"] not in done]
@@ -341,16 +382,19 @@ async def rescore(
     kv_cache_gib: float | None = None,
     max_num_seqs: int | None = None,
     engine: Engine | None = None,
+    engine_options: dict[str, Any] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Score the recorded samples of run ``src`` with another ``verifier`` into ``out_dir``.
 
     The samples (texts, answers, grades, tokens) are copied; only ``score`` is new, read by
     the verifier exactly as ``run --verifier`` would have read it.  No sample is redrawn, so
-    verifiers can be compared on the same samples.  Resumable like ``run``.
+    verifiers can be compared on the same samples.  Resumable like ``run``.  ``engine_options``:
+    vLLM engine options of an in-process verifier.
     """
-    from ttscale.engine import build_engine, parse_model_arg
     from ttscale.scorers import with_answer
+
+    check_engine_options([verifier], engine_options or {})
 
     src, out_dir = Path(src), Path(out_dir)
     if src.resolve() == out_dir.resolve():
@@ -365,15 +409,19 @@ async def rescore(
         raise ValueError(f"dataset {manifest['dataset']!r} differs from the one {src} was drawn on")
     problems = {p["id"]: p["problem"] for p in ds.problems}
     fmt = PromptFormat.from_dict(manifest.get("prompt"))  # the verifier reads what the run's policy read
-    new = {**manifest, "verifier": verifier, "rescored_from": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    new = {
+        **manifest,
+        "verifier": verifier,
+        "rescored_from": str(src),
+        "engine": _jsonable(dict(engine_options or {})),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     store = RunStore(out_dir)
     done = store.open(new, force=force)
     todo = [r for r in records if r["id"] not in done]
     own = engine is None
     if engine is None:
-        engine = build_engine(
-            replace(parse_model_arg(verifier), role="score"), **_engine_opts(kv_cache_gib, max_num_seqs)
-        )
+        engine = _build(verifier, _engine_opts(kv_cache_gib, max_num_seqs), dict(engine_options or {}), role="score")
         await engine.start()
     scorer: Engine = engine
     t0 = time.perf_counter()

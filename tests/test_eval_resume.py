@@ -50,6 +50,8 @@ def _cmd(out: Path, template: str = TEMPLATE) -> list[str]:
         "--out",
         str(out),
         "--quiet",
+        "--max-model-len",  # a vLLM engine option, recorded in the manifest
+        "1024",
     ]
 
 
@@ -101,6 +103,7 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path):
         assert all(s["finish"] in ("stop", "length") for s in rec["samples"])
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["prompt"] == {"system": "Work it out.", "template": "{problem}\nShow each step."}
+    assert manifest["engine"] == {"max_model_len": 1024}
 
     # another template for the same run directory: refused before any engine starts, nothing written
     res = subprocess.run(_cmd(out, template="boxed"), capture_output=True, text=True, timeout=300)

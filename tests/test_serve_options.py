@@ -383,3 +383,73 @@ def test_sigterm_drains_requests_in_flight_then_exits(tmp_path):
         print(f"SIGTERM with 4 in flight: {seen}, exit after {took:.1f} s (grace {grace} s)")
     finally:
         srv.stop()
+
+
+def test_eval_run_and_rescore_take_vllm_engine_options(monkeypatch, tmp_path):
+    """`ttscale eval run/rescore ... --gpu-memory-utilization 0.45` reach the in-process engines."""
+    import ttscale.eval.runner as runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "run_sync", lambda cfg, out, **kw: (seen.update(cfg=cfg), {})[1])
+    monkeypatch.setattr(runner, "rescore_sync", lambda src, out, verifier, **kw: (seen.update(kw=kw), {})[1])
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "eval",
+            "run",
+            "arith500",
+            "--gpu-memory-utilization",
+            "0.45",
+            "-m",
+            POLICY,
+            "--verifier",
+            VERIFIER,
+            "--max-model-len",
+            "1024",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert dict(cfg.engine) == {"gpu_memory_utilization": 0.45, "max_model_len": 1024}
+    policy, verifier = runner.build_engines(cfg)
+    for eng in (policy, verifier):
+        assert eng.options.engine_args() == {"gpu_memory_utilization": 0.45, "max_model_len": 1024}
+    assert (policy.name, verifier.name) == (POLICY, VERIFIER)
+    assert runner.manifest_for(cfg, runner.load_dataset("arith500", limit=2))["engine"] == dict(cfg.engine)
+
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "eval",
+            "rescore",
+            str(tmp_path / "r"),
+            "--verifier",
+            VERIFIER,
+            "-o",
+            str(tmp_path / "s"),
+            "--kv-cache-dtype",
+            "fp8",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert seen["kw"]["engine_options"] == {"kv_cache_dtype": "fp8"}
+
+
+@pytest.mark.parametrize(
+    "words,needle",
+    [
+        (["--gpu-memory-utilization", "lots"], "--gpu-memory-utilization"),
+        (["--no-such-option", "1"], "--no-such-option"),
+        (["stray"], "unrecognized arguments: stray"),
+        # engine options with only an HTTP upstream to run: refused before anything is written
+        (["-m", "up=http://127.0.0.1:9", "--max-model-len", "1024"], "every model of this run is an HTTP upstream"),
+    ],
+)
+def test_eval_run_names_a_bad_engine_option(tmp_path, words, needle):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli.app, ["eval", "run", "arith500", "--out", str(out), "--limit", "1", *words])
+    assert r.exit_code == 2, r.output
+    assert needle in r.output
+    assert "Traceback" not in r.output and not out.exists()

@@ -8,7 +8,7 @@
 #   bash bench/gpu/run.sh gsm8k profile      # 150 GSM8K questions, majority@16, concurrency 32 (~5 min);
 #                                            # the server under cProfile (~3 min)
 # Sections: setup (vLLM, the model, test wheels in .whl/), tests and engine-tests (make test-gpu),
-# bench, gsm8k, replicas, profile, logprobs, gc, eval (a resumable `ttscale eval run`); accuracy, votes, rejection, pays (bench/accuracy.py on real sets:
+# bench, gsm8k, replicas, profile, logprobs, gc, eval (a resumable `ttscale eval run`), evals (several side by side); accuracy, votes, rejection, pays (bench/accuracy.py on real sets:
 # ACC_DATASET, ACC_SUITE, ACC_METHODS (a regex of method names), ACC_LIMIT, ACC_MAX_TOKENS, ACC_TIMEOUT, ACC_CONCURRENCY; longer than one call: start it in the
 # background with TTSCALE_GPU_OUT=/tmp/gpu/bg and collect /tmp/gpu/bg in a later call, the
 # machine kept warm by calls in between). Logs and results go to /tmp/gpu/out, and, on the device
@@ -100,6 +100,25 @@ for section in "$@"; do
       (cd /tmp && step "report_$set_" python3 -P -m ttscale.cli eval report "/tmp/gpu/runs/$name" \
         --out "$OUTDIR/report-$name")
       tar cJf "$OUTDIR/run-$name.tar.xz" -C /tmp/gpu/runs "$name" ;;
+    evals)  # several `ttscale eval run`s side by side, one in-process engine each at a share of the GPU (vLLM's engine
+            # core is the limit of one engine, not the GPU): EVALS "SET:K:MAX_TOKENS ..." (default all of GSM8K and
+            # MATH-500 at K=64, AIME 2024/2025 and AMC 2023 at K=128 with 4096 tokens), EVALS_MEM (share of GPU
+            # memory each), EVALS_STAGGER (s between engine starts), EVAL_TIMEOUT (s each; the runs resume). Run
+            # directories stay in /tmp/gpu/runs; xz archives of them go to /tmp/gpu/runs-out (not into the results
+            # archive: collect them as files of their own)
+      mkdir -p /tmp/gpu/runs /tmp/gpu/runs-out; pids=()
+      for spec in ${EVALS:-gsm8k:64:1024 math500:64:1024 aime24:128:4096 aime25:128:4096 amc23:128:4096}; do
+        IFS=: read -r set_ k mt <<<"$spec"; name=qwen-$set_-k$k
+        (cd /tmp && step "eval_$set_" timeout ${EVAL_TIMEOUT:-900} python3 -P -m ttscale.cli eval run "$set_" \
+          -m "qwen=$MODEL" -k "$k" --max-tokens "$mt" --temperature 0.7 --concurrency ${EVAL_CONCURRENCY:-64} \
+          --out "/tmp/gpu/runs/$name" -q --gpu-memory-utilization ${EVALS_MEM:-0.17}) &
+        pids+=($!); sleep ${EVALS_STAGGER:-25}
+      done
+      for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+      nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv >> "$OUTDIR/gpu.txt" 2>&1
+      for d in /tmp/gpu/runs/qwen-*; do
+        tar -I "xz -T0 -6" -cf "/tmp/gpu/runs-out/run-$(basename "$d").tar.xz" -C /tmp/gpu/runs "$(basename "$d")"
+      done; ls -la /tmp/gpu/runs-out ;;
     logprobs)  # the serving process's CPU per token of top-20 log-probs, three ways, the real model
       (cd /tmp && step bench_logprobs timeout 300 python3 "$REPO/bench/logprob_path.py" --model "$MODEL" --k 128 \
         --max-tokens 256 --rounds 5 --out "$OUTDIR/logprob-path-gpu.json") ;;

@@ -44,9 +44,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parser = AsyncEngineArgs.add_cli_args(
-        FlexibleArgumentParser(prog="ttscale serve", description="vLLM engine options")
-    )
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="ttscale", description="vLLM engine options"))
     defaults = vars(parser.parse_args([]))
     return parser, defaults
 
@@ -94,8 +92,10 @@ def parse_engine_cli(
             ns = vars(parser.parse_args(rest, namespace=argparse.Namespace(**{k: unset for k in defaults})))
     except SystemExit:
         msg = err.getvalue().strip().splitlines()
+        # argparse's last line, less its "PROG: error: " head (the parser serves every command)
+        why = msg[-1].split(": error: ", 1)[-1] if msg else " ".join(tokens)
         raise ConfigError(
-            f"bad vLLM engine option in {where}: {msg[-1] if msg else ' '.join(tokens)}",
+            f"bad vLLM engine option in {where}: {why}",
             param=next((t for t in tokens if t.startswith("-")), None),
         ) from None
     explicit = {k: v for k, v in ns.items() if v is not unset}
