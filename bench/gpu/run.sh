@@ -100,19 +100,31 @@ for section in "$@"; do
       (cd /tmp && step "report_$set_" python3 -P -m ttscale.cli eval report "/tmp/gpu/runs/$name" \
         --out "$OUTDIR/report-$name")
       tar cJf "$OUTDIR/run-$name.tar.xz" -C /tmp/gpu/runs "$name" ;;
-    evals)  # several `ttscale eval run`s side by side, one in-process engine each at a share of the GPU (vLLM's engine
-            # core is the limit of one engine, not the GPU): EVALS "SET:K:MAX_TOKENS ..." (default all of GSM8K and
-            # MATH-500 at K=64, AIME 2024/2025 and AMC 2023 at K=128 with 4096 tokens), EVALS_MEM (share of GPU
-            # memory each), EVALS_STAGGER (s between engine starts), EVAL_TIMEOUT (s each; the runs resume). Run
-            # directories stay in /tmp/gpu/runs; xz archives of them go to /tmp/gpu/runs-out (not into the results
-            # archive: collect them as files of their own)
+    evals)  # several `ttscale eval run`s side by side, one in-process engine each at a share of the GPU: EVALS
+            # "SET:K:MAX_TOKENS ..." (default all of GSM8K and MATH-500 at K=64, AIME 2024/2025 and AMC 2023 at
+            # K=128 with 4096 tokens), EVALS_MEM (share of GPU memory each), EVALS_STAGGER (most s to wait for one
+            # engine's KV cache before the next starts), EVAL_TIMEOUT (s each). Measured at 4b5a9de: five engines
+            # kept the GPU 100 % busy (time-sliced) at about 31 k generated tokens/s in all, so the default set
+            # (~50 M tokens) takes about 1600 s: more than one session's device time. The runs resume: directories
+            # stay in /tmp/gpu/runs (unpack archives of earlier calls there to continue them); at the end xz
+            # archives go to /tmp/gpu/runs-out (not into the results archive). Bring snapshots back while it
+            # runs, since a machine lost to idleness loses them, from each polling call (not run.sh: it stops
+            # the engines): for d in /tmp/gpu/runs/qwen-*; do tar -I "xz -T0" -cf "$OUT/${d##*/}.tar.xz"
+            # -C /tmp/gpu/runs "${d##*/}"; done
       mkdir -p /tmp/gpu/runs /tmp/gpu/runs-out; pids=()
       for spec in ${EVALS:-gsm8k:64:1024 math500:64:1024 aime24:128:4096 aime25:128:4096 amc23:128:4096}; do
         IFS=: read -r set_ k mt <<<"$spec"; name=qwen-$set_-k$k
         (cd /tmp && step "eval_$set_" timeout ${EVAL_TIMEOUT:-900} python3 -P -m ttscale.cli eval run "$set_" \
           -m "qwen=$MODEL" -k "$k" --max-tokens "$mt" --temperature 0.7 --concurrency ${EVAL_CONCURRENCY:-64} \
           --out "/tmp/gpu/runs/$name" -q --gpu-memory-utilization ${EVALS_MEM:-0.17}) &
-        pids+=($!); sleep ${EVALS_STAGGER:-25}
+        pids+=($!)
+        # the next engine starts once this one holds its KV cache: vLLM sizes the cache from the free memory it
+        # sees while profiling, so engines profiling at once took each other's memory ("No available memory for
+        # the cache blocks", CUDA graph memory measured negative) when started 25 s apart
+        for _ in $(seq ${EVALS_STAGGER:-150}); do
+          grep -qE "kv cache memory in use|Engine core initialization failed" "$OUTDIR/eval_$set_.log" 2>/dev/null && break
+          sleep 1
+        done
       done
       for pid in "${pids[@]}"; do wait "$pid" || status=1; done
       nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv >> "$OUTDIR/gpu.txt" 2>&1
