@@ -21,6 +21,8 @@ Budget profile (``profile.json``, read by the server's adaptive budget), schema 
       "tokens_per_sample": float,        # mean completion tokens per sample
       "prompt_tokens": float,            # mean prompt tokens per problem
       "cost_per_1k_tokens": float,       # cost of 1000 tokens / value of a correct answer
+      "engine_s_per_token": float | null, # engine-seconds per generated token in the run (its
+                                         # measured rate; null for runs without finishing times)
       "bucket_by": "level" | "pass1_quantile",
       "buckets": [{
         "name": str,                     # "level 3" or "bin 2"
@@ -57,6 +59,7 @@ import hashlib
 import math
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -362,6 +365,7 @@ class Analysis:
     holdout: dict[str, Any] = field(default_factory=dict)  # holdout_check()
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    engine_s_per_token: float | None = None  # engine_seconds_per_token()
 
     @property
     def prompt(self) -> PromptFormat:
@@ -385,6 +389,7 @@ class Analysis:
                 "tokens_per_sample": self.tokens_per_sample,
                 "prompt_tokens": self.prompt_tokens,
                 "cost_per_1k_tokens": self.cost_per_1k_tokens,
+                "engine_s_per_token": self.engine_s_per_token,
                 "bucket_by": self.bucket_by,
                 "n_problems": len(self.probs),
                 "sampling": m.get("sampling"),
@@ -514,7 +519,8 @@ def analyse_run(
         subjects_tab = {c: M.by_group(v, g, n_boot=n_boot) for c, v in cols.items()}
     # Expected wall time of a k-sample fan-out: E[max latency of k samples] (exact order statistic).
     lat = np.array([expected_max(p.latency[:k_max], k_max) for p in probs]).mean(axis=0)
-    targets = _targets(glob, k_max, tps, float(np.mean([p.prompt_tokens for p in probs])), lat, cost_per_1k_tokens)
+    spt = engine_seconds_per_token(records)
+    targets = _targets(glob, k_max, tps, float(np.mean([p.prompt_tokens for p in probs])), lat, cost_per_1k_tokens, spt)
     an = Analysis(
         manifest=manifest,
         probs=probs,
@@ -531,6 +537,7 @@ def analyse_run(
         levels=levels_tab,
         subjects=subjects_tab,
         targets=targets,
+        engine_s_per_token=spt,
         latency_at_k=lat.tolist(),
         extraction=extraction_summary(probs),
         holdout=holdout_check(
@@ -729,8 +736,39 @@ def expected_max(x: np.ndarray, k_max: int) -> np.ndarray:
     return w @ v
 
 
+def engine_seconds_per_token(records: Sequence[dict[str, Any]]) -> float | None:
+    """Seconds of the run's engine per generated token: the length of the union of the problems'
+    in-flight intervals ``[finished_at - wall_s, finished_at]`` (pauses between resumed sessions
+    fall out) over the tokens those problems generated. None for runs recorded without
+    ``finished_at``. On a GPU shared by several engines it is the time of this run's share."""
+    spans, tokens = [], 0
+    for r in records:
+        end, wall = r.get("finished_at"), r.get("wall_s")
+        if end is None or wall is None:
+            return None
+        spans.append((float(end) - float(wall), float(end)))
+        tokens += sum(int(x.get("tokens") or 0) for x in r.get("samples", []))
+    if not spans or tokens <= 0:
+        return None
+    spans.sort()
+    busy, (lo, hi) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            busy, lo, hi = busy + hi - lo, a, b
+        else:
+            hi = max(hi, b)
+    busy += hi - lo
+    return busy / tokens
+
+
 def _targets(
-    g: Group, k_max: int, tps: float, prompt: float, lat: np.ndarray, cost_per_1k: float
+    g: Group,
+    k_max: int,
+    tps: float,
+    prompt: float,
+    lat: np.ndarray,
+    cost_per_1k: float,
+    s_per_token: float | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Smallest k reaching each target accuracy (fitted curve on 1..k_max) and its cost."""
     out: dict[str, list[dict[str, Any]]] = {}
@@ -754,6 +792,8 @@ def _targets(
                     "k": k,
                     "tokens": tokens,
                     "latency_s": float(lat[k - 1]),
+                    # engine-seconds of the k completions at the run's measured throughput
+                    "gpu_s": None if s_per_token is None else k * tps * s_per_token,
                     "cost": tokens / 1000.0 * cost_per_1k,
                 }
             )

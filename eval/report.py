@@ -526,7 +526,7 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
     for s, tr in an.targets.items():
         for r in tr:
             if r["k"] is None:
-                rows.append([LABELS[s], f"{r['target']:.2f}", f"> {an.k_max}", "–", "–", "–"])
+                rows.append([LABELS[s], f"{r['target']:.2f}", f"> {an.k_max}", "–", "–", "–", "–"])
             else:
                 rows.append(
                     [
@@ -535,13 +535,24 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
                         r["k"],
                         f"{r['tokens']:.0f}",
                         f"{r['latency_s']:.2f}",
+                        "–" if r.get("gpu_s") is None else f"{r['gpu_s']:.3f}",
                         f"{r['cost']:.4f}",
                     ]
                 )
-    d.table(["strategy", "target accuracy", "k (fit)", "tokens / problem", "latency s", "cost"], rows)
+    d.table(
+        ["strategy", "target accuracy", "k (fit)", "tokens / problem", "latency s", "GPU-s / problem", "cost"], rows
+    )
+    spt = an.engine_s_per_token
     d.p(
         "Latency is the expected wall time of a k-sample fan-out under this run's load (the slowest "
-        "of k recorded sample latencies); tokens count the prompt once (shared prefix) plus k completions."
+        "of k recorded sample latencies); tokens count the prompt once (shared prefix) plus k completions. "
+        + (
+            f"GPU-s are seconds of this run's engine for the k completions at its measured rate, "
+            f"{1 / spt:.0f} generated tokens/s (the union of the problems' in-flight times over their tokens; "
+            "on a GPU shared by several engines, the share this run had)."
+            if spt
+            else "GPU-s need a run recorded with the problems' finishing times."
+        )
     )
 
     d.h(2, "Recommended budget per difficulty bucket")

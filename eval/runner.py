@@ -257,6 +257,7 @@ class EvalRunner:
                 "prefill_tokens": prefill,
                 "cached_prefill_tokens": cached,
                 "wall_s": round(time.perf_counter() - t0, 4),
+                "finished_at": round(time.time(), 3),  # with wall_s: when the engine had this problem
                 "samples": samples,
             }
         )

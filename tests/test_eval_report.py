@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ttscale.eval import metrics as M
-from ttscale.eval.analysis import analyse_run, budgets, fit_half, summary_lines
+from ttscale.eval.analysis import analyse_run, budgets, engine_seconds_per_token, fit_half, summary_lines
 from ttscale.eval.fit import FitResult
 from ttscale.eval.report import dataset_label, write_report
 from ttscale.eval.store import RunStore, load_run
@@ -21,7 +21,7 @@ K = 16
 PROMPT = {"system": "Be exact.", "template": "{problem}\n\nPut the answer in \\boxed{}."}
 
 
-def _synthetic_run(path, n_problems=60, seed=0, levels=True, prompt=None):
+def _synthetic_run(path, n_problems=60, seed=0, levels=True, prompt=None, finished=None):
     """Problem i has single-sample accuracy r_i; wrong answers spread over 3 distractors;
     the verifier scores correct samples higher on average. The last sample of every fourth
     problem states no answer (a long text; cut at max_tokens in every eighth problem)."""
@@ -65,6 +65,8 @@ def _synthetic_run(path, n_problems=60, seed=0, levels=True, prompt=None):
             cut = "length" if i % 8 == 0 else "stop"
             samples[-1].update(answer=None, correct=False, text=f"p{i} " + "x" * 1000 + " END", finish=cut)
         rec = {"id": f"p{i}", "gold": "42", "prompt_tokens": 30, "wall_s": 1.0, "samples": samples}
+        if finished is not None:  # finished(i) -> (finished_at, wall_s)
+            rec["finished_at"], rec["wall_s"] = finished(i)
         if levels:
             rec["level"] = level
         st.append(rec)
@@ -272,3 +274,38 @@ def test_cli_import_is_light():
     code = "import sys, ttscale.eval.cli; print('vllm' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_engine_seconds_are_the_union_of_in_flight_times_over_tokens():
+    def rec(end, wall, tokens):
+        return {"finished_at": end, "wall_s": wall, "samples": [{"tokens": t} for t in tokens]}
+
+    # [0, 2] and [1, 3] overlap (3 s busy), then a pause (a resumed run), then [10, 11]: 4 s for 100 tokens
+    recs = [rec(2.0, 2.0, [10, 20]), rec(3.0, 2.0, [30]), rec(11.0, 1.0, [40])]
+    assert engine_seconds_per_token(recs) == pytest.approx(4.0 / 100)
+    assert engine_seconds_per_token(list(reversed(recs))) == pytest.approx(4.0 / 100)
+    assert engine_seconds_per_token([rec(5.0, 1.0, [10]), {"wall_s": 1.0, "samples": []}]) is None  # older record
+    assert engine_seconds_per_token([rec(5.0, 1.0, [0])]) is None
+
+
+def test_gpu_seconds_per_target_from_the_runs_measured_rate(tmp_path):
+    # 40 problems, two at a time for 1 s each: 20 s of engine time
+    _synthetic_run(tmp_path / "run", n_problems=40, finished=lambda i: (100.0 + i // 2 + 1, 1.0))
+    an = analyse_run(tmp_path / "run", n_boot=50, rpc_draws=2)
+    _, records = load_run(tmp_path / "run")
+    tokens = sum(x["tokens"] for r in records for x in r["samples"])
+    assert an.engine_s_per_token == pytest.approx(20.0 / tokens)
+    rows = [r for tr in an.targets.values() for r in tr if r["k"] is not None]
+    assert rows
+    for r in rows:
+        assert r["gpu_s"] == pytest.approx(r["k"] * an.tokens_per_sample * 20.0 / tokens)
+    assert an.profile()["engine_s_per_token"] == pytest.approx(20.0 / tokens)
+    md = Path(write_report(an, tmp_path / "rep", command="x")["markdown"]).read_text()
+    assert "GPU-s / problem" in md and f"{tokens / 20.0:.0f} generated tokens/s" in md
+    assert f"| {rows[0]['gpu_s']:.3f} |" in md
+    # a run without finishing times: no GPU-s, and the report says why
+    _synthetic_run(tmp_path / "old", n_problems=40)
+    old = analyse_run(tmp_path / "old", n_boot=50, rpc_draws=2)
+    assert old.engine_s_per_token is None and old.profile()["engine_s_per_token"] is None
+    md = Path(write_report(old, tmp_path / "rep-old", command="x")["markdown"]).read_text()
+    assert "GPU-s need a run recorded with the problems' finishing times" in md

@@ -101,6 +101,16 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path):
         rec = json.loads(line)
         assert [s["i"] for s in rec["samples"]] == list(range(K))
         assert all(s["finish"] in ("stop", "length") for s in rec["samples"])
+        assert rec["wall_s"] > 0 and rec["finished_at"] > 1.7e9  # when the engine had the problem
+    from ttscale.eval.analysis import engine_seconds_per_token
+    from ttscale.eval.store import load_run
+
+    spt = engine_seconds_per_token(load_run(out)[1])  # the pause between the two runs falls out
+    span = max(json.loads(x)["finished_at"] for x in after) - min(
+        json.loads(x)["finished_at"] - json.loads(x)["wall_s"] for x in after
+    )
+    tokens = sum(s["tokens"] for x in after for s in json.loads(x)["samples"])
+    assert spt is not None and 0 < spt * tokens <= span
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["prompt"] == {"system": "Work it out.", "template": "{problem}\nShow each step."}
     assert manifest["engine"] == {"max_model_len": 1024}
