@@ -103,9 +103,10 @@ for section in "$@"; do
     evals)  # several `ttscale eval run`s side by side, one in-process engine each at a share of the GPU: EVALS
             # "SET:K:MAX_TOKENS ..." (default all of GSM8K and MATH-500 at K=64, AIME 2024/2025 and AMC 2023 at
             # K=128 with 4096 tokens), EVALS_MEM (share of GPU memory each), EVALS_STAGGER (most s to wait for one
-            # engine's KV cache before the next starts), EVAL_TIMEOUT (s each). Measured at 4b5a9de: five engines
-            # kept the GPU 100 % busy (time-sliced) at about 31 k generated tokens/s in all, so the default set
-            # (~50 M tokens) takes about 1600 s: more than one session's device time. The runs resume: directories
+            # engine's KV cache before the next starts), EVAL_TIMEOUT (s each). At 4b5a9de five engines kept the
+            # GPU 100 % busy (time-sliced) and finished in ~8 min 247 GSM8K, 78 MATH-500 (4 min), 16 + 18 AIME
+            # and 12 AMC problems: about 30 k tokens/s in all (estimated from typical sample lengths), so the
+            # default set (~50 M tokens) needs about 1600 s, more than one session's device time. The runs resume: directories
             # stay in /tmp/gpu/runs (unpack archives of earlier calls there to continue them); at the end xz
             # archives go to /tmp/gpu/runs-out (not into the results archive). Bring snapshots back while it
             # runs, since a machine lost to idleness loses them, from each polling call (not run.sh: it stops
