@@ -106,7 +106,7 @@ for section in "$@"; do
             # engine's KV cache before the next starts), EVAL_TIMEOUT (s each). At 4b5a9de five engines kept the
             # GPU 100 % busy (time-sliced) and finished in ~8 min 247 GSM8K, 78 MATH-500 (4 min), 16 + 18 AIME
             # and 12 AMC problems: about 30 k tokens/s in all (estimated from typical sample lengths), so the
-            # default set (~50 M tokens) needs about 1600 s, more than one session's device time. The runs resume: directories
+            # default set (~50 M tokens) needs about 1600 s, about 27 minutes of GPU time. The runs resume: directories
             # stay in /tmp/gpu/runs (unpack archives of earlier calls there to continue them); at the end xz
             # archives go to /tmp/gpu/runs-out (not into the results archive). Bring snapshots back while it
             # runs, since a machine lost to idleness loses them, from each polling call (not run.sh: it stops
