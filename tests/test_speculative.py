@@ -6,6 +6,7 @@ k = 20 the token confidence is ``C = -mean(top-20) = 9.5 - lp``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 
@@ -118,6 +119,39 @@ async def test_a_rejection_that_lands_too_late_counts_as_accepted():
     assert info["checkpoint_stats"]["10"]["rejections"] > 0  # the tests rejected some ...
     assert not any(c.aborted for c in r.candidates)  # ... but none was stopped
     assert info["rejected"] == info["aborted"] == 0 and info["accepted"] == 8 and info["rejection_rate"] == 0.0
+
+
+class SlowAborts(FakeEngine):
+    """An engine whose aborts land some steps after they were asked for."""
+
+    def fanout(self, prompt, settings, *, request_id=None, stream=True, text=True, together=False):
+        fo = super().fanout(prompt, settings, request_id=request_id, stream=stream, text=text, together=together)
+        now = fo.abort
+
+        async def later(index):
+            await asyncio.sleep(self.tick_s * 12)
+            await now(index)
+
+        fo.abort = later
+        return fo
+
+
+async def test_a_candidate_rejected_while_its_abort_travels_is_judged_once():
+    # checkpoints 4 tokens apart, aborts landing ~12 steps late: a rejected candidate passes the
+    # next checkpoint still running; it is no new decision and no second rejection
+    pol = SlowAborts("p", respond=lambda prompt, s: ("good " if s.seed % 2 == 0 else "bad! ") * 20, tick_s=0.002)
+    ver = FakeEngine("v", role="score", scorer=lambda t: 0.9 if "good" in t else 0.05)
+    ctx = _ctx(ModelPool([pol, ver]), pol, 16)
+    r = (
+        await get_strategy("speculative_rejection")
+        .from_request({"alpha": 0.5, "checkpoints": [8, 12, 16], "min_survivors": 2, "verifier": "v"})
+        .run(ctx)
+    )
+    info = r.info
+    aborted = [c for c in r.candidates if c.aborted]
+    assert info["rejected"] == len(aborted) > 0
+    assert sum(s["rejections"] for s in info["checkpoint_stats"].values()) == len(aborted)
+    assert info["aborted"] == 0 and info["accepted"] == 16 - len(aborted)
 
 
 async def test_speculative_rejection_reports_progress_without_rejections():

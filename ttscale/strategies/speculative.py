@@ -192,7 +192,9 @@ class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
             return sum(1 for c in sampler.candidates if not c.aborted)
 
         async def decide(c: Candidate, cp: int, s: float) -> None:
-            if c.finished:
+            # a rejected candidate runs on until its abort lands: a later checkpoint's judgement of
+            # it (a verifier read already under way) is no decision
+            if c.finished or c in rejected:
                 return
             _, reject = tests[cp].test(-s)  # nonconformity: a low score is bad
             if reject and alive() > o.min_survivors and not c.finished:
@@ -224,6 +226,8 @@ class SpeculativeRejection(ParallelStrategy[SpecRejOptions]):
                             "live": alive(),
                         }
                     )
+                return
+            if c in rejected:
                 return
             i = next_cp.get(id(c), 0)
             if i < len(cps) and c.num_tokens >= cps[i]:
