@@ -6,7 +6,8 @@ Strategies: ``coverage`` (pass@k, an oracle upper bound), ``majority`` (pluralit
 ``verifier_best_of`` (highest verifier score), ``weighted`` (vote weighted by verifier score)
 and ``rpc`` (perplexity consistency; with ``rpc_prune`` also reasoning pruning from 16 paths on,
 which fits a mixture per subset and is slow; exact at k = K, a Monte Carlo mean over
-``rpc_draws`` random k-subsets below; ``rpc_draws=0`` skips it).
+``rpc_draws`` random k-subsets below; ``rpc_draws=0`` skips it) and ``logprob_best_of`` (the
+sample of highest mean token log-prob: verifier-free best-of-k, exact like ``verifier_best_of``).
 
 Budget profile (``profile.json``, read by the server's adaptive budget), schema version 1::
 
@@ -33,7 +34,7 @@ Budget profile (``profile.json``, read by the server's adaptive budget), schema 
         "curves": {"coverage": Fit, "majority": Fit, "verifier_best_of": Fit},
         "saturation": {"coverage": Fit, "majority": Fit, "verifier_best_of": Fit},  # TTSPM fits
         "points": {"k": [...], "coverage": [...], "majority": [...], "verifier_best_of": [...],
-                   "weighted": [...], "rpc": [...]},
+                   "weighted": [...], "rpc": [...], "logprob_best_of": [...]},
         "verifier": {"tpr": float, "fpr": float, "auroc": float},
         "recommended": {
           "strategy": "majority" | "verifier_best_of",   # best expected utility
@@ -71,14 +72,17 @@ from ttscale.eval import metrics as M
 from ttscale.eval.prompts import PromptFormat
 from ttscale.eval.store import load_run
 
-STRATEGIES = ("coverage", "majority", "verifier_best_of", "weighted", "rpc")
+STRATEGIES = ("coverage", "majority", "verifier_best_of", "weighted", "rpc", "logprob_best_of")
 SELECTORS = ("majority", "verifier_best_of")  # strategies with a profile recommendation
+# the strategies that pick one answer of k (coverage is an upper bound, no selection)
+SELECTING = ("majority", "verifier_best_of", "weighted", "rpc", "logprob_best_of")
 LABELS = {
     "coverage": "coverage (pass@k)",
     "majority": "majority vote",
     "verifier_best_of": "verifier best-of-k",
     "weighted": "verifier-weighted vote",
     "rpc": "RPC (perplexity consistency)",
+    "logprob_best_of": "best-of-k by mean log-prob",
 }
 FLAWS_COSTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 FLAWS_PROFILE_KEYS = ("completeness", "soundness", "ceiling", "optimal_k")
@@ -199,8 +203,14 @@ def per_problem_values(
             out["weighted"][i] = [
                 M.weighted_majority_at_k(p.clusters, p.scores, p.correct, k, n_mc=weighted_mc, seed=seed) for k in kk
             ]
-        if rpc_draws > 0 and np.isfinite(p.mean_lp).any():
-            out["rpc"][i] = [_rpc_at_k(p, k, rpc_draws, rng, rpc_prune) for k in kk]
+        if np.isfinite(p.mean_lp).any():
+            if rpc_draws > 0:
+                out["rpc"][i] = [_rpc_at_k(p, k, rpc_draws, rng, rpc_prune) for k in kk]
+            # no verifier: the sample the model itself found likeliest per token (one without
+            # tokens, hence without a mean, ranks last)
+            lp = p.mean_lp
+            lp = np.where(np.isfinite(lp), lp, np.nanmin(lp) - 1.0)
+            out["logprob_best_of"][i] = M.best_of_k(lp, p.correct, np.array(kk))
     return {s: v for s, v in out.items() if not np.all(np.isnan(v))}
 
 
@@ -508,7 +518,7 @@ def analyse_run(
     subjects_tab: dict[str, dict[Any, tuple[float, float, float, int]]] = {}
     jK = len(ks) - 1
     cols = {"pass@1": values["coverage"][:, 0], f"pass@{k_max}": values["coverage"][:, jK]}
-    for s in ("majority", "verifier_best_of", "weighted", "rpc"):
+    for s in SELECTING:
         if s in values:
             cols[f"{s}@{k_max}"] = values[s][:, jK]
     if has_levels:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ttscale.eval import metrics as M
-from ttscale.eval.analysis import FLAWS_COSTS, LABELS, SELECTORS, Analysis
+from ttscale.eval.analysis import FLAWS_COSTS, LABELS, SELECTING, SELECTORS, Analysis
 from ttscale.eval.data import KNOWN_SETS
 from ttscale.eval.fit import MAX_CI_WIDTH, MIN_TRUST_POINTS, FitResult
 
@@ -29,6 +29,7 @@ COLORS = {
     "verifier_best_of": "#2ca02c",
     "weighted": "#9467bd",
     "rpc": "#8c564b",
+    "logprob_best_of": "#e377c2",
 }
 
 
@@ -107,7 +108,7 @@ def _figures(an: Analysis) -> dict[str, bytes]:
         f = g.curves.get(s)
         if f is not None and f.fittable:
             ax.plot(kk, f.predict(kk), "-", color=COLORS[s], alpha=0.8, lw=1.4)
-        elif s in ("weighted", "rpc"):
+        elif s in ("weighted", "rpc", "logprob_best_of"):
             ax.plot(ks, m, ":", color=COLORS[s], alpha=0.7)
     vf = g.curves.get("verifier_best_of")
     if vf is not None and vf.fittable:
@@ -158,7 +159,7 @@ def _figures(an: Analysis) -> dict[str, bytes]:
     # 3. coverage vs selected gap
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
     cov = an.values["coverage"]
-    for s in ("majority", "verifier_best_of", "weighted", "rpc"):
+    for s in SELECTING:
         if s not in an.values:
             continue
         d = [M.paired_bootstrap_diff(cov[:, j], an.values[s][:, j], n_boot=500, seed=j) for j in range(len(ks))]
@@ -463,7 +464,7 @@ def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
     d.h(2, "Coverage vs selected accuracy")
     d.fig("gap", figs["gap"], "Coverage minus selected accuracy")
     gap_rows = []
-    for s in ("majority", "verifier_best_of", "weighted", "rpc"):
+    for s in SELECTING:
         if s in g.points:
             gap_rows.append([LABELS[s], f"{g.points['coverage']['mean'][jK] - g.points[s]['mean'][jK]:.3f}"])
     d.table(["strategy", f"gap at k = {an.k_max}"], gap_rows)

@@ -88,7 +88,13 @@ def test_analysis_profile_and_report(tmp_path, levels):
     assert g.points["coverage"]["mean"][-1] == pytest.approx(cov_K)
     assert g.points["coverage"]["mean"][0] == pytest.approx(np.mean([p.correct.mean() for p in an.probs]))
     assert all(lo <= m <= hi for m, lo, hi in zip(*(g.points["majority"][x] for x in ("mean", "lo", "hi"))))
-    assert set(g.points) == {"coverage", "majority", "verifier_best_of", "weighted", "rpc"}
+    assert set(g.points) == {"coverage", "majority", "verifier_best_of", "weighted", "rpc", "logprob_best_of"}
+    # best-of-k by mean log-prob: at k = 1 a random sample, at k = K the likeliest sample (here the
+    # correct ones are the likelier: it beats pass@1)
+    lpb = g.points["logprob_best_of"]["mean"]
+    assert lpb[0] == pytest.approx(g.points["coverage"]["mean"][0])
+    top = [float(p.correct[p.mean_lp == p.mean_lp.max()].mean()) for p in an.probs]
+    assert lpb[-1] == pytest.approx(np.mean(top)) and lpb[-1] > lpb[0] + 0.05
     assert g.curves["coverage"].fittable and g.curves["coverage"].r2 > 0.95
 
     prof = json.loads(json.dumps(an.profile(), allow_nan=False))
@@ -309,3 +315,25 @@ def test_gpu_seconds_per_target_from_the_runs_measured_rate(tmp_path):
     assert old.engine_s_per_token is None and old.profile()["engine_s_per_token"] is None
     md = Path(write_report(old, tmp_path / "rep-old", command="x")["markdown"]).read_text()
     assert "GPU-s need a run recorded with the problems' finishing times" in md
+
+
+def test_logprob_best_of_ranks_a_sample_without_log_probs_last():
+    from ttscale.eval.analysis import Problem, per_problem_values
+
+    # sample 0 has no mean log-prob (no tokens): it is never the pick of a pair that holds another
+    p = Problem(
+        id="p",
+        level=None,
+        subject=None,
+        correct=np.array([True, False, True]),
+        clusters=["a", "b", "a"],
+        scores=None,
+        mean_lp=np.array([np.nan, -0.1, -0.5]),
+        tokens=np.array([0, 10, 10]),
+        latency=np.zeros(3),
+        texts=None,
+        prompt_tokens=5,
+    )
+    v = per_problem_values([p], [1, 2, 3], rpc_draws=0)["logprob_best_of"][0]
+    # k=2: pairs {0,1} -> 1 (wrong), {0,2} -> 2 (right), {1,2} -> 1 (wrong); k=3: sample 1
+    assert v.tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])
