@@ -363,18 +363,32 @@ def dataset_label(m: dict[str, Any]) -> str:
     return f"{name} (file {Path(source).name}{tail})"
 
 
+def model_label(arg: str | None) -> str | None:
+    """A model argument without this machine's paths: ``name=/a/b/dir`` reads ``name (model
+    directory dir)``; a bare local path its directory's name; names and URLs stay as given."""
+    if not arg:
+        return arg
+    name, sep, target = arg.partition("=")
+    if not sep:
+        name, target = "", arg
+    if target.startswith(("/", "./", "../", "~")):
+        base = Path(target.rstrip("/")).name
+        return f"{name} (model directory {base})" if name else base
+    return arg
+
+
 def build(an: Analysis, figs: dict[str, bytes], command: str | None) -> _Doc:
     m = an.manifest
     g = an.global_
     d = _Doc()
-    title = f"ttscale eval: {m.get('model')} on {m.get('dataset')} (K = {an.k_max})"
+    title = f"ttscale eval: {model_label(m.get('model'))} on {m.get('dataset')} (K = {an.k_max})"
     d.h(1, title)
 
     d.h(2, "Run")
     samp = m.get("sampling", {})
     rows: list[list[Any]] = [
-        ["model", m.get("model")],
-        ["verifier", m.get("verifier") or "–"],
+        ["model", model_label(m.get("model"))],
+        ["verifier", model_label(m.get("verifier")) or "–"],
         ["dataset", dataset_label(m)],
         ["problems", f"{len(an.probs)} of {m.get('n_problems')}"],
         ["samples per problem K", an.k_max],

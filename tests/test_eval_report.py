@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from ttscale.eval import metrics as M
 from ttscale.eval.analysis import analyse_run, budgets, engine_seconds_per_token, fit_half, summary_lines
 from ttscale.eval.fit import FitResult
-from ttscale.eval.report import dataset_label, write_report
+from ttscale.eval.report import dataset_label, model_label, write_report
 from ttscale.eval.store import RunStore, load_run
 
 K = 16
@@ -163,6 +163,14 @@ def test_the_dataset_is_named_without_this_machines_paths():
     assert own == "mine (file mine.jsonl, fingerprint cd)" and home not in own
     hf = dataset_label({"dataset": "hf:HuggingFaceH4/MATH-500", "dataset_source": "hf:HuggingFaceH4/MATH-500"})
     assert hf == "hf:HuggingFaceH4/MATH-500"
+
+
+def test_the_model_is_named_without_this_machines_paths():
+    assert model_label("qwen=/tmp/gpu/models/qwen2.5-1.5b/") == "qwen (model directory qwen2.5-1.5b)"
+    assert model_label("/srv/models/llama") == "llama"
+    assert model_label("arith") == "arith"
+    assert model_label("big=http://10.0.0.2:8000/v1") == "big=http://10.0.0.2:8000/v1"
+    assert model_label(None) is None
 
 
 def test_extraction_failures_are_counted_and_shown(tmp_path):
