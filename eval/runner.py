@@ -103,14 +103,9 @@ def chat_prompt(problem: str, prompt: PromptFormat | None = None) -> list[dict[s
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` as JSON values (vLLM's parser may return enums or other objects)."""
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        try:
-            json.dumps(value)
-            out[key] = value
-        except (TypeError, ValueError):
-            out[key] = str(value)
+    """``options`` as JSON values (vLLM's parser may return enums or other objects, also inside
+    lists and dicts: those become their ``str``)."""
+    out: dict[str, Any] = json.loads(json.dumps(options, default=str))
     return out
 
 

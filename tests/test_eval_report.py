@@ -345,3 +345,16 @@ def test_logprob_best_of_ranks_a_sample_without_log_probs_last():
     v = per_problem_values([p], [1, 2, 3], rpc_draws=0)["logprob_best_of"][0]
     # k=2: pairs {0,1} -> 1 (wrong), {0,2} -> 2 (right), {1,2} -> 1 (wrong); k=3: sample 1
     assert v.tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])
+
+
+def test_engine_options_are_recorded_as_json_values():
+    import enum
+
+    from ttscale.eval.runner import _jsonable
+
+    class Mode(enum.Enum):
+        FAST = "fast"
+
+    got = _jsonable({"max_model_len": 1024, "mode": Mode.FAST, "nested": {"modes": [Mode.FAST, 2]}})
+    assert got == {"max_model_len": 1024, "mode": "Mode.FAST", "nested": {"modes": ["Mode.FAST", 2]}}
+    json.dumps(got)
