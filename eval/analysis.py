@@ -7,7 +7,8 @@ Strategies: ``coverage`` (pass@k, an oracle upper bound), ``majority`` (pluralit
 and ``rpc`` (perplexity consistency; with ``rpc_prune`` also reasoning pruning from 16 paths on,
 which fits a mixture per subset and is slow; exact at k = K, a Monte Carlo mean over
 ``rpc_draws`` random k-subsets below; ``rpc_draws=0`` skips it) and ``logprob_best_of`` (the
-sample of highest mean token log-prob: verifier-free best-of-k, exact like ``verifier_best_of``).
+answered sample of highest mean token log-prob: verifier-free best-of-k, exact like
+``verifier_best_of``).
 
 Budget profile (``profile.json``, read by the server's adaptive budget), schema version 1::
 
@@ -82,7 +83,7 @@ LABELS = {
     "verifier_best_of": "verifier best-of-k",
     "weighted": "verifier-weighted vote",
     "rpc": "RPC (perplexity consistency)",
-    "logprob_best_of": "best-of-k by mean log-prob",
+    "logprob_best_of": "best-of-k by mean log-prob (answered samples first)",
 }
 FLAWS_COSTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 FLAWS_PROFILE_KEYS = ("completeness", "soundness", "ceiling", "optimal_k")
@@ -206,10 +207,12 @@ def per_problem_values(
         if np.isfinite(p.mean_lp).any():
             if rpc_draws > 0:
                 out["rpc"][i] = [_rpc_at_k(p, k, rpc_draws, rng, rpc_prune) for k in kk]
-            # no verifier: the sample the model itself found likeliest per token (one without
-            # tokens, hence without a mean, ranks last)
+            # no verifier: of the samples that state an answer, the one the model found likeliest
+            # per token (answerless ones, often cut-off loops of high likelihood, and ones without
+            # tokens rank last)
             lp = p.mean_lp
-            lp = np.where(np.isfinite(lp), lp, np.nanmin(lp) - 1.0)
+            ok = np.isfinite(lp) & (p.answered if p.answered.size == lp.size else True)
+            lp = np.where(ok, lp, np.nanmin(lp) - 1.0)
             out["logprob_best_of"][i] = M.best_of_k(lp, p.correct, np.array(kk))
     return {s: v for s, v in out.items() if not np.all(np.isnan(v))}
 

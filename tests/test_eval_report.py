@@ -93,7 +93,8 @@ def test_analysis_profile_and_report(tmp_path, levels):
     # correct ones are the likelier: it beats pass@1)
     lpb = g.points["logprob_best_of"]["mean"]
     assert lpb[0] == pytest.approx(g.points["coverage"]["mean"][0])
-    top = [float(p.correct[p.mean_lp == p.mean_lp.max()].mean()) for p in an.probs]
+    lp_ans = [np.where(p.answered, p.mean_lp, -np.inf) for p in an.probs]
+    top = [float(p.correct[lp == lp.max()].mean()) for p, lp in zip(an.probs, lp_ans)]
     assert lpb[-1] == pytest.approx(np.mean(top)) and lpb[-1] > lpb[0] + 0.05
     assert g.curves["coverage"].fittable and g.curves["coverage"].r2 > 0.95
 
@@ -325,26 +326,37 @@ def test_gpu_seconds_per_target_from_the_runs_measured_rate(tmp_path):
     assert "GPU-s need a run recorded with the problems' finishing times" in md
 
 
-def test_logprob_best_of_ranks_a_sample_without_log_probs_last():
+def test_logprob_best_of_ranks_answerless_samples_and_ones_without_log_probs_last():
+    from itertools import combinations
+
     from ttscale.eval.analysis import Problem, per_problem_values
 
-    # sample 0 has no mean log-prob (no tokens): it is never the pick of a pair that holds another
+    # sample 0 has no tokens (no mean log-prob, no answer), sample 3 is the likeliest but states no answer
+    lp = [np.nan, -0.1, -0.5, -0.01]
+    correct = [False, False, True, False]
+    answered = [False, True, True, False]
     p = Problem(
         id="p",
         level=None,
         subject=None,
-        correct=np.array([True, False, True]),
-        clusters=["a", "b", "a"],
+        correct=np.array(correct),
+        clusters=[None, "b", "a", None],
         scores=None,
-        mean_lp=np.array([np.nan, -0.1, -0.5]),
-        tokens=np.array([0, 10, 10]),
-        latency=np.zeros(3),
+        mean_lp=np.array(lp),
+        tokens=np.array([0, 10, 10, 10]),
+        latency=np.zeros(4),
         texts=None,
         prompt_tokens=5,
+        answered=np.array(answered),
     )
-    v = per_problem_values([p], [1, 2, 3], rpc_draws=0)["logprob_best_of"][0]
-    # k=2: pairs {0,1} -> 1 (wrong), {0,2} -> 2 (right), {1,2} -> 1 (wrong); k=3: sample 1
-    assert v.tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])
+    got = per_problem_values([p], [1, 2, 3, 4], rpc_draws=0)["logprob_best_of"][0]
+
+    def pick(sub):  # answered with a log-prob first, then by log-prob
+        return max(sub, key=lambda i: (answered[i] and not np.isnan(lp[i]), -9 if np.isnan(lp[i]) else lp[i]))
+
+    want = [np.mean([correct[pick(c)] for c in combinations(range(4), k)]) for k in (1, 2, 3, 4)]
+    assert got.tolist() == pytest.approx(want)
+    assert want[1] == pytest.approx(2 / 6)  # pairs won: {0,2} by 2, {2,3} by 2 (3 has no answer)
 
 
 def test_engine_options_are_recorded_as_json_values():
