@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -268,28 +269,26 @@ def test_answer_key_symbolic_and_fallback():
     assert answer_key(long) == long
 
 
-class _ParseSpy:
-    """Stands in for math-verify and records what reaches its parser."""
+class _SymbolicSpy:
+    """Records what goes to the math-verify workers."""
 
     def __init__(self, real):
         self.real, self.parsed = real, []
 
-    def parse(self, text, **kw):
-        self.parsed.append(text)
-        return self.real.parse(text, **kw)
-
-    def verify(self, *args, **kw):
-        return self.real.verify(*args, **kw)
+    def __call__(self, op, *args):
+        if op == "key":
+            self.parsed.append(args[0])
+        return self.real(op, *args)
 
 
 @pytest.fixture
 def parse_spy(monkeypatch):
-    answers_mod._parsed.cache_clear()
+    answers_mod._symbolic_key.cache_clear()
     answer_key.cache_clear()
-    spy = _ParseSpy(answers_mod._math_verify())
-    monkeypatch.setattr(answers_mod, "_mv_module", spy)
+    spy = _SymbolicSpy(answers_mod._SYMBOLIC.call)
+    monkeypatch.setattr(answers_mod._SYMBOLIC, "call", spy)
     yield spy
-    answers_mod._parsed.cache_clear()
+    answers_mod._symbolic_key.cache_clear()
     answer_key.cache_clear()
 
 
@@ -440,3 +439,46 @@ def test_grade_text():
     assert grade_text("Total is 40 + 2.\n#### 42", "42")
     assert not grade_text("The total is 42.", "42")
     assert not grade_text(None, "42")
+
+
+# --------------------------------------------------------------------------------------------
+# math-verify in worker processes: bounded
+# --------------------------------------------------------------------------------------------
+
+
+def _finishes(fn, limit_s=120.0):
+    """fn's result, or a failure when it has not returned within limit_s (a hang)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(limit_s)
+    assert out, f"still running after {limit_s} s"
+    return out[0]
+
+
+def test_a_comparison_math_verify_never_finishes_is_cut_by_its_timeout():
+    # measured on an AMC 2023 problem's votes: in the caller's thread this ran for minutes
+    assert _finishes(lambda: equivalent("\\frac{1}{42 \\log_{2023}21}", "2023^2")) is False
+    assert _finishes(lambda: equivalent("\\frac{1}{42 \\ln 3}", "2023^{2}")) is False
+    assert equivalent("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")  # the workers still answer
+
+
+def test_a_worker_past_its_deadline_is_killed_and_replaced(monkeypatch):
+    killed = answers_mod._SYMBOLIC.killed
+    monkeypatch.setattr(answers_mod, "SYMBOLIC_DEADLINE_S", 0.5)  # below math-verify's own 3 s
+    equivalent.cache_clear()
+    assert _finishes(lambda: equivalent("\\frac{1}{42 \\log_{2023}21}", "2023^2")) is False
+    assert answers_mod._SYMBOLIC.killed == killed + 1
+    monkeypatch.undo()
+    assert equivalent("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}")  # a new worker took its place
+
+
+def test_no_workers_compares_in_the_calling_thread(monkeypatch):
+    monkeypatch.setenv("TTSCALE_SYMBOLIC_WORKERS", "0")
+
+    def no_worker():
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(answers_mod, "_Worker", no_worker)
+    monkeypatch.setattr(answers_mod._SYMBOLIC, "_idle", [])
+    assert equivalent("\\frac{\\sqrt{5}}{5}", "\\frac{1}{\\sqrt{5}}")

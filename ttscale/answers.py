@@ -12,19 +12,25 @@ The pipeline every voting strategy uses:
 3. :func:`cluster_answers` groups equal keys, then merges distinct keys that
    :func:`equivalent` judges equal, taking the transitive closure with a union-find.
 
-math-verify is imported lazily. Its own timeouts rely on ``SIGALRM`` and fail off the main
-thread, so they are always disabled here; instead, answers that are long or could make sympy
-evaluate something enormous (nested powers, factorials of large numbers) are compared by key
-only. Nothing in this module raises on malformed answers.
+math-verify (sympy underneath) runs in worker processes, never in the caller's: its own
+timeouts rely on ``SIGALRM``, which works only in a main thread, and some comparisons never end
+(``\\frac{1}{42 \\log_{2023} 21}`` against ``2023^2`` ran for minutes). In a worker they apply
+(:data:`MATH_VERIFY_TIMEOUT_S` each parse and comparison), and a worker that overruns
+:data:`SYMBOLIC_DEADLINE_S` anyway (a long C-level computation) is killed and replaced: the
+answer is then compared by key only. ``TTSCALE_SYMBOLIC_WORKERS`` sets how many run at most
+(default 2; 0: in the calling thread, without timeouts). Answers that are long or could make
+sympy evaluate something enormous (nested powers, factorials of large numbers) never reach
+math-verify. Nothing in this module raises on malformed answers.
 """
 
 from __future__ import annotations
 
 import ast
 import logging
+import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any
@@ -42,8 +48,12 @@ __all__ = [
     "strip_string",
 ]
 
-# Answers longer than this are never handed to math-verify (no timeouts protect the parse).
+# Answers longer than this are never handed to math-verify.
 MAX_SYMBOLIC_CHARS = 200
+# math-verify's own limit on one parse and on one comparison, in its worker process.
+MATH_VERIFY_TIMEOUT_S = 3
+# The most one symbolic call may take, its parses included: then its worker is killed.
+SYMBOLIC_DEADLINE_S = 15.0
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -388,7 +398,7 @@ def strip_string(s: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# math-verify access (lazy, without signal-based timeouts)
+# math-verify access (lazy; in worker processes where its timeouts apply)
 # ---------------------------------------------------------------------------------------------
 
 _mv_lock = threading.Lock()
@@ -459,6 +469,11 @@ def _as_latex(ans: str) -> str:
     return "$" + inner + "$"
 
 
+_log = logging.getLogger(__name__)
+# in a worker process (its main thread): math-verify's signal-based timeouts apply
+_IN_WORKER = False
+
+
 @lru_cache(maxsize=8192)
 def _parsed(ans: str) -> tuple[Any, ...]:
     """math-verify parse of one answer (empty when unparseable, risky or unavailable)."""
@@ -468,9 +483,148 @@ def _parsed(ans: str) -> tuple[Any, ...]:
     if mv is None:
         return ()
     try:
-        return tuple(mv.parse(_as_latex(ans), parsing_timeout=None))
+        timeout = MATH_VERIFY_TIMEOUT_S if _IN_WORKER else None
+        return tuple(mv.parse(_as_latex(ans), parsing_timeout=timeout))
     except Exception:
         return ()
+
+
+def _key_here(ans: str) -> str | None:
+    """The string of math-verify's sympy object of ``ans`` (None: unparseable)."""
+    parsed = _parsed(ans)
+    if parsed and not isinstance(parsed[0], str):
+        return str(parsed[0]) or None
+    return None
+
+
+def _equal_here(a: str, b: str) -> bool:
+    """math-verify ``verify(gold=a, pred=b)`` in this process."""
+    gold, pred = _parsed(a), _parsed(b)
+    if not gold or not pred:
+        return False
+    mv = _math_verify()
+    if mv is None:
+        return False
+    timeout = MATH_VERIFY_TIMEOUT_S if _IN_WORKER else None
+    return bool(mv.verify(list(gold), list(pred), timeout_seconds=timeout))
+
+
+_OPS: dict[str, Callable[..., Any]] = {"key": _key_here, "equal": _equal_here}
+
+
+def _serve(conn: Any) -> None:
+    """A worker process's loop: (op, args) in, the result (None on failure) out."""
+    global _IN_WORKER
+    _IN_WORKER = True
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its timeouts are expected here
+    while True:
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            result = _OPS[op](*args)
+        except Exception:
+            result = None
+        try:
+            conn.send(result)
+        except (EOFError, OSError):
+            return
+
+
+class _Worker:
+    def __init__(self) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # nothing of the caller's state (engines, threads) is copied
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="ttscale-math-verify")
+        self.proc.start()
+        child.close()
+
+    def ask(self, op: str, args: tuple[Any, ...], deadline: float) -> Any:
+        self.conn.send((op, args))
+        if not self.conn.poll(deadline):
+            raise TimeoutError(f"math-verify {op} of {args!r} ran past {deadline} s")
+        return self.conn.recv()
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+            self.proc.join(5)
+            self.conn.close()
+        except Exception:  # already gone
+            pass
+
+
+class _Symbolic:
+    """The math-verify workers: a call takes an idle one (or starts one, up to the limit)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self._slots: threading.BoundedSemaphore | None = None
+        self._size = -1
+        self.killed = 0  # workers killed at their deadline
+        self.broken = False  # workers cannot be started here: calls run in the caller's thread
+
+    def size(self) -> int:
+        try:
+            return max(0, int(os.environ.get("TTSCALE_SYMBOLIC_WORKERS", "2")))
+        except ValueError:
+            return 2
+
+    def call(self, op: str, *args: Any) -> Any:
+        size = self.size()
+        if size == 0 or self.broken:
+            return _OPS[op](*args)
+        with self._lock:
+            if self._slots is None or size != self._size:
+                self._slots, self._size = threading.BoundedSemaphore(size), size
+            slots = self._slots
+        with slots:
+            with self._lock:
+                worker = self._idle.pop() if self._idle else None
+            if worker is None:
+                try:
+                    worker = _Worker()
+                except Exception as e:  # e.g. inside a daemonic process
+                    _log.warning("math-verify workers cannot start (%s): comparing in-process, without timeouts", e)
+                    self.broken = True
+                    return _OPS[op](*args)
+            try:
+                result = worker.ask(op, args, SYMBOLIC_DEADLINE_S)
+            except Exception as e:
+                worker.kill()
+                self.killed += 1
+                _log.warning("math-verify worker stopped: %s", e)
+                return None
+            with self._lock:
+                self._idle.append(worker)
+            return result
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.kill()
+
+
+_SYMBOLIC = _Symbolic()
+
+
+@lru_cache(maxsize=65536)
+def _symbolic_key(ans: str) -> str | None:
+    if _too_risky(ans):
+        return None
+    key = _SYMBOLIC.call("key", ans)
+    return key if isinstance(key, str) else None
+
+
+def _symbolic_equal(a: str, b: str) -> bool:
+    if _too_risky(a) or _too_risky(b):
+        return False
+    return _SYMBOLIC.call("equal", a, b) is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,11 +681,9 @@ def answer_key(ans: str) -> str:
         value = _numeric_value(ans)
         if value is not None:
             return _fraction_key(value)
-        parsed = _parsed(ans)
-        if parsed and not isinstance(parsed[0], str):
-            key = str(parsed[0])
-            if key:
-                return key
+        key = _symbolic_key(ans)
+        if key:
+            return key
     except Exception:
         pass
     try:
@@ -556,8 +708,8 @@ def _is_integer(ans: str) -> bool:
 def equivalent(a: str | None, b: str | None) -> bool:
     """Whether answer *b* matches gold answer *a* (math-verify ``verify(gold, pred)``).
 
-    Equal canonical keys match immediately. Long or risky answers are compared by key only.
-    Safe to call from any thread; never raises.
+    Equal canonical keys match immediately. Long or risky answers, and comparisons math-verify
+    does not finish in time, are compared by key only. Safe to call from any thread; never raises.
     """
     try:
         if a is None or b is None:
@@ -566,13 +718,7 @@ def equivalent(a: str | None, b: str | None) -> bool:
             return True
         if _is_integer(a) and _is_integer(b):  # two different integers: no parse needed
             return False
-        gold, pred = _parsed(a), _parsed(b)
-        if not gold or not pred:
-            return False
-        mv = _math_verify()
-        if mv is None:
-            return False
-        return bool(mv.verify(list(gold), list(pred), timeout_seconds=None))
+        return _symbolic_equal(a, b)
     except Exception:
         return False
 
