@@ -113,6 +113,10 @@ for section in "$@"; do
             # the engines): for d in /tmp/gpu/runs/qwen-*; do tar -I "xz -T0" -cf "$OUT/${d##*/}.tar.xz"
             # -C /tmp/gpu/runs "${d##*/}"; done
       mkdir -p /tmp/gpu/runs /tmp/gpu/runs-out; pids=()
+      # EVALS_FROM=bench/results/eval-runs: unpack the committed records first (a run not there yet) to resume them
+      for a in ${EVALS_FROM:+"$REPO/$EVALS_FROM"/*.tar.xz}; do
+        [ -f "$a" ] && [ ! -d "/tmp/gpu/runs/$(basename "$a" .tar.xz)" ] && tar -xJf "$a" -C /tmp/gpu/runs && echo "resuming $a"
+      done
       for spec in ${EVALS:-gsm8k:64:1024 math500:64:1024 aime24:128:4096 aime25:128:4096 amc23:128:4096}; do
         IFS=: read -r set_ k mt <<<"$spec"; name=qwen-$set_-k$k
         (cd /tmp && step "eval_$set_" timeout ${EVAL_TIMEOUT:-900} python3 -P -m ttscale.cli eval run "$set_" \
