@@ -475,10 +475,40 @@ def test_a_worker_past_its_deadline_is_killed_and_replaced(monkeypatch):
 
 def test_no_workers_compares_in_the_calling_thread(monkeypatch):
     monkeypatch.setenv("TTSCALE_SYMBOLIC_WORKERS", "0")
-
-    def no_worker():
-        raise AssertionError("a worker was started")
-
-    monkeypatch.setattr(answers_mod, "_Worker", no_worker)
+    started = []
+    monkeypatch.setattr(answers_mod, "_Worker", lambda: started.append(1))
     monkeypatch.setattr(answers_mod._SYMBOLIC, "_idle", [])
+    monkeypatch.setattr(answers_mod._SYMBOLIC, "broken", False)
     assert equivalent("\\frac{\\sqrt{5}}{5}", "\\frac{1}{\\sqrt{5}}")
+    assert started == []
+
+
+def test_a_worker_that_cannot_start_costs_that_call_only(monkeypatch):
+    fail = [True]
+    real = answers_mod._Worker
+
+    def flaky():
+        if fail.pop() if fail else False:
+            raise OSError("Too many open files")
+        return real()
+
+    monkeypatch.setattr(answers_mod, "_Worker", flaky)
+    monkeypatch.setattr(answers_mod._SYMBOLIC, "_idle", [])
+    monkeypatch.setattr(answers_mod._SYMBOLIC, "broken", False)
+    a, b = "\\frac{\\sqrt{6}}{6}", "\\frac{1}{\\sqrt{6}}"
+    assert answers_mod._SYMBOLIC.call("equal", a, b) is None  # this call: compared by key
+    assert not answers_mod._SYMBOLIC.broken
+    assert answers_mod._SYMBOLIC.call("equal", a, b) is True  # the next one starts a worker
+
+
+def test_callers_wait_for_a_busy_worker_no_longer_than_its_deadline(monkeypatch):
+    monkeypatch.setattr(answers_mod, "SYMBOLIC_DEADLINE_S", 0.2)
+    slots = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(answers_mod._SYMBOLIC, "_slots", slots)
+    monkeypatch.setattr(answers_mod._SYMBOLIC, "_size", 1)
+    monkeypatch.setenv("TTSCALE_SYMBOLIC_WORKERS", "1")
+    slots.acquire()  # the one worker is taken
+    try:
+        assert _finishes(lambda: answers_mod._SYMBOLIC.call("equal", "\\sqrt{2}", "\\sqrt{2}"), 60) is None
+    finally:
+        slots.release()

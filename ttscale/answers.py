@@ -538,9 +538,14 @@ class _Worker:
 
         ctx = mp.get_context("spawn")  # nothing of the caller's state (engines, threads) is copied
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="ttscale-math-verify")
-        self.proc.start()
-        child.close()
+        try:
+            self.proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="ttscale-math-verify")
+            self.proc.start()
+        except BaseException:
+            self.conn.close()
+            raise
+        finally:
+            child.close()
 
     def ask(self, op: str, args: tuple[Any, ...], deadline: float) -> Any:
         self.conn.send((op, args))
@@ -565,8 +570,8 @@ class _Symbolic:
         self._idle: list[_Worker] = []
         self._slots: threading.BoundedSemaphore | None = None
         self._size = -1
-        self.killed = 0  # workers killed at their deadline
-        self.broken = False  # workers cannot be started here: calls run in the caller's thread
+        self.killed = 0  # workers stopped: past their deadline, or dead
+        self.broken = False  # workers cannot exist here (a daemonic process): calls run in the caller's thread
 
     def size(self) -> int:
         try:
@@ -575,6 +580,7 @@ class _Symbolic:
             return 2
 
     def call(self, op: str, *args: Any) -> Any:
+        """The op's result; None (compare by key) when no worker answered within the deadline."""
         size = self.size()
         if size == 0 or self.broken:
             return _OPS[op](*args)
@@ -582,26 +588,36 @@ class _Symbolic:
             if self._slots is None or size != self._size:
                 self._slots, self._size = threading.BoundedSemaphore(size), size
             slots = self._slots
-        with slots:
+        # every worker busy (other callers' slow comparisons): wait no longer than one deadline
+        if not slots.acquire(timeout=SYMBOLIC_DEADLINE_S):
+            _log.warning("no math-verify worker free within %s s: comparing by key", SYMBOLIC_DEADLINE_S)
+            return None
+        try:
             with self._lock:
                 worker = self._idle.pop() if self._idle else None
             if worker is None:
                 try:
                     worker = _Worker()
-                except Exception as e:  # e.g. inside a daemonic process
+                except AssertionError as e:  # "daemonic processes are not allowed to have children"
                     _log.warning("math-verify workers cannot start (%s): comparing in-process, without timeouts", e)
                     self.broken = True
                     return _OPS[op](*args)
+                except Exception as e:  # out of processes or descriptors: this call by key, the next tries again
+                    _log.warning("math-verify worker did not start (%s): comparing by key", e)
+                    return None
             try:
                 result = worker.ask(op, args, SYMBOLIC_DEADLINE_S)
             except Exception as e:
                 worker.kill()
-                self.killed += 1
+                with self._lock:
+                    self.killed += 1
                 _log.warning("math-verify worker stopped: %s", e)
                 return None
             with self._lock:
                 self._idle.append(worker)
             return result
+        finally:
+            slots.release()
 
     def close(self) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ context. Stops on the critique's signal (``stop_regex``; or a verifier's score w
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import replace
 from typing import Any, Literal
@@ -179,7 +180,8 @@ class Refine(Strategy[RefineOptions]):
                 o.stop_on_stable_answer
                 and a_old is not None
                 and a_new is not None
-                and answer_key(a_old) == answer_key(a_new)
+                # math-verify may take seconds: off the event loop
+                and await asyncio.to_thread(_same_answer, a_old, a_new)
             ):
                 stop_reason = StopReason.STABLE_ANSWER
                 break
@@ -219,3 +221,7 @@ class Refine(Strategy[RefineOptions]):
             per_sample=[{"role": "iterate" if x in iterates else "critique"} for x in all_cands],
             details=details,
         )
+
+
+def _same_answer(a: str, b: str) -> bool:
+    return answer_key(a) == answer_key(b)
