@@ -108,7 +108,7 @@ def _figures(an: Analysis) -> dict[str, bytes]:
         f = g.curves.get(s)
         if f is not None and f.fittable:
             ax.plot(kk, f.predict(kk), "-", color=COLORS[s], alpha=0.8, lw=1.4)
-        elif s in ("weighted", "rpc", "logprob_best_of"):
+        elif s in SELECTING and s not in SELECTORS:  # no fitted curve: the points joined
             ax.plot(ks, m, ":", color=COLORS[s], alpha=0.7)
     vf = g.curves.get("verifier_best_of")
     if vf is not None and vf.fittable:

@@ -283,12 +283,10 @@ class _SymbolicSpy:
 
 @pytest.fixture
 def parse_spy(monkeypatch):
-    answers_mod._symbolic_key.cache_clear()
     answer_key.cache_clear()
     spy = _SymbolicSpy(answers_mod._SYMBOLIC.call)
     monkeypatch.setattr(answers_mod._SYMBOLIC, "call", spy)
     yield spy
-    answers_mod._symbolic_key.cache_clear()
     answer_key.cache_clear()
 
 

@@ -619,18 +619,11 @@ class _Symbolic:
         finally:
             slots.release()
 
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for w in idle:
-            w.kill()
-
 
 _SYMBOLIC = _Symbolic()
 
 
-@lru_cache(maxsize=65536)
-def _symbolic_key(ans: str) -> str | None:
+def _symbolic_key(ans: str) -> str | None:  # (cached by its one caller, answer_key)
     if _too_risky(ans):
         return None
     key = _SYMBOLIC.call("key", ans)
