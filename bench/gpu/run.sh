@@ -101,7 +101,7 @@ for section in "$@"; do
         --out "$OUTDIR/report-$name")
       tar cJf "$OUTDIR/run-$name.tar.xz" -C /tmp/gpu/runs "$name" ;;
     evals)  # several `ttscale eval run`s side by side, one in-process engine each at a share of the GPU: EVALS
-            # "SET:K:MAX_TOKENS ..." (default all of GSM8K and MATH-500 at K=64, AIME 2024/2025 and AMC 2023 at
+            # "SET:K:MAX_TOKENS[:MEM] ..." (default all of GSM8K and MATH-500 at K=64, AIME 2024/2025 and AMC 2023 at
             # K=128 with 4096 tokens), EVALS_MEM (share of GPU memory each), EVALS_STAGGER (most s to wait for one
             # engine's KV cache before the next starts), EVAL_TIMEOUT (s each). At 4b5a9de five engines kept the
             # GPU 100 % busy (time-sliced) and finished in ~8 min 247 GSM8K, 78 MATH-500 (4 min), 16 + 18 AIME
@@ -118,10 +118,13 @@ for section in "$@"; do
         [ -f "$a" ] && [ ! -d "/tmp/gpu/runs/$(basename "$a" .tar.xz)" ] && tar -xJf "$a" -C /tmp/gpu/runs && echo "resuming $a"
       done
       for spec in ${EVALS:-gsm8k:64:1024 math500:64:1024 aime24:128:4096 aime25:128:4096 amc23:128:4096}; do
-        IFS=: read -r set_ k mt <<<"$spec"; name=qwen-$set_-k$k
+        # SET:K:MAX_TOKENS[:MEM], MEM this run's share of GPU memory (default EVALS_MEM); EVALS_ARGS: more
+        # engine options for every run (e.g. "--max-num-seqs 1024")
+        IFS=: read -r set_ k mt mem <<<"$spec"; name=qwen-$set_-k$k
+        # shellcheck disable=SC2086
         (cd /tmp && step "eval_$set_" timeout ${EVAL_TIMEOUT:-900} python3 -P -m ttscale.cli eval run "$set_" \
           -m "qwen=$MODEL" -k "$k" --max-tokens "$mt" --temperature 0.7 --concurrency ${EVAL_CONCURRENCY:-64} \
-          --out "/tmp/gpu/runs/$name" -q --gpu-memory-utilization ${EVALS_MEM:-0.17}) &
+          --out "/tmp/gpu/runs/$name" -q --gpu-memory-utilization "${mem:-${EVALS_MEM:-0.17}}" ${EVALS_ARGS:-}) &
         pids+=($!)
         # the next engine starts once this one holds its KV cache: vLLM sizes the cache from the free memory it
         # sees while profiling, so engines profiling at once took each other's memory ("No available memory for
