@@ -114,11 +114,24 @@ class Problem:
         return int(self.correct.size)
 
 
-def load_problems(records: list[dict[str, Any]]) -> list[Problem]:
-    from ttscale.answers import cluster_answers
+def _clusters(records: list[dict[str, Any]]) -> list[list[int | None]]:
+    """Answer clusters of each record's samples: the problems at once over the math-verify
+    workers (threads only wait on them), in record order."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    from ttscale.answers import cluster_answers, symbolic_workers
+
+    answers = [[x["answer"] for x in r["samples"]] for r in records]
+    threads = min(symbolic_workers(), len(answers))
+    if threads <= 1:
+        return [cluster_answers(a) for a in answers]
+    with ThreadPoolExecutor(threads, thread_name_prefix="ttscale-clusters") as pool:
+        return list(pool.map(cluster_answers, answers))
+
+
+def load_problems(records: list[dict[str, Any]]) -> list[Problem]:
     out = []
-    for r in records:
+    for r, clusters in zip(records, _clusters(records), strict=True):
         s = r["samples"]
         scores = None
         if s and all(x.get("score") is not None for x in s):
@@ -130,7 +143,7 @@ def load_problems(records: list[dict[str, Any]]) -> list[Problem]:
                 level=r.get("level"),
                 subject=r.get("subject"),
                 correct=np.array([bool(x["correct"]) for x in s]),
-                clusters=cluster_answers([x["answer"] for x in s]),
+                clusters=clusters,
                 scores=scores,
                 mean_lp=np.array([np.nan if x.get("mean_logprob") is None else x["mean_logprob"] for x in s]),
                 tokens=np.array([x["tokens"] for x in s], dtype=np.float64),

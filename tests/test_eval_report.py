@@ -370,3 +370,54 @@ def test_engine_options_are_recorded_as_json_values():
     got = _jsonable({"max_model_len": 1024, "mode": Mode.FAST, "nested": {"modes": [Mode.FAST, 2]}})
     assert got == {"max_model_len": 1024, "mode": "Mode.FAST", "nested": {"modes": ["Mode.FAST", 2]}}
     json.dumps(got)
+
+
+def _record(i, answers):
+    return {
+        "id": f"q{i}",
+        "prompt_tokens": 10,
+        "samples": [
+            {"answer": a, "correct": False, "tokens": 5, "finish": "stop", "mean_logprob": -0.1} for a in answers
+        ],
+    }
+
+
+def test_problems_are_clustered_at_once_over_the_workers_in_record_order(monkeypatch):
+    import threading
+
+    import ttscale.answers as answers_mod
+    from ttscale.eval.analysis import load_problems
+
+    sets = [
+        ["7", "\\sqrt{8}", "x^2-1", "2\\sqrt{2}", "(x-1)(x+1)", "7.0", "x^2+1"],
+        ["1/2", "0.5", "\\frac{1}{2}", None, "3"],
+        ["1/3", "0.33", "0.5", "2", "-2"],
+        [None, None],
+        ["(x-1)(x+1)", "x^2-1", "9"],
+    ]
+    expected = [answers_mod.cluster_answers(a) for a in sets]
+    # the first two problems must be clustered at the same time: each waits for the other
+    both = threading.Barrier(2, timeout=60)
+    calls = []
+    real = answers_mod.cluster_answers
+
+    def spy(answers):
+        with lock:
+            calls.append(answers)
+            first_two = len(calls) <= 2
+        if first_two:
+            both.wait()
+        return real(answers)
+
+    lock = threading.Lock()
+    monkeypatch.setenv("TTSCALE_SYMBOLIC_WORKERS", "2")
+    monkeypatch.setattr(answers_mod, "cluster_answers", spy)
+    probs = load_problems([_record(i, a) for i, a in enumerate(sets)])
+    assert [p.id for p in probs] == [f"q{i}" for i in range(len(sets))]
+    assert [p.clusters for p in probs] == expected
+    assert len(calls) == len(sets)
+
+    # no workers: one problem after the other in the calling thread, the same clusters
+    monkeypatch.setenv("TTSCALE_SYMBOLIC_WORKERS", "0")
+    monkeypatch.setattr(answers_mod, "cluster_answers", real)
+    assert [p.clusters for p in load_problems([_record(i, a) for i, a in enumerate(sets)])] == expected

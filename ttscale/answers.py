@@ -623,6 +623,13 @@ class _Symbolic:
 _SYMBOLIC = _Symbolic()
 
 
+def symbolic_workers() -> int:
+    """How many math-verify comparisons may run at once (``TTSCALE_SYMBOLIC_WORKERS``, default 2;
+    0: in the calling thread). Callers with many independent answer sets (an eval report's
+    problems) cluster that many sets at once from threads."""
+    return _SYMBOLIC.size()
+
+
 def _symbolic_key(ans: str) -> str | None:  # (cached by its one caller, answer_key)
     if _too_risky(ans):
         return None
