@@ -108,6 +108,8 @@ class Problem:
     prompt_tokens: int
     answered: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # an answer was extracted
     finish: list[str | None] = field(default_factory=list)  # finish reason per sample
+    # answers of clusters that were split because their samples were graded differently
+    split: list[list[str]] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -129,10 +131,39 @@ def _clusters(records: list[dict[str, Any]]) -> list[list[int | None]]:
         return list(pool.map(cluster_answers, answers))
 
 
+def split_by_correctness(
+    clusters: Sequence[int | None], correct: Sequence[bool], answers: Sequence[str | None]
+) -> tuple[list[int | None], list[list[str]]]:
+    """Clusters whose samples disagree on correctness split into their correct and their wrong
+    part, renumbered 0, 1, 2, ... in order of first appearance; also the distinct answers of each
+    cluster split. Equivalence is closed transitively, so one cluster can join answers that the
+    grader tells apart (``0.5`` ≡ ``50\\%`` ≡ ``50`` against the gold ``50``); two answers graded
+    differently are not the same answer, so they do not vote together."""
+    verdicts: dict[int, set[bool]] = defaultdict(set)
+    for c, ok in zip(clusters, correct, strict=True):
+        if c is not None:
+            verdicts[c].add(bool(ok))
+    mixed = {c for c, v in verdicts.items() if len(v) > 1}
+    if not mixed:
+        return list(clusters), []
+    ids: dict[tuple[int, bool | None], int] = {}
+    out: list[int | None] = []
+    for c, ok in zip(clusters, correct, strict=True):
+        if c is None:
+            out.append(None)
+            continue
+        key = (c, bool(ok) if c in mixed else None)
+        out.append(ids.setdefault(key, len(ids)))
+    split = [sorted({str(a) for cc, a in zip(clusters, answers, strict=True) if cc == c}) for c in sorted(mixed)]
+    return out, split
+
+
 def load_problems(records: list[dict[str, Any]]) -> list[Problem]:
     out = []
     for r, clusters in zip(records, _clusters(records), strict=True):
         s = r["samples"]
+        correct = [bool(x["correct"]) for x in s]
+        clusters, split = split_by_correctness(clusters, correct, [x["answer"] for x in s])
         scores = None
         if s and all(x.get("score") is not None for x in s):
             scores = np.array([x["score"] for x in s], dtype=np.float64)
@@ -142,7 +173,7 @@ def load_problems(records: list[dict[str, Any]]) -> list[Problem]:
                 id=r["id"],
                 level=r.get("level"),
                 subject=r.get("subject"),
-                correct=np.array([bool(x["correct"]) for x in s]),
+                correct=np.array(correct, dtype=bool),
                 clusters=clusters,
                 scores=scores,
                 mean_lp=np.array([np.nan if x.get("mean_logprob") is None else x["mean_logprob"] for x in s]),
@@ -152,6 +183,7 @@ def load_problems(records: list[dict[str, Any]]) -> list[Problem]:
                 prompt_tokens=int(r.get("prompt_tokens") or 0),
                 answered=np.array([x["answer"] is not None for x in s], dtype=bool),
                 finish=[x.get("finish") for x in s],
+                split=split,
             )
         )
     return out
@@ -736,6 +768,7 @@ def extraction_summary(probs: list[Problem], n_examples: int = EXTRACTION_EXAMPL
             }
         )
     out["examples"] = examples
+    out["split_clusters"] = [{"id": p.id, "answers": a} for p in probs for a in p.split]
     return out
 
 

@@ -287,7 +287,7 @@ class _Doc:
         self.md.append("| " + " | ".join(head) + " |")
         self.md.append("|" + "---|" * len(head))
         for r in rows:
-            self.md.append("| " + " | ".join(str(c) for c in r) + " |")
+            self.md.append("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |")
         self.md.append("")
 
     def fig(self, name: str, png: bytes, alt: str) -> None:
@@ -309,6 +309,10 @@ td:first-child,th:first-child{text-align:left}
 pre{background:#f6f6f6;padding:8px 10px;overflow-x:auto;font-size:13px}
 figure{margin:12px 0}img{max-width:100%}figcaption{font-size:13px;color:#555}
 """
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _extraction_section(d: _Doc, an: Analysis) -> None:
@@ -347,6 +351,14 @@ def _extraction_section(d: _Doc, an: Analysis) -> None:
         for e in ex["examples"]:
             d.p(f"{e['id']}, sample {e['i']} (finish {e['finish']}, {e['tokens']} tokens):")
             d.p(e["text"] if e["text"] is not None else "(texts not recorded: --no-text)", code=True)
+    split = ex.get("split_clusters") or []
+    if split:
+        d.p(
+            f"Answer clusters split ({len(split)}, in {_count(len({x['id'] for x in split}), 'problem')}): answer "
+            "equivalence is closed transitively, so a cluster can join answers that grading against the "
+            "gold tells apart; its correct and its wrong samples vote as two clusters."
+        )
+        d.table(["problem", "answers in the cluster"], [[x["id"], ", ".join(x["answers"])] for x in split[:20]])
 
 
 def dataset_label(m: dict[str, Any]) -> str:

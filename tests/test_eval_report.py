@@ -21,7 +21,7 @@ K = 16
 PROMPT = {"system": "Be exact.", "template": "{problem}\n\nPut the answer in \\boxed{}."}
 
 
-def _synthetic_run(path, n_problems=60, seed=0, levels=True, prompt=None, finished=None):
+def _synthetic_run(path, n_problems=60, seed=0, levels=True, prompt=None, finished=None, edit=None):
     """Problem i has single-sample accuracy r_i; wrong answers spread over 3 distractors;
     the verifier scores correct samples higher on average. The last sample of every fourth
     problem states no answer (a long text; cut at max_tokens in every eighth problem)."""
@@ -64,6 +64,8 @@ def _synthetic_run(path, n_problems=60, seed=0, levels=True, prompt=None, finish
         if i % 4 == 0:
             cut = "length" if i % 8 == 0 else "stop"
             samples[-1].update(answer=None, correct=False, text=f"p{i} " + "x" * 1000 + " END", finish=cut)
+        if edit is not None:  # edit(i, samples): change problem i's samples in place
+            edit(i, samples)
         rec = {"id": f"p{i}", "gold": "42", "prompt_tokens": 30, "wall_s": 1.0, "samples": samples}
         if finished is not None:  # finished(i) -> (finished_at, wall_s)
             rec["finished_at"], rec["wall_s"] = finished(i)
@@ -421,3 +423,54 @@ def test_problems_are_clustered_at_once_over_the_workers_in_record_order(monkeyp
     monkeypatch.setenv("TTSCALE_SYMBOLIC_WORKERS", "0")
     monkeypatch.setattr(answers_mod, "cluster_answers", real)
     assert [p.clusters for p in load_problems([_record(i, a) for i, a in enumerate(sets)])] == expected
+
+
+def test_a_cluster_graded_both_ways_is_split_into_its_correct_and_wrong_part():
+    from ttscale.eval.analysis import split_by_correctness
+
+    assert split_by_correctness([0, 1, None, 1], [True, False, False, False], ["a", "b", None, "b"]) == (
+        [0, 1, None, 1],
+        [],
+    )
+    got = split_by_correctness([0, 0, 1, None, 0, 2], [False, True, True, False, True, False], list("xyz-yw"))
+    assert got == ([0, 1, 2, None, 1, 3], [["x", "y"]])
+
+
+def test_answers_merged_through_a_percentage_vote_apart_when_graded_apart():
+    """math-verify takes 50\\% for 0.5 and for 50, so clustering (closed transitively) puts all
+    three in one cluster, while grading against the gold 50 marks 0.5 wrong (GSM8K test 1159)."""
+    from ttscale.answers import cluster_answers, grade
+    from ttscale.eval.analysis import load_problems
+
+    answers = ["50\\%", "0.5", "0.5", "50", "0.5"]
+    assert len(set(cluster_answers(answers))) == 1
+    correct = [grade(a, "50") for a in answers]
+    assert correct == [True, False, False, True, False]
+    rec = {
+        "id": "q",
+        "prompt_tokens": 10,
+        "samples": [
+            {"answer": a, "correct": ok, "tokens": 5, "finish": "stop", "mean_logprob": -0.1}
+            for a, ok in zip(answers, correct, strict=True)
+        ],
+    }
+    (p,) = load_problems([rec])
+    assert p.clusters == [0, 1, 1, 0, 1]
+    assert p.split == [["0.5", "50", "50\\%"]]
+    # three wrong votes for 0.5 against two for 50: the vote is wrong at k = 5
+    assert M.majority_at_k(p.clusters, p.correct, 5) == 0.0
+    assert M.majority_at_k(p.clusters, p.correct, 1) == pytest.approx(0.4)
+
+
+def test_split_clusters_are_listed_in_the_report(tmp_path):
+    def edit(i, samples):
+        if i == 3:  # "1/2" and "0.5" cluster together; the record grades them apart
+            for j, x in enumerate(samples):
+                x.update(answer="1/2" if j < 6 else "0.5", correct=j < 6)
+
+    _synthetic_run(tmp_path / "run", n_problems=24, edit=edit)
+    an = analyse_run(tmp_path / "run", n_boot=20, rpc_draws=0)
+    assert an.extraction["split_clusters"] == [{"id": "p3", "answers": ["0.5", "1/2"]}]
+    md = Path(write_report(an, tmp_path / "rep")["markdown"]).read_text()
+    assert "Answer clusters split (1, in 1 problem)" in md
+    assert "| p3 | 0.5, 1/2 |" in md
