@@ -129,9 +129,19 @@ LONG = {"ignore_eos": True, "max_tokens": 1200}
 def _requests(srv, status: str | None = None) -> float:
     """Completions the server answered or started (its ttscale_requests_total: all, or those
     that ended with ``status``)."""
+    by = _statuses(srv)
+    return sum(by.values()) if status is None else by.get(status, 0.0)
+
+
+def _statuses(srv) -> dict[str, float]:
+    """The server's ttscale_requests_total by status."""
     page = httpx.get(srv.url + "/metrics", timeout=10).text
-    rows = re.finditer(r"^ttscale_requests_total\{([^}]*)\} (\S+)$", page, re.M)
-    return sum(float(m.group(2)) for m in rows if status is None or f'status="{status}"' in m.group(1))
+    out: dict[str, float] = {}
+    for m in re.finditer(r"^ttscale_requests_total\{([^}]*)\} (\S+)$", page, re.M):
+        st = re.search(r'status="([^"]*)"', m.group(1))
+        key = st.group(1) if st else "?"
+        out[key] = out.get(key, 0.0) + float(m.group(2))
+    return out
 
 
 def _replica_state(front) -> dict:
@@ -264,16 +274,28 @@ def test_a_disconnect_aborts_on_every_replica(fleet):
         "max_tokens": 1500,
         "ttscale": {"placement": "spread"},
     }
+    # every replica in the pool (a health probe of the session server that timed out on a busy
+    # host ejects it until the next good one): spread splits over the replicas that are up
+    assert wait_until(lambda: all(v["up"] for v in _replica_state(front).values()), 60), _replica_state(front)
     before = [_requests(r, status="disconnected") for r in reps]
+    seen = [_statuses(r) for r in reps]
     with httpx.Client(timeout=120) as h, h.stream("POST", front.v1 + "/chat/completions", json=body) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
                 break  # the first text: gone at once, 1,500 tokens before any candidate could end
+        at_first_text = [(s.health()["engine_requests_running"], _statuses(s)) for s in reps]
+
+    def changed():
+        return [
+            {k: v - b.get(k, 0.0) for k, v in _statuses(s).items() if v != b.get(k, 0.0)}
+            for s, b in zip(reps, seen, strict=True)
+        ]
+
     # each replica saw its n=2 request's stream end unfinished and stopped its engine requests
     assert wait_until(
         lambda: [_requests(s, status="disconnected") - b for s, b in zip(reps, before, strict=True)] == [1, 1, 1], 30
-    ), [_requests(s, status="disconnected") - b for s, b in zip(reps, before, strict=True)]
+    ), (changed(), seen, at_first_text, _replica_state(front))
     assert wait_until(lambda: all(s.health()["engine_requests_running"] == 0 for s in reps), 15), [
         s.health() for s in reps
     ]
