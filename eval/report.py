@@ -311,10 +311,6 @@ figure{margin:12px 0}img{max-width:100%}figcaption{font-size:13px;color:#555}
 """
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def _extraction_section(d: _Doc, an: Analysis) -> None:
     ex = an.extraction
     if not ex:
@@ -353,8 +349,9 @@ def _extraction_section(d: _Doc, an: Analysis) -> None:
             d.p(e["text"] if e["text"] is not None else "(texts not recorded: --no-text)", code=True)
     split = ex.get("split_clusters") or []
     if split:
+        n = len({x["id"] for x in split})
         d.p(
-            f"Answer clusters split ({len(split)}, in {_count(len({x['id'] for x in split}), 'problem')}): answer "
+            f"Answer clusters split ({len(split)}, in {n} problem{'' if n == 1 else 's'}): answer "
             "equivalence is closed transitively, so a cluster can join answers that grading against the "
             "gold tells apart; its correct and its wrong samples vote as two clusters."
         )
